@@ -1,0 +1,1 @@
+"""LightningDataModules: real digits, teacher trajectories (read from the store)."""

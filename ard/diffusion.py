@@ -1,0 +1,162 @@
+"""Noise schedule helpers and the teacher's DDIM + CFG trajectory sampler (no network inside).
+
+The schedule is DiT's: linear betas 1e-4..0.02 over 1000 training steps, epsilon prediction.
+The solver is diffusers' `DDIMScheduler` with eta = 0 (Song et al. 2021, eq. 12 with sigma = 0: a
+discretised probability-flow ODE).
+
+Grid convention (used by the store and the student): a K-step trajectory has K + 1 states,
+x_0 .. x_K, where state i < K is the input of teacher step i and is sitting at timestep
+`grid_timesteps[i]`, and state K is the final sample, whose timestep we write as -1 (clean,
+alpha_bar = 1).
+
+Timestep spacing, chosen on purpose: DDIMScheduler steps from t to t - 1000 // K. That is only
+consistent with its own timestep grid when every grid timestep is a multiple of 1000 // K, i.e. for
+"leading" spacing (timesteps k * (1000 // K), e.g. K = 24: 943, 902, ..., 41, 0) or for "trailing"
+spacing with K dividing 1000 (K = 25: 999, 959, ..., 39). "trailing" with K = 24 would tell the model
+timestep 957 for a state the scheduler put at 958, so `ddim_grid` refuses it. Our configs use K = 24
+"leading": one teacher grid then serves 2-, 3-, 4-, 6-, 8- and 12-step students.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler
+
+from ard.teacher import check_labels, eps_from_output, null_class
+
+TimestepSpacing = Literal["leading", "trailing"]
+CLEAN = -1  # timestep label of the final (clean) state
+
+
+def make_scheduler(spacing: TimestepSpacing = "leading", clip_sample: bool = False,
+                   num_train_timesteps: int = 1000, beta_start: float = 1e-4,
+                   beta_end: float = 0.02) -> DDIMScheduler:
+    """DiT's linear-beta schedule as a diffusers DDIMScheduler (eta = 0 is passed at step time)."""
+    if spacing not in ("leading", "trailing"):
+        raise ValueError(f"timestep_spacing must be 'leading' or 'trailing', got {spacing!r}")
+    return DDIMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="linear",
+                         beta_start=beta_start, beta_end=beta_end, timestep_spacing=spacing,
+                         clip_sample=clip_sample, clip_sample_range=1.0, set_alpha_to_one=True,
+                         steps_offset=0, prediction_type="epsilon")
+
+
+def ddim_grid(num_steps: int, spacing: TimestepSpacing = "leading", num_train_timesteps: int = 1000) -> list[int]:
+    """Timesteps of the K + 1 grid states (the last one is CLEAN); refuses inconsistent spacings."""
+    scheduler = make_scheduler(spacing, num_train_timesteps=num_train_timesteps)
+    scheduler.set_timesteps(num_steps)
+    timesteps = [int(t) for t in scheduler.timesteps]
+    ratio = num_train_timesteps // num_steps
+    for a, b in zip(timesteps[:-1], timesteps[1:]):
+        if a - ratio != b:
+            raise ValueError(f"timestep_spacing={spacing!r} with K={num_steps}: DDIMScheduler steps {a} -> "
+                             f"{a - ratio} but its grid continues at {b}; use 'leading' or a K dividing "
+                             f"{num_train_timesteps}")
+    return timesteps + [CLEAN]
+
+
+def alpha_bar(scheduler: DDIMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """alpha_bar(t) for integer timesteps, with CLEAN (-1) mapped to 1."""
+    table = torch.cat([torch.ones(1, dtype=torch.float64), scheduler.alphas_cumprod.double()])
+    return table.to(timesteps.device)[timesteps.long() + 1]
+
+
+def ddim_jump(x: torch.Tensor, eps: torch.Tensor, ab_from: torch.Tensor, ab_to: torch.Tensor,
+              clip_x0: bool = False) -> torch.Tensor:
+    """One deterministic DDIM step of any size (Song et al. 2021, eq. 12, sigma = 0).
+
+    x, eps: (B, C, H, W); ab_from, ab_to: (B,) alpha_bar of the source and target timesteps.
+    """
+    a = ab_from.to(x.dtype).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    b = ab_to.to(x.dtype).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()  # (B, C, H, W) predicted clean sample
+    if clip_x0:
+        x0 = x0.clamp(-1, 1)
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+    return b.sqrt() * x0 + (1 - b).sqrt() * eps  # (B, C, H, W)
+
+
+def guided_eps(model, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guided epsilon (Ho & Salimans 2022, eq. 6): eps_u + w (eps_c - eps_u).
+
+    x: (B, C, H, W); t: (B,) ints; labels: (B,). One batched forward over [cond, uncond].
+    """
+    if guidance_scale == 1.0:
+        return eps_from_output(model, model(x, t, labels).sample)  # (B, C, H, W)
+    null = torch.full_like(labels, null_class(model))  # (B,)
+    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).sample  # (2B, C', H, W)
+    eps_c, eps_u = eps_from_output(model, out).chunk(2)  # (B, C, H, W) each
+    return eps_u + guidance_scale * (eps_c - eps_u)
+
+
+@dataclass
+class Trajectory:
+    states: torch.Tensor  # (B, len(save_indices), C, H, W) the states x_i at the saved grid indices
+    grid_indices: list[int]  # saved indices into the K + 1 grid states
+    timesteps: list[int]  # timestep of each saved state (CLEAN for the final sample)
+    x0: torch.Tensor | None  # (B, len(save_indices), C, H, W) teacher's x0-prediction at each saved state
+
+
+@torch.no_grad()
+def ddim_sample(model, noise: torch.Tensor, labels: torch.Tensor, num_steps: int = 24,
+                guidance_scale: float = 1.5, spacing: TimestepSpacing = "leading",
+                save_indices: Sequence[int] | None = None, return_x0: bool = False,
+                clip_sample: bool = False, progress: bool = False) -> Trajectory:
+    """Run the teacher's K-step DDIM (eta = 0) with CFG from `noise`, saving a subset of grid states.
+
+    noise: (B, C, H, W) x_T; labels: (B,) class indices. save_indices: indices into the K + 1 grid
+    states (default: all). With return_x0, the x0-prediction of each saved state (the final state's
+    is the sample itself). Deterministic: same inputs, same trajectory.
+    """
+    check_labels(model, labels)
+    grid = ddim_grid(num_steps, spacing)
+    save = list(range(num_steps + 1)) if save_indices is None else sorted(set(int(i) for i in save_indices))
+    if not save or save[0] < 0 or save[-1] > num_steps:
+        raise ValueError(f"save_indices must lie in [0, {num_steps}], got {list(save_indices)}")
+    scheduler = make_scheduler(spacing, clip_sample=clip_sample)
+    scheduler.set_timesteps(num_steps)
+    x = noise  # (B, C, H, W)
+    states, x0s = {}, {}
+    steps = range(num_steps)
+    if progress:
+        from tqdm import tqdm
+
+        steps = tqdm(steps, desc="DDIM", leave=False)
+    for i in steps:
+        if i in save:
+            states[i] = x
+        t = torch.full((x.shape[0],), grid[i], device=x.device, dtype=torch.long)  # (B,)
+        eps = guided_eps(model, x, t, labels, guidance_scale)  # (B, C, H, W)
+        out = scheduler.step(eps, grid[i], x, eta=0.0)
+        if i in save:
+            x0s[i] = out.pred_original_sample
+        x = out.prev_sample  # (B, C, H, W)
+    states[num_steps] = x0s[num_steps] = x
+    return Trajectory(
+        states=torch.stack([states[i] for i in save], dim=1),  # (B, n, C, H, W)
+        grid_indices=save,
+        timesteps=[grid[i] for i in save],
+        x0=torch.stack([x0s[i] for i in save], dim=1) if return_x0 else None,
+    )
+
+
+def trajectory_seed(seed: int, index: int) -> int:
+    """A 63-bit generator seed that depends only on (seed, trajectory index)."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def trajectory_inputs(seed: int, indices: Sequence[int], shape: Sequence[int], num_classes: int,
+                      labels: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise x_T and class label of each trajectory index, each a function of (seed, index) alone.
+
+    Returns noise (n, *shape) fp32 and labels (n,) int64; given `labels` are used as they are.
+    """
+    noises, drawn = [], []
+    for i in indices:
+        g = torch.Generator().manual_seed(trajectory_seed(seed, int(i)))
+        drawn.append(int(torch.randint(num_classes, (1,), generator=g)))
+        noises.append(torch.randn(tuple(shape), generator=g))
+    out_labels = torch.tensor(drawn if labels is None else list(labels), dtype=torch.long)
+    return torch.stack(noises), out_labels

@@ -1,0 +1,1 @@
+"""LightningModules, one per stage: teacher training, trajectory precompute, distillation."""

@@ -1,0 +1,149 @@
+"""The teacher: a diffusers `DiTTransformer2DModel`, its named sizes, and its quirks handled once.
+
+Every place in ard that needs a DiT goes through `build_dit` / `load_teacher` and `eps_from_output`;
+nothing else touches the diffusers quirks listed below.
+
+Quirks of diffusers' DiT (see ../shared/STACK_NOTES.md), handled here and only here:
+- every block owns a label embedder that drops labels with p = 0.1 in train() mode, independently per
+  block: `disable_label_dropout` sets it to 0 (CFG dropout is ours, done once per sample);
+- learned sigma: `out_channels == 2 * in_channels`; epsilon is the first `in_channels` channels
+  (`eps_from_output`);
+- the null (unconditional) class is index `num_embeds_ada_norm` (`null_class`);
+- there is no `set_attn_processor` on this class: processors are set per block (`set_processor`).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import DiTTransformer2DModel
+
+# Named sizes (facebookresearch/DiT models.py; ImageNet-256 latents 4x32x32, learned sigma) and the
+# digits teacher of the embedded default (8x8 pixels, 1 channel, epsilon only).
+DIT_SIZES: dict[str, dict] = {
+    "DiT-XL/2": dict(num_layers=28, num_attention_heads=16, attention_head_dim=72, patch_size=2,
+                     in_channels=4, out_channels=8, sample_size=32, num_embeds_ada_norm=1000),
+    "DiT-L/2": dict(num_layers=24, num_attention_heads=16, attention_head_dim=64, patch_size=2,
+                    in_channels=4, out_channels=8, sample_size=32, num_embeds_ada_norm=1000),
+    "DiT-B/2": dict(num_layers=12, num_attention_heads=12, attention_head_dim=64, patch_size=2,
+                    in_channels=4, out_channels=8, sample_size=32, num_embeds_ada_norm=1000),
+    "DiT-S/2": dict(num_layers=12, num_attention_heads=6, attention_head_dim=64, patch_size=2,
+                    in_channels=4, out_channels=8, sample_size=32, num_embeds_ada_norm=1000),
+    "digits": dict(num_layers=6, num_attention_heads=4, attention_head_dim=32, patch_size=2,
+                   in_channels=1, out_channels=1, sample_size=8, num_embeds_ada_norm=10),
+}
+
+ASSETS = Path(__file__).parent / "assets"
+DIGITS_TEACHER = ASSETS / "digits_teacher"  # shipped EMA weights of the embedded default's teacher
+
+
+def disable_label_dropout(model: DiTTransformer2DModel) -> DiTTransformer2DModel:
+    """Turn off diffusers' per-block label dropout (CFG dropout is done once per sample, by us)."""
+    for block in model.transformer_blocks:
+        block.norm1.emb.class_embedder.dropout_prob = 0.0
+    return model
+
+
+def build_dit(size: str = "digits", **overrides) -> DiTTransformer2DModel:
+    """A randomly initialised DiT of a named size; `overrides` change single config fields."""
+    if size not in DIT_SIZES:
+        raise ValueError(f"unknown DiT size {size!r}; known sizes: {', '.join(DIT_SIZES)}")
+    return disable_label_dropout(DiTTransformer2DModel(**{**DIT_SIZES[size], **overrides}))
+
+
+def null_class(model: DiTTransformer2DModel) -> int:
+    """Index of the unconditional (null) label: diffusers puts it at num_classes."""
+    return int(model.config.num_embeds_ada_norm)
+
+
+def num_classes(model: DiTTransformer2DModel) -> int:
+    return int(model.config.num_embeds_ada_norm)
+
+
+def eps_from_output(model: DiTTransformer2DModel, output: torch.Tensor) -> torch.Tensor:
+    """Epsilon from a DiT output: with learned sigma the output has 2C channels and eps is the first C."""
+    return output[:, : model.config.in_channels]
+
+
+def check_labels(model: DiTTransformer2DModel, labels: torch.Tensor, allow_null: bool = False) -> None:
+    """Raise a one-line error naming the label when a class index is out of range."""
+    high = num_classes(model) + (1 if allow_null else 0)
+    bad = (labels < 0) | (labels >= high)
+    if bool(bad.any()):
+        raise ValueError(f"class label {int(labels[bad][0])} out of range [0, {high}) for this teacher "
+                         f"(num_classes={num_classes(model)})")
+
+
+def set_processor(model: DiTTransformer2DModel, processor, blocks: range | None = None) -> None:
+    """Install an attention processor on the self-attention of the given blocks (all by default)."""
+    for i in blocks if blocks is not None else range(len(model.transformer_blocks)):
+        model.transformer_blocks[i].attn1.set_processor(processor)
+
+
+def _check_state_dict(state: dict[str, torch.Tensor], model: DiTTransformer2DModel, source: str) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        what = f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r}"
+        raise ValueError(f"{source}: {what} ({len(missing)} missing, {len(unexpected)} unexpected) "
+                         "for the chosen DiT size")
+    for k, v in expected.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise ValueError(f"{source}: key {k!r} has shape {tuple(state[k].shape)}, the chosen DiT size "
+                             f"expects {tuple(v.shape)}")
+
+
+def load_teacher(path: str | Path = DIGITS_TEACHER, size: str | None = None) -> DiTTransformer2DModel:
+    """Load a DiT teacher in eval mode with label dropout disabled.
+
+    path: a diffusers-format directory (config.json + safetensors, e.g. a snapshot of
+          facebook/DiT-XL-2-256, its `transformer/` subfolder or the directory itself), or an official
+          facebookresearch/DiT checkpoint (`DiT-XL-2-256x256.pt`, converted on the fly by
+          `ard.convert`), or a `.safetensors` file of either layout. `size` (a key of DIT_SIZES) is
+          required for single files and, for directories, checked against the directory's config.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"teacher checkpoint not found: {path}")
+    if path.is_dir():
+        if (path / "transformer" / "config.json").exists():
+            path = path / "transformer"
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path}: no config.json (not a diffusers model directory)")
+        if size is not None:
+            config = json.loads((path / "config.json").read_text())
+            for key, value in DIT_SIZES[size].items():
+                if key in config and config[key] != value and not (key == "out_channels" and config[key] is None):
+                    raise ValueError(f"{path / 'config.json'}: {key}={config[key]} does not match size "
+                                     f"{size!r} ({key}={value})")
+        model = DiTTransformer2DModel.from_pretrained(path)
+    else:
+        if size is None:
+            raise ValueError(f"{path}: a single-file checkpoint needs `size` (one of {', '.join(DIT_SIZES)})")
+        model = build_dit(size)
+        state = _read_state_dict(path)
+        from ard.convert import convert_official_state_dict, is_official_state_dict
+
+        if is_official_state_dict(state):
+            state = convert_official_state_dict(state, num_layers=model.config.num_layers)
+        _check_state_dict(state, model, str(path))
+        model.load_state_dict(state)
+    return disable_label_dropout(model).eval()
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
+        raise ValueError(f"{path}: not a readable weights-only torch checkpoint ({type(e).__name__})") from None
+    if isinstance(state, dict) and "ema" in state and isinstance(state["ema"], dict):
+        state = state["ema"]  # a DiT training checkpoint: use its EMA weights
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict, found {type(state).__name__}")
+    return state
