@@ -1,0 +1,107 @@
+"""Train a DiT diffusion teacher (epsilon prediction, DiT's schedule, CFG label dropout).
+
+Used by the embedded default: `ard fit -c configs/digits/teacher.yaml`. EMA weights come from
+Lightning's `EMAWeightAveraging` callback (configured in the YAML), which swaps them in for validation
+and copies them into the model when training ends; `on_fit_end` then exports the model in diffusers
+format into `<default_root_dir>/teacher_ema/`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from ard.diffusion import ddim_sample, make_scheduler
+from ard.teacher import build_dit, eps_from_output, null_class
+from ard.viz import image_grid, log_image, save_png
+
+
+def diffusion_loss(model, x0: torch.Tensor, labels: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                   alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Unreduced epsilon-prediction loss (Ho et al. 2020, eq. 14), shape (B,).
+
+    x0: (B, C, H, W) clean images; t: (B,) timesteps; noise: (B, C, H, W); labels (B,) (null = dropped).
+    """
+    ab = alphas_cumprod[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise  # (B, C, H, W), q(x_t | x_0), eq. 4
+    eps = eps_from_output(model, model(x_t, t, labels).sample)  # (B, C, H, W)
+    return F.mse_loss(eps, noise, reduction="none").mean(dim=(1, 2, 3))  # (B,)
+
+
+class TeacherTraining(L.LightningModule):
+    """DiT teacher trained from scratch with epsilon prediction and 10% label dropout for CFG."""
+
+    def __init__(self, size: str = "digits", lr: float = 1e-3, weight_decay: float = 0.0,
+                 warmup_steps: int = 500, label_dropout: float = 0.1, num_train_timesteps: int = 1000,
+                 sample_guidance_scale: float = 2.0, sample_steps: int = 24, clip_sample: bool = True,
+                 samples_per_class: int = 8, seed: int = 0):
+        """
+        Args:
+            size: a key of ard.teacher.DIT_SIZES.
+            lr: AdamW learning rate (after a linear warm-up).
+            weight_decay: AdamW weight decay.
+            warmup_steps: optimizer steps of linear learning-rate warm-up.
+            label_dropout: probability of replacing a label by the null class (CFG training).
+            num_train_timesteps: T of the linear-beta schedule (1e-4..0.02).
+            sample_guidance_scale: CFG scale of the sample grids made at validation.
+            sample_steps: DDIM steps of those grids.
+            clip_sample: clip the x0-prediction to [-1, 1] when sampling (pixel-space data).
+            samples_per_class: columns of the validation sample grid (one row per class).
+            seed: seed of the validation noise (same noise every time, so grids are comparable).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = build_dit(size)
+        self.register_buffer("alphas_cumprod", make_scheduler(num_train_timesteps=num_train_timesteps)
+                             .alphas_cumprod.float(), persistent=False)
+
+    def training_step(self, batch, batch_idx):
+        x0, labels = batch  # (B, C, H, W), (B,)
+        t = torch.randint(0, self.hparams.num_train_timesteps, (x0.shape[0],), device=self.device)  # (B,)
+        drop = torch.rand(x0.shape[0], device=self.device) < self.hparams.label_dropout  # (B,)
+        labels = torch.where(drop, torch.full_like(labels, null_class(self.model)), labels)  # (B,)
+        loss = diffusion_loss(self.model, x0, labels, t, torch.randn_like(x0), self.alphas_cumprod).mean()
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x0, labels = batch  # (B, C, H, W), (B,)
+        g = torch.Generator(device=self.device).manual_seed(batch_idx)  # fixed t and noise: comparable numbers
+        t = torch.randint(0, self.hparams.num_train_timesteps, (x0.shape[0],), generator=g, device=self.device)
+        noise = torch.randn(x0.shape, generator=g, device=self.device)
+        loss = diffusion_loss(self.model, x0, labels, t, noise, self.alphas_cumprod).mean()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+
+    def on_validation_epoch_end(self):
+        if self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        grid = self.sample_grid()
+        log_image(self.logger, "val/samples", grid, self.global_step)
+        save_png(grid, Path(self.trainer.default_root_dir) / "samples" / f"step{self.global_step:07d}.png")
+
+    @torch.no_grad()
+    def sample_grid(self) -> torch.Tensor:
+        """One row per class, `samples_per_class` columns, fixed noise: a (H', W') uint8 grid."""
+        hp, cfg = self.hparams, self.model.config
+        n_cls = null_class(self.model)
+        g = torch.Generator().manual_seed(hp.seed)
+        noise = torch.randn(n_cls * hp.samples_per_class, cfg.in_channels, cfg.sample_size, cfg.sample_size,
+                            generator=g).to(self.device)  # (10 * k, C, H, W)
+        labels = torch.arange(n_cls, device=self.device).repeat_interleave(hp.samples_per_class)  # (10 * k,)
+        traj = ddim_sample(self.model, noise, labels, hp.sample_steps, hp.sample_guidance_scale,
+                           save_indices=[hp.sample_steps], clip_sample=hp.clip_sample)
+        return image_grid(traj.states[:, -1], nrow=hp.samples_per_class)
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        warmup = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: min(1.0, (step + 1) / max(1, self.hparams.warmup_steps)))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
+
+    def on_fit_end(self):
+        # EMAWeightAveraging has copied the EMA weights into self.model at on_train_end.
+        if self.trainer.is_global_zero:
+            out = Path(self.trainer.default_root_dir) / "teacher_ema"
+            self.model.save_pretrained(out)

@@ -1,0 +1,48 @@
+"""Pictures: sample grids as uint8 arrays, PNG files (atomic), and W&B image logging."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from einops import rearrange
+
+from ard.data.digits import to_uint8
+
+
+def image_grid(images: torch.Tensor, nrow: int, pad: int = 1, upscale: int | None = None) -> np.ndarray:
+    """Images (N, C, H, W) in [-1, 1] -> one uint8 grid (rows * (H + pad), nrow * (W + pad), 3).
+
+    Small images (8x8 digits) are upscaled by nearest neighbour so the grid is readable.
+    """
+    x = to_uint8(images.detach().cpu())  # (N, C, H, W) uint8
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)  # (N, 3, H, W)
+    up = upscale or max(1, 32 // x.shape[-1])
+    x = x.repeat_interleave(up, dim=2).repeat_interleave(up, dim=3)  # (N, 3, H*up, W*up)
+    n = x.shape[0]
+    rows = -(-n // nrow)
+    x = torch.cat([x, torch.zeros(rows * nrow - n, *x.shape[1:], dtype=x.dtype)])  # (rows*nrow, 3, h, w)
+    x = torch.nn.functional.pad(x, (0, pad, 0, pad), value=255)  # (rows*nrow, 3, h+pad, w+pad)
+    return rearrange(x, "(r c) ch h w -> (r h) (c w) ch", r=rows, c=nrow).numpy()
+
+
+def save_png(grid: np.ndarray, path: str | Path) -> Path:
+    """Write a uint8 (H, W, 3) array as a PNG atomically (temporary file, then rename)."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    Image.fromarray(grid).save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
+def log_image(logger, key: str, grid: np.ndarray, step: int) -> None:
+    """Log a grid to W&B when the logger is a WandbLogger; other loggers are left alone."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if isinstance(logger, WandbLogger):
+        logger.log_image(key=key, images=[grid], step=step)
