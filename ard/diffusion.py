@@ -72,9 +72,8 @@ def ddim_jump(x: torch.Tensor, eps: torch.Tensor, ab_from: torch.Tensor, ab_to: 
     a = ab_from.to(x.dtype).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
     b = ab_to.to(x.dtype).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
     x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()  # (B, C, H, W) predicted clean sample
-    if clip_x0:
+    if clip_x0:  # as DDIMScheduler(clip_sample=True): clip x0, keep eps for the direction term
         x0 = x0.clamp(-1, 1)
-        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
     return b.sqrt() * x0 + (1 - b).sqrt() * eps  # (B, C, H, W)
 
 
