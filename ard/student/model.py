@@ -1,0 +1,273 @@
+"""The ARD student: the teacher's diffusers DiT (copied) plus history attention in its lowest N blocks.
+
+Step layout: the S states of a trajectory are folded into the batch (rows ordered (b, s)), so every
+block runs the teacher's own code on tokens (B*S, L, D) and each row gets the time embedding of its
+own timestep (token-wise time embedding, ARD sec. 3.2). Only the self-attention of the lowest N blocks
+is replaced (`HistoryAttnProcessor`); blocks above N attend within their own row, i.e. their own step.
+
+Output (ARD sec. 3.3; STACK_NOTES pilot): the head's output, first C channels (learned-sigma teachers
+predict 2C), is read as
+    eps        -> x0 = (x - sqrt(1 - a_s) eps) / sqrt(a_s), then one DDIM jump to tau_{s+1} (Song et al.
+                  2021, eq. 12, sigma = 0): the untrained student is the teacher run with S big steps;
+    x0         -> the same DDIM jump from the predicted x0;
+    next_state -> x_{tau_{s+1}} directly (the authors' re-implementation).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers import DiTTransformer2DModel
+from einops import rearrange
+from safetensors.torch import load_file, save_file
+
+from ard.diffusion import alpha_bar, ddim_jump, make_scheduler
+from ard.student.attention import HistoryAttnProcessor, HistoryContext, KVCache, MaskKind, check_choice
+from ard.teacher import disable_label_dropout, eps_from_output
+
+HeadKind = Literal["shared", "per_step"]
+OutputKind = Literal["eps", "x0", "next_state"]
+HistoryStart = Literal["plain", "closed"]
+
+CONFIG_NAME = "ard_student.json"  # the ARD settings beside the diffusers config.json
+EXTRA_WEIGHTS = "ard_student.safetensors"  # per-step heads and history gates (absent when neither exists)
+FORMAT_VERSION = 1
+
+
+class ARDStudent(nn.Module):
+    """ARD student around a deep copy of `teacher` (a diffusers DiTTransformer2DModel).
+
+    Knobs (ARD_METHOD.md sec. 3; defaults from the STACK_NOTES digits pilot, see docs in the report):
+        num_steps:      S, student steps (any S >= 1).
+        history_blocks: N, lowest blocks with history attention (0 = step-distillation baseline).
+        mask:           which earlier steps a step sees in those blocks (M4 block_causal default).
+        window:         M2 only: previous steps visible to each step.
+        heads:          "shared" (the teacher's final layer) or "per_step" (S copies of it).
+        output:         eps / x0 (+ DDIM jump to the next boundary) or next_state (direct).
+        history_start:  "closed": per block and head a history gate g = 0 (the untrained student equals
+                        the baseline exactly); "plain": full history from the start (the paper).
+        clip_x0:        clamp the x0 implied by eps / x0 outputs to [-1, 1] (pixel-space teachers).
+    """
+
+    def __init__(self, teacher: DiTTransformer2DModel, num_steps: int, history_blocks: int = 6,
+                 mask: MaskKind = "block_causal", window: int = 1, heads: HeadKind = "shared",
+                 output: OutputKind = "eps", history_start: HistoryStart = "closed", clip_x0: bool = False):
+        super().__init__()
+        num_layers = len(teacher.transformer_blocks)
+        if num_steps < 1:
+            raise ValueError(f"num_steps={num_steps} must be >= 1")
+        if not 0 <= history_blocks <= num_layers:
+            raise ValueError(f"history_blocks={history_blocks} must lie in [0, {num_layers}] (teacher's blocks)")
+        if window < 1:
+            raise ValueError(f"window={window} must be >= 1")
+        self.num_steps = num_steps  # S
+        self.history_blocks = history_blocks  # N
+        self.mask = check_choice("mask", mask, MaskKind)
+        self.window = window
+        self.heads_kind = check_choice("heads", heads, HeadKind)
+        self.output = check_choice("output", output, OutputKind)
+        self.history_start = check_choice("history_start", history_start, HistoryStart)
+        self.clip_x0 = clip_x0
+        self.scheduler = make_scheduler()  # DiT's linear-beta schedule: alpha_bar of the boundaries
+
+        self.transformer = disable_label_dropout(copy.deepcopy(teacher))
+        for i in range(history_blocks):
+            self.transformer.transformer_blocks[i].attn1.set_processor(HistoryAttnProcessor(i, mask, window))
+        # Per-step heads: S copies of the teacher's final layer (norm_out has no parameters). The
+        # transformer's own final layer is then unused and frozen (kept so it stays a diffusers module).
+        self.heads = None
+        if heads == "per_step":
+            self.heads = nn.ModuleList(
+                nn.ModuleDict(dict(proj_out_1=copy.deepcopy(self.transformer.proj_out_1),
+                                   proj_out_2=copy.deepcopy(self.transformer.proj_out_2)))
+                for _ in range(num_steps))
+            self.transformer.proj_out_1.requires_grad_(False)
+            self.transformer.proj_out_2.requires_grad_(False)
+        # History gates (N, H), g = 0 at init: only where some step has history to gate.
+        self.history_gate = None
+        if history_start == "closed" and history_blocks > 0 and mask != "block_diagonal" and num_steps > 1:
+            heads_per_block = self.transformer.transformer_blocks[0].attn1.heads
+            self.history_gate = nn.Parameter(torch.zeros(history_blocks, heads_per_block))
+
+    # ------------------------------------------------------------------ settings
+    def settings(self) -> dict:
+        """The ARD knobs, as written to ard_student.json."""
+        return dict(num_steps=self.num_steps, history_blocks=self.history_blocks, mask=self.mask,
+                    window=self.window, heads=self.heads_kind, output=self.output,
+                    history_start=self.history_start, clip_x0=self.clip_x0)
+
+    # ------------------------------------------------------------------ core
+    def _transformer(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, history: HistoryContext,
+                     step: int | None = None, return_features: bool = False):
+        """The teacher's forward with the history context in the lowest N blocks and our own head(s).
+
+        x (R, C, H, W); t, y (R,). Rows are ordered (b, s) over history.num_steps steps (step None) or
+        all belong to one step (step s). Returns the raw output (R, C', H, W) and the per-block features
+        (R, L, D) (empty unless return_features).
+        """
+        dit = self.transformer
+        patch = dit.config.patch_size
+        hidden = dit.pos_embed(x)  # (R, L, D)
+        features = []
+        for i, block in enumerate(dit.transformer_blocks):
+            kwargs = dict(history=history) if i < self.history_blocks else None  # others keep their processor
+            if torch.is_grad_enabled() and dit.gradient_checkpointing:
+                hidden = dit._gradient_checkpointing_func(block, hidden, None, None, None, t, kwargs, y)  # (R, L, D)
+            else:
+                hidden = block(hidden, timestep=t, class_labels=y, cross_attention_kwargs=kwargs)  # (R, L, D)
+            if return_features:
+                features.append(hidden)
+        conditioning = dit.transformer_blocks[0].norm1.emb(t, y, hidden_dtype=hidden.dtype)  # (R, D)
+        if self.heads is None or step is not None:
+            out = self._head(hidden, conditioning, step)  # (R, L, p*p*C')
+        else:  # per-step heads over rows ordered (b, s)
+            steps = history.num_steps
+            hidden = rearrange(hidden, "(b s) l d -> b s l d", s=steps)  # (B, S, L, D)
+            conditioning = rearrange(conditioning, "(b s) d -> b s d", s=steps)  # (B, S, D)
+            out = torch.stack([self._head(hidden[:, s], conditioning[:, s], s) for s in range(steps)],
+                              dim=1)  # (B, S, L, p*p*C')
+            out = rearrange(out, "b s l e -> (b s) l e")  # (B*S, L, p*p*C')
+        side = int(out.shape[1] ** 0.5)
+        out = rearrange(out, "r (h w) (p q c) -> r c (h p) (w q)", h=side, p=patch, q=patch)  # (R, C', H, W)
+        return out, features
+
+    def _head(self, hidden: torch.Tensor, conditioning: torch.Tensor, s: int | None) -> torch.Tensor:
+        """DiT's final layer (adaLN modulation + linear) of step s: hidden (R, L, D) -> (R, L, p*p*C')."""
+        layers = self.transformer if self.heads is None else self.heads[s]
+        shift, scale = layers.proj_out_1(F.silu(conditioning)).chunk(2, dim=1)  # (R, D) each
+        hidden = self.transformer.norm_out(hidden) * (1 + scale[:, None]) + shift[:, None]  # (R, L, D)
+        return layers.proj_out_2(hidden)  # (R, L, p*p*C')
+
+    def _next_state(self, x: torch.Tensor, raw: torch.Tensor, t_from: torch.Tensor, t_to: torch.Tensor):
+        """Read the raw output as eps / x0 / next state; x (R, C, H, W), t_from, t_to (R,)."""
+        pred = eps_from_output(self.transformer, raw)  # (R, C, H, W)
+        if self.output == "next_state":
+            return pred
+        a, b = alpha_bar(self.scheduler, t_from), alpha_bar(self.scheduler, t_to)  # (R,) float64
+        if self.output == "x0":
+            a_ = a.to(x.dtype).view(-1, 1, 1, 1)  # (R, 1, 1, 1)
+            pred = (x - a_.sqrt() * pred) / (1 - a_).sqrt()  # (R, C, H, W) eps implied by x0
+        return ddim_jump(x, pred, a, b, clip_x0=self.clip_x0)  # (R, C, H, W)
+
+    def forward(self, states: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor,
+                return_features: bool = False):
+        """Teacher-forced pass over all S steps (training).
+
+        states (B, S, C, H, W): inputs x_{tau_0..tau_{S-1}}; timesteps (B, S+1) int64 boundary timesteps
+        (the last is CLEAN = -1); labels (B,) (the null class allowed). Returns the predicted next states
+        (B, S, C, H, W) = x_{tau_1..tau_S}; with return_features also the list of per-block token features
+        (B, S, L, D) (for a discriminator on the student's own features).
+        """
+        batch, steps = states.shape[:2]
+        if steps != self.num_steps or tuple(timesteps.shape) != (batch, steps + 1):
+            raise ValueError(f"states {tuple(states.shape)} / timesteps {tuple(timesteps.shape)}: expected "
+                             f"(B, {self.num_steps}, C, H, W) and (B, {self.num_steps + 1})")
+        x = rearrange(states, "b s c h w -> (b s) c h w")  # (B*S, C, H, W)
+        t_from = rearrange(timesteps[:, :-1], "b s -> (b s)")  # (B*S,)
+        t_to = rearrange(timesteps[:, 1:], "b s -> (b s)")  # (B*S,)
+        y = labels.repeat_interleave(steps)  # (B*S,)
+        history = HistoryContext(num_steps=steps, gate=self.history_gate)
+        raw, features = self._transformer(x, t_from, y, history, return_features=return_features)  # (B*S, C', H, W)
+        out = self._next_state(x, raw, t_from, t_to)  # (B*S, C, H, W)
+        out = rearrange(out, "(b s) c h w -> b s c h w", b=batch)  # (B, S, C, H, W)
+        if return_features:
+            return out, [rearrange(f, "(b s) l d -> b s l d", b=batch) for f in features]
+        return out
+
+    # ------------------------------------------------------------------ inference
+    def new_cache(self, batch_size: int) -> KVCache:
+        """An empty KV cache for one S-step trajectory of `batch_size` samples."""
+        return KVCache(batch_size=batch_size, num_steps=self.num_steps, num_layers=self.history_blocks)
+
+    def step(self, x: torch.Tensor, s: int, t_from: torch.Tensor, t_to: torch.Tensor, labels: torch.Tensor,
+             cache: KVCache) -> torch.Tensor:
+        """Student step s from x (B, C, H, W) at t_from (B,) to t_to (B,); labels (B,).
+
+        Appends this step's keys/values of the history blocks to `cache` (which must hold steps 0..s-1 of
+        the same trajectories) and returns the next state (B, C, H, W).
+        """
+        if not 0 <= s < self.num_steps or cache.steps != s or cache.batch_size != x.shape[0]:
+            raise ValueError(f"step {s} of a {self.num_steps}-step student with batch {x.shape[0]}: the cache "
+                             f"holds {cache.steps} steps of batch {cache.batch_size} (expected {s} of {x.shape[0]})")
+        history = HistoryContext(num_steps=self.num_steps, step=s, cache=cache, gate=self.history_gate)
+        raw, _ = self._transformer(x, t_from, labels, history, step=s)  # (B, C', H, W)
+        cache.steps += 1
+        return self._next_state(x, raw, t_from, t_to)  # (B, C, H, W)
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write a standalone student directory atomically: the diffusers transformer (config.json +
+        safetensors), ard_student.json (the ARD settings) and ard_student.safetensors (heads, gates)."""
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+        try:
+            self.transformer.save_pretrained(tmp, safe_serialization=True)
+            extra = {k: v.detach().contiguous() for k, v in self.state_dict().items()
+                     if not k.startswith("transformer.")}
+            if extra:
+                save_file(extra, str(tmp / EXTRA_WEIGHTS))
+            (tmp / CONFIG_NAME).write_text(json.dumps(dict(format_version=FORMAT_VERSION, **self.settings()),
+                                                      indent=2) + "\n")
+            for f in tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            old = None
+            if directory.exists():
+                old = directory.parent / f".{directory.name}.old-{os.getpid()}"
+                directory.rename(old)
+            tmp.rename(directory)
+            if old is not None:
+                shutil.rmtree(old)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "ARDStudent":
+        """Load a directory written by save_pretrained (needs neither the teacher nor the store)."""
+        directory = Path(directory)
+        config_path = directory / CONFIG_NAME
+        if not config_path.exists():
+            raise FileNotFoundError(f"{config_path}: not found (not an ARD student directory)")
+        try:
+            config = json.loads(config_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        if config.pop("format_version", None) != FORMAT_VERSION:
+            raise ValueError(f"{config_path}: format_version must be {FORMAT_VERSION}")
+        unknown = sorted(set(config) - set(_SETTING_TYPES))
+        missing = sorted(set(_SETTING_TYPES) - set(config))
+        if unknown or missing:
+            raise ValueError(f"{config_path}: {'unknown field ' + repr(unknown[0]) if unknown else 'missing field ' + repr(missing[0])}")
+        for key, kind in _SETTING_TYPES.items():
+            if not isinstance(config[key], kind) or (kind is int and isinstance(config[key], bool)):
+                raise ValueError(f"{config_path}: field {key!r} must be {kind.__name__}, got {config[key]!r}")
+        transformer = DiTTransformer2DModel.from_pretrained(directory)
+        try:
+            student = cls(transformer, **config)
+        except ValueError as e:
+            raise ValueError(f"{config_path}: {e}") from None
+        del transformer
+        extra_path = directory / EXTRA_WEIGHTS
+        expected = {k for k in student.state_dict() if not k.startswith("transformer.")}
+        extra = load_file(str(extra_path)) if extra_path.exists() else {}
+        if set(extra) != expected:
+            what = sorted(set(extra) ^ expected)[0]
+            raise ValueError(f"{extra_path}: {'unexpected' if what in extra else 'missing'} tensor {what!r} "
+                             f"for the settings in {CONFIG_NAME}")
+        student.load_state_dict({**student.state_dict(), **extra})
+        return student.eval()
+
+
+# Types of the fields of ard_student.json (besides format_version): the __init__ knobs.
+_SETTING_TYPES = dict(num_steps=int, history_blocks=int, mask=str, window=int, heads=str, output=str,
+                      history_start=str, clip_x0=bool)

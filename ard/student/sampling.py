@@ -1,0 +1,31 @@
+"""S-step sampling from an ARD student with an explicit KV cache (ARD sec. 3.4).
+
+Each step's history is the student's own earlier states: the keys/values of steps 0..s-1 in the history
+blocks come from the cache, so step s costs one DiT forward plus the extra attention over the cached keys.
+"""
+from __future__ import annotations
+
+import torch
+
+from ard.student.model import ARDStudent
+from ard.teacher import check_labels
+
+
+def sample(student: ARDStudent, noise: torch.Tensor, labels: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """Run the S student steps from `noise` (B, C, H, W) with labels (B,) over the boundary timesteps
+    (S+1,) or (B, S+1) (the last is CLEAN = -1). Returns all states (B, S+1, C, H, W), the first being
+    the noise and the last the sample. Runs under the caller's grad mode (wrap in torch.no_grad())."""
+    batch = noise.shape[0]
+    if timesteps.ndim == 1:
+        timesteps = timesteps.expand(batch, -1)  # (B, S+1)
+    if tuple(timesteps.shape) != (batch, student.num_steps + 1):
+        raise ValueError(f"timesteps {tuple(timesteps.shape)}: expected ({student.num_steps + 1},) or "
+                         f"({batch}, {student.num_steps + 1}) for a {student.num_steps}-step student")
+    if not labels.is_meta:  # (meta tensors: FLOP counting) checks need values
+        check_labels(student.transformer, labels, allow_null=True)
+    timesteps = timesteps.to(noise.device)
+    cache = student.new_cache(batch)
+    states = [noise]
+    for s in range(student.num_steps):
+        states.append(student.step(states[-1], s, timesteps[:, s], timesteps[:, s + 1], labels, cache))  # (B, C, H, W)
+    return torch.stack(states, dim=1)  # (B, S+1, C, H, W)
