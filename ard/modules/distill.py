@@ -1,0 +1,256 @@
+"""ARD distillation (Kim et al. 2025, sec. 3): train the student on the teacher's stored trajectories.
+
+`ard fit -c configs/digits/ard.yaml` (re-running the same command resumes from `last.ckpt`).
+
+One training step is one teacher-forced pass of the student over all S steps of a batch of
+trajectories (`StepMSELoss`): loss = sum_s w_s * mean_b ||x_hat_{tau_{s+1}} - x_{tau_{s+1}}||^2 / (CHW)
+(ARD sec. 3.3; "uniform" weights w_s = 1 / S are the re-implementation's mean over steps). Each
+step's loss is logged as `train/loss_step{s}`.
+
+Configured by the trainer, not here (see the YAML presets): EMA weights (Lightning's
+`EMAWeightAveraging`, which swaps them in for validation and copies them into the model when training
+ends), gradient clipping (`gradient_clip_val`), bf16-mixed precision on GPU, checkpointing and DDP.
+What the module adds for them: validation (per-step loss of the EMA student on held-out trajectories)
+and the sample grid, both made with the EMA weights; the step boundaries (timesteps) of the store,
+kept in every checkpoint so a checkpoint can be sampled without the store; the standalone EMA student
+(`<default_root_dir>/student_ema/`, see `export_student`) written when fitting ends.
+
+For the GAN stage (ARD sec. 4): `frozen_teacher()` returns the frozen teacher (loaded on first use,
+not a registered submodule, so it is neither trained, averaged, checkpointed nor wrapped by DDP), and
+`self.student(..., return_features=True)` returns the student's own block features. A second optimiser
+goes into `configure_optimizers` with `automatic_optimization = False` (then clip gradients with
+`self.clip_gradients`, as the trainer's `gradient_clip_val` only applies to automatic optimisation).
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from pathlib import Path
+from typing import Literal, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+
+from ard.student import ARDStudent, HeadKind, HistoryStart, MaskKind, OutputKind, StepMSELoss, sample
+from ard.teacher import DIGITS_TEACHER, load_teacher, num_classes
+from ard.viz import image_grid, log_image, save_png
+
+# The student's knobs are declared once, in ARDStudent.__init__; this module forwards them and takes
+# their defaults from there.
+_STUDENT = inspect.signature(ARDStudent.__init__).parameters
+SAMPLING_CONFIG = "ard_sampling.json"  # beside an exported student: the boundary timesteps it was trained on
+
+
+class ARDDistillation(L.LightningModule):
+    """The ARD student distilled from a DiT teacher's trajectory store (per-step MSE, AdamW)."""
+
+    def __init__(
+        self,
+        teacher: str = str(DIGITS_TEACHER),
+        teacher_size: str | None = None,
+        num_steps: int = 4,
+        history_blocks: int = _STUDENT["history_blocks"].default,
+        mask: MaskKind = _STUDENT["mask"].default,
+        window: int = _STUDENT["window"].default,
+        heads: HeadKind = _STUDENT["heads"].default,
+        output: OutputKind = _STUDENT["output"].default,
+        history_start: HistoryStart = _STUDENT["history_start"].default,
+        clip_x0: bool = _STUDENT["clip_x0"].default,
+        step_weights: Literal["uniform"] | list[float] = "uniform",
+        lr: float = 1e-4,
+        history_gate_lr: float | None = None,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        samples_per_class: int = 8,
+        sample_classes: list[int] | None = None,
+        sample_seed: int = 0,
+        vae: str | None = None,
+        latent_scale: float = 0.18215,
+    ):
+        """
+        Args:
+            teacher: the teacher DiT the student is initialised from (a diffusers directory or an official
+                DiT checkpoint, see `ard.teacher.load_teacher`); the store must hold its trajectories.
+            teacher_size: key of ard.teacher.DIT_SIZES; required for single-file checkpoints.
+            num_steps: S, student steps; must equal the data's `student_steps`.
+            history_blocks: N, lowest blocks with history attention (0 = the step-distillation baseline).
+            mask: which earlier steps each step sees in those blocks (ARDStudent).
+            window: previous steps visible with mask="window".
+            heads: "shared" output head or one per step.
+            output: the head's output read as eps / x0 (then a DDIM jump) or as the next state.
+            history_start: "closed" (zero history gates: the untrained student equals the baseline) or
+                "plain" (the paper).
+            clip_x0: clamp the implied x0 to [-1, 1] (pixel-space teachers).
+            step_weights: w_s of the loss sum over steps: "uniform" (1 / S each) or S numbers.
+            lr: AdamW learning rate (ARD: 1e-4).
+            history_gate_lr: learning rate of the history gates ("closed" start); None: `lr`.
+            weight_decay: AdamW weight decay (ARD: 0).
+            betas: AdamW betas.
+            samples_per_class: columns of the sample grid made at each validation (0: no grid).
+            sample_classes: rows of the grid (one class each); None: every class.
+            sample_seed: seed of the grid's noise (the same noise every time, so grids are comparable).
+            vae: diffusers AutoencoderKL directory decoding latent states for the grid (latent teachers).
+            latent_scale: latents = scale * VAE latents (0.18215 for sd-vae-ft-ema).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if step_weights != "uniform" and len(step_weights) != num_steps:
+            raise ValueError(f"step_weights has {len(step_weights)} entries; num_steps={num_steps} needs {num_steps}")
+        self.step_weights = [1.0 / num_steps] * num_steps if step_weights == "uniform" else list(step_weights)
+        teacher_model = load_teacher(teacher, teacher_size)
+        self.student = ARDStudent(teacher_model, num_steps, history_blocks=history_blocks, mask=mask,
+                                  window=window, heads=heads, output=output, history_start=history_start,
+                                  clip_x0=clip_x0).train()  # the teacher was loaded in eval mode
+        self.state_shape = (teacher_model.config.in_channels, teacher_model.config.sample_size,
+                            teacher_model.config.sample_size)  # (C, H, W) of one state
+        self.num_classes = num_classes(teacher_model)
+        if samples_per_class and self.state_shape[0] not in (1, 3) and vae is None:
+            raise ValueError(f"teacher {teacher}: {self.state_shape[0]}-channel (latent) states need `vae` to "
+                             "draw sample grids (or samples_per_class: 0)")
+        del teacher_model
+        self.loss_fn = StepMSELoss()
+        self.boundaries: list[int] | None = None  # the store's S + 1 boundary timesteps (last = CLEAN)
+        # Frozen helpers loaded on first use (frozen_teacher(), the grid's VAE), kept in a plain dict so
+        # that they are not submodules: not trained, averaged, checkpointed or wrapped by DDP.
+        self._frozen: dict[str, torch.nn.Module] = {}
+
+    # ------------------------------------------------------------------ data
+    def setup(self, stage: str) -> None:
+        """Check the store against the student before anything runs (one-line errors)."""
+        datamodule = self.trainer.datamodule
+        for attribute in ("check_compatible", "boundaries", "student_steps"):
+            if not hasattr(datamodule, attribute):
+                raise ValueError(f"{type(self).__name__} needs a trajectory store as data "
+                                 f"(ard.data.trajectories.TrajectoryDataModule); got {type(datamodule).__name__}")
+        datamodule.check_compatible(self.state_shape, self.num_classes)
+        if datamodule.student_steps != self.hparams.num_steps:
+            raise ValueError(f"data.student_steps={datamodule.student_steps} but model.num_steps="
+                             f"{self.hparams.num_steps}: set both to the same S")
+        boundaries = [int(t) for t in datamodule.boundaries]
+        if self.boundaries is not None and self.boundaries != boundaries:
+            raise ValueError(f"the store's step boundaries {boundaries} differ from the checkpoint's "
+                             f"{self.boundaries}")
+        self.boundaries = boundaries
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["boundaries"] = self.boundaries
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.boundaries = checkpoint.get("boundaries")
+
+    # ------------------------------------------------------------------ loss
+    def step_losses(self, batch: dict) -> torch.Tensor:
+        """Per-step loss, mean over the batch: (S,)."""
+        return self.loss_fn(self.student, batch["states"], batch["timesteps"], batch["labels"]).mean(dim=0)
+
+    def _log_losses(self, split: str, per_step: torch.Tensor) -> torch.Tensor:
+        loss = (per_step.new_tensor(self.step_weights) * per_step).sum()
+        on_step = split == "train"
+        self.log(f"{split}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=not on_step, sync_dist=True)
+        self.log_dict({f"{split}/loss_step{s}": value for s, value in enumerate(per_step)},
+                      on_step=on_step, on_epoch=not on_step, sync_dist=True)
+        return loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._log_losses("train", self.step_losses(batch))
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._log_losses("val", self.step_losses(batch))
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        gates = [p for name, p in self.student.named_parameters() if name == "history_gate"]
+        others = [p for name, p in self.student.named_parameters() if name != "history_gate" and p.requires_grad]
+        groups = [{"params": others}]
+        if gates:
+            groups.append({"params": gates, "lr": hp.history_gate_lr or hp.lr})
+        return torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
+
+    # ------------------------------------------------------------------ samples
+    def on_validation_epoch_start(self) -> None:
+        # Callback hooks run before the module's: EMAWeightAveraging has swapped the EMA weights in here
+        # (and swaps them out again in its on_validation_epoch_end, before the module's would run).
+        if self.trainer.sanity_checking or not self.hparams.samples_per_class or not self.trainer.is_global_zero:
+            return
+        grid = self.sample_grid()
+        log_image(self.logger, "val/samples", grid, self.global_step)
+        save_png(grid, Path(self.trainer.default_root_dir) / "samples" / f"step{self.global_step:07d}.png")
+
+    @torch.no_grad()
+    def sample_grid(self) -> np.ndarray:
+        """S-step samples, one row per class, `samples_per_class` columns, fixed noise: a uint8 grid."""
+        hp = self.hparams
+        classes = hp.sample_classes if hp.sample_classes is not None else range(self.num_classes)
+        labels = torch.tensor(list(classes), device=self.device).repeat_interleave(hp.samples_per_class)  # (n,)
+        g = torch.Generator().manual_seed(hp.sample_seed)
+        noise = torch.randn(len(labels), *self.state_shape, generator=g).to(self.device)  # (n, C, H, W)
+        return image_grid(self.generate(noise, labels), nrow=hp.samples_per_class)
+
+    @torch.no_grad()
+    def generate(self, noise: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Final S-step samples from noise (n, C, H, W) as images in [-1, 1] (VAE-decoded for latents)."""
+        if self.boundaries is None:
+            raise ValueError("the step boundaries are unknown: fit on a store first, or load a checkpoint")
+        timesteps = torch.tensor(self.boundaries, device=self.device)  # (S+1,)
+        x = sample(self.student, noise, labels, timesteps)[:, -1]  # (n, C, H, W)
+        if self.hparams.vae is None:
+            return x
+        from ard.latents import decode_latents, load_vae
+
+        if "vae" not in self._frozen:
+            self._frozen["vae"] = load_vae(self.hparams.vae)
+        return decode_latents(self._frozen["vae"].to(self.device), x, self.hparams.latent_scale)  # (n, 3, H', W')
+
+    # ------------------------------------------------------------------ teacher, export
+    def frozen_teacher(self):
+        """The frozen teacher in eval mode on this module's device (for the GAN stage's features).
+
+        Loaded on first use and kept outside the module's submodules: not in the optimiser, the EMA,
+        the checkpoint or the DDP wrapper."""
+        if "teacher" not in self._frozen:
+            self._frozen["teacher"] = load_teacher(self.hparams.teacher, self.hparams.teacher_size).requires_grad_(False)
+        return self._frozen["teacher"].to(self.device)
+
+    def export_student(self, directory: str | Path) -> Path:
+        """Write the student (its current weights) as a standalone directory: ARDStudent.save_pretrained
+        plus `ard_sampling.json` with the boundary timesteps, so sampling needs neither teacher nor store."""
+        if self.boundaries is None:
+            raise ValueError("the step boundaries are unknown: fit on a store first, or load a checkpoint")
+        directory = Path(directory)
+        self.student.save_pretrained(directory)
+        write_json_atomic(directory / SAMPLING_CONFIG, {"timesteps": self.boundaries})
+        return directory
+
+    def on_fit_end(self) -> None:
+        # EMAWeightAveraging has copied the EMA weights into the model at on_train_end.
+        if self.trainer.is_global_zero:
+            self.export_student(Path(self.trainer.default_root_dir) / "student_ema")
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(data, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_exported(directory: str | Path) -> tuple[ARDStudent, list[int]]:
+    """A standalone student directory (export_student) -> (student in eval mode, boundary timesteps)."""
+    directory = Path(directory)
+    student = ARDStudent.from_pretrained(directory)
+    path = directory / SAMPLING_CONFIG
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found (export the student with scripts/sample_student.py export)")
+    try:
+        timesteps = json.loads(path.read_text())["timesteps"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ValueError(f"{path}: expected JSON with a list field 'timesteps'") from None
+    if not isinstance(timesteps, list) or len(timesteps) != student.num_steps + 1:
+        raise ValueError(f"{path}: 'timesteps' must list {student.num_steps + 1} integers for a "
+                         f"{student.num_steps}-step student")
+    return student, [int(t) for t in timesteps]
