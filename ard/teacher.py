@@ -9,12 +9,16 @@ Quirks of diffusers' DiT (see ../shared/STACK_NOTES.md), handled here and only h
 - learned sigma: `out_channels == 2 * in_channels`; epsilon is the first `in_channels` channels
   (`eps_from_output`);
 - the null (unconditional) class is index `num_embeds_ada_norm` (`null_class`);
-- there is no `set_attn_processor` on this class: processors are set per block (`set_processor`).
+- there is no `set_attn_processor` on this class: processors are set per block (`set_processor`);
+- its numerics differ from the official DiT in two places (`set_numerics`): the timestep frequencies
+  (diffusers exp(-ln(1e4) i / 127), DiT exp(-ln(1e4) i / 128)) and the LayerNorm eps before the MLP
+  (diffusers 1e-5, DiT 1e-6). Weights trained by facebookresearch/DiT need "dit", ours "diffusers".
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 from diffusers import DiTTransformer2DModel
@@ -36,6 +40,34 @@ DIT_SIZES: dict[str, dict] = {
 
 ASSETS = Path(__file__).parent / "assets"
 DIGITS_TEACHER = ASSETS / "digits_teacher"  # shipped EMA weights of the embedded default's teacher
+
+
+# Which implementation's numerics a DiT computes with (see the module docstring): per value, the
+# timestep embedding's `downscale_freq_shift` (frequencies exp(-ln(1e4) i / (128 - shift))) and the
+# MLP-branch LayerNorm eps (`norm_eps`). Recorded in config.json under NUMERICS_KEY (diffusers keeps
+# unknown "_" keys through from_pretrained / save_pretrained); no key means "diffusers".
+Numerics = Literal["diffusers", "dit"]
+NUMERICS: dict[str, tuple[int, float]] = {"diffusers": (1, 1e-5), "dit": (0, 1e-6)}
+NUMERICS_KEY = "_ard_numerics"
+
+
+def set_numerics(model: DiTTransformer2DModel, numerics: Numerics | None = None) -> DiTTransformer2DModel:
+    """Compute like diffusers' DiT or like the official DiT; None: as recorded in the model's config.
+
+    Call it after `DiTTransformer2DModel.from_pretrained`: the timestep frequency shift is not a
+    constructor argument, so from_pretrained alone always builds diffusers' frequencies.
+    """
+    numerics = numerics or model.config.get(NUMERICS_KEY)
+    if numerics is None:
+        return model  # nothing recorded: diffusers' numerics, as built
+    if numerics not in get_args(Numerics):
+        raise ValueError(f"numerics must be one of {get_args(Numerics)}, got {numerics!r}")
+    shift, eps = NUMERICS[numerics]
+    for block in model.transformer_blocks:
+        block.norm1.emb.time_proj.downscale_freq_shift = shift
+        block.norm3.eps = eps
+    model.register_to_config(norm_eps=eps, **{NUMERICS_KEY: numerics})
+    return model
 
 
 def disable_label_dropout(model: DiTTransformer2DModel) -> DiTTransformer2DModel:
@@ -95,7 +127,8 @@ def _check_state_dict(state: dict[str, torch.Tensor], model: DiTTransformer2DMod
                              f"expects {tuple(v.shape)}")
 
 
-def load_teacher(path: str | Path = DIGITS_TEACHER, size: str | None = None) -> DiTTransformer2DModel:
+def load_teacher(path: str | Path = DIGITS_TEACHER, size: str | None = None,
+                 numerics: Numerics | None = None) -> DiTTransformer2DModel:
     """Load a DiT teacher in eval mode with label dropout disabled.
 
     path: a diffusers-format directory (config.json + safetensors, e.g. a snapshot of
@@ -103,6 +136,9 @@ def load_teacher(path: str | Path = DIGITS_TEACHER, size: str | None = None) -> 
           facebookresearch/DiT checkpoint (`DiT-XL-2-256x256.pt`, converted on the fly by
           `ard.convert`), or a `.safetensors` file of either layout. `size` (a key of DIT_SIZES) is
           required for single files and, for directories, checked against the directory's config.
+    numerics: None uses the checkpoint's own: "dit" for an official checkpoint, the recorded value for
+          a directory (none recorded: "diffusers"). Pass "dit" for a diffusers snapshot of official
+          weights (e.g. facebook/DiT-XL-2-256) to compute exactly like the official DiT.
     """
     path = Path(path)
     if not path.exists():
@@ -118,7 +154,7 @@ def load_teacher(path: str | Path = DIGITS_TEACHER, size: str | None = None) -> 
                 if key in config and config[key] != value and not (key == "out_channels" and config[key] is None):
                     raise ValueError(f"{path / 'config.json'}: {key}={config[key]} does not match size "
                                      f"{size!r} ({key}={value})")
-        model = DiTTransformer2DModel.from_pretrained(path)
+        model = set_numerics(DiTTransformer2DModel.from_pretrained(path), numerics)
     else:
         if size is None:
             raise ValueError(f"{path}: a single-file checkpoint needs `size` (one of {', '.join(DIT_SIZES)})")
@@ -126,10 +162,15 @@ def load_teacher(path: str | Path = DIGITS_TEACHER, size: str | None = None) -> 
         state = _read_state_dict(path)
         from ard.convert import convert_official_state_dict, is_official_state_dict
 
-        if is_official_state_dict(state):
-            state = convert_official_state_dict(state, num_layers=model.config.num_layers)
+        official = is_official_state_dict(state)
+        if official:
+            try:
+                state = convert_official_state_dict(state, model.config.num_layers, model.config.sample_size)
+            except ValueError as e:
+                raise ValueError(f"{path}: {e}") from None
         _check_state_dict(state, model, str(path))
         model.load_state_dict(state)
+        set_numerics(model, numerics or ("dit" if official else None))
     return disable_label_dropout(model).eval()
 
 
