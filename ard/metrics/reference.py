@@ -1,0 +1,126 @@
+"""Reference sets: FID statistics and features of real images, from an ADM reference batch or a dataset.
+
+A `Reference` holds what the metrics compare samples against: `stats` (mean/covariance, for FID)
+and `features` (for precision/recall), both for one extractor.
+
+- reference_from_images: computed from uint8 NCHW images once, cached on disk as an .npz (atomic
+  write) named and checked by the extractor's identity and the sha256 of the images' bytes.
+- reference_from_adm_npz: an ADM evaluator reference batch (e.g. VIRTUAL_imagenet256_labeled.npz:
+  arr_0 the 10,000 images NHWC, mu/sigma their pool_3 statistics). Its mu/sigma are used for FID
+  when present (the ADM protocol; they belong to the Inception pool_3, so their dimension must match
+  the extractor's), its images give the precision/recall features.
+Files are read with np.load(allow_pickle=False).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ard.data.digits import load_digits_split, to_uint8
+from ard.metrics.features import FeatureExtractor, check_images, extract, nhwc_to_nchw
+from ard.metrics.fid import FeatureStats
+
+CACHE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Reference:
+    """FID statistics and precision/recall features of a set of real images, for one extractor."""
+
+    stats: FeatureStats  # mean/covariance for FID
+    features: torch.Tensor  # (n, D) float32, for precision/recall
+    identity: str  # "<extractor identity>/<sha256 prefix of the images>"
+
+
+def images_digest(images: torch.Tensor) -> str:
+    """sha256 of a uint8 image tensor's shape and bytes: the data half of a cache key."""
+    h = hashlib.sha256(str(tuple(images.shape)).encode())
+    h.update(images.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _write_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read_cache(path: Path, extractor_id: str, data_id: str) -> Reference:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            ok = int(z["format"]) == CACHE_FORMAT and str(z["extractor"]) == extractor_id and str(z["data"]) == data_id
+            stats = FeatureStats(torch.from_numpy(z["mu"]), torch.from_numpy(z["sigma"]), int(z["n"]))
+            features = torch.from_numpy(z["features"])
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: unreadable reference cache ({e}); delete it to recompute") from None
+    if not ok:
+        raise ValueError(f"{path}: reference cache written for another extractor/data; delete it to recompute")
+    return Reference(stats, features, f"{extractor_id}/{data_id[:16]}")
+
+
+def reference_from_images(images: torch.Tensor, extractor: FeatureExtractor, cache_dir: str | Path | None = None,
+                          batch_size: int = 500) -> Reference:
+    """Reference of uint8 NCHW `images`; with `cache_dir`, read from / written to
+    <cache_dir>/<extractor identity>-<images sha256[:16]>.npz."""
+    check_images(images, extractor.channels, "reference images")
+    data_id = images_digest(images)
+    path = Path(cache_dir) / f"{extractor.identity}-{data_id[:16]}.npz" if cache_dir is not None else None
+    if path is not None and path.exists():
+        return _read_cache(path, extractor.identity, data_id)
+    features, _ = extract(images, extractor, batch_size)  # (n, D)
+    stats = FeatureStats.of(features)
+    if path is not None:
+        _write_npz_atomic(path, format=np.array(CACHE_FORMAT), extractor=np.array(extractor.identity),
+                          data=np.array(data_id), mu=stats.mu.numpy(), sigma=stats.sigma.numpy(),
+                          n=np.array(stats.n), features=features.numpy())
+    return Reference(stats, features, f"{extractor.identity}/{data_id[:16]}")
+
+
+def load_npz_images(path: str | Path) -> torch.Tensor:
+    """arr_0 of an ADM-style .npz (uint8 (N, H, W, C)) as uint8 NCHW (N, C, H, W)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"npz not found: {path}")
+    with np.load(path, allow_pickle=False) as z:
+        if "arr_0" not in z.files:
+            raise ValueError(f"{path}: no arr_0 (uint8 (N, H, W, C) images); keys: {z.files}")
+        arr = z["arr_0"]
+    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] not in (1, 3):
+        raise ValueError(f"{path}: arr_0 must be uint8 (N, H, W, 1|3), got {arr.dtype} {arr.shape}")
+    return nhwc_to_nchw(arr)
+
+
+def reference_from_adm_npz(path: str | Path, extractor: FeatureExtractor, cache_dir: str | Path | None = None,
+                           use_file_stats: bool = True, batch_size: int = 500) -> Reference:
+    """Reference from an ADM reference batch: features of its arr_0 images; FID statistics from its
+    mu/sigma when present and `use_file_stats` (ADM protocol), else from those features."""
+    path = Path(path)
+    reference = reference_from_images(load_npz_images(path), extractor, cache_dir, batch_size)
+    if not use_file_stats:
+        return reference
+    with np.load(path, allow_pickle=False) as z:
+        if "mu" not in z.files:
+            return reference
+        if "sigma" not in z.files:
+            raise ValueError(f"{path}: has mu but no sigma")
+        mu, sigma = torch.from_numpy(z["mu"]).double(), torch.from_numpy(z["sigma"]).double()
+    if mu.shape != (extractor.num_features,):
+        raise ValueError(f"{path}: mu has shape {tuple(mu.shape)} but {extractor.identity} gives "
+                         f"{extractor.num_features} features (the file's stats are the ADM Inception's pool_3; "
+                         "pass use_file_stats=False to use statistics of arr_0's features)")
+    return Reference(FeatureStats(mu, sigma, reference.stats.n), reference.features, reference.identity)
+
+
+def digits_images(split: str = "all") -> torch.Tensor:
+    """The real 8x8 digits of a split (ard.data.digits) as the metrics see them: uint8 (n, 1, 8, 8)."""
+    return to_uint8(load_digits_split(split)[0])
