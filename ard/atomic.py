@@ -32,3 +32,32 @@ def atomic_directory(directory: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def _replace_atomic(path: str | Path, write) -> Path:
+    """Write through `write(file)` into a temporary file beside `path`, fsync, then rename onto `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_npz_atomic(path: str | Path, **arrays) -> Path:
+    """np.savez `arrays` to `path` atomically (readers see the old file or the whole new one)."""
+    import numpy as np
+
+    return _replace_atomic(path, lambda f: np.savez(f, **arrays))
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write `text` (UTF-8) to `path` atomically."""
+    return _replace_atomic(path, lambda f: f.write(text.encode()))

@@ -14,7 +14,6 @@ Files are read with np.load(allow_pickle=False).
 from __future__ import annotations
 
 import hashlib
-import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ard.atomic import write_npz_atomic
 from ard.data.digits import load_digits_split, to_uint8
 from ard.metrics.features import FeatureExtractor, check_images, extract, nhwc_to_nchw
 from ard.metrics.fid import FeatureStats
@@ -43,16 +43,6 @@ def images_digest(images: torch.Tensor) -> str:
     h = hashlib.sha256(str(tuple(images.shape)).encode())
     h.update(images.contiguous().numpy().tobytes())
     return h.hexdigest()
-
-
-def _write_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _read_cache(path: Path, extractor_id: str, data_id: str) -> Reference:
@@ -80,7 +70,7 @@ def reference_from_images(images: torch.Tensor, extractor: FeatureExtractor, cac
     features, _ = extract(images, extractor, batch_size)  # (n, D)
     stats = FeatureStats.of(features)
     if path is not None:
-        _write_npz_atomic(path, format=np.array(CACHE_FORMAT), extractor=np.array(extractor.identity),
+        write_npz_atomic(path, format=np.array(CACHE_FORMAT), extractor=np.array(extractor.identity),
                           data=np.array(data_id), mu=stats.mu.numpy(), sigma=stats.sigma.numpy(),
                           n=np.array(stats.n), features=features.numpy())
     return Reference(stats, features, f"{extractor.identity}/{data_id[:16]}")

@@ -1,0 +1,51 @@
+"""Class agreement of a digits teacher: the share of its samples the shipped digit classifier assigns to
+the class they were asked for, at several guidance scales (DDIM, K steps, leading spacing). Prints JSON.
+
+    python scripts/bench_teacher.py [--teacher ard/assets/digits_teacher] [--num-samples 1000] [--guidance 1.5 2 3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from ard.data.digits import to_uint8
+from ard.diffusion import ddim_sample, trajectory_inputs
+from ard.metrics.classifier import load_digit_classifier
+from ard.teacher import DIGITS_TEACHER, load_teacher
+
+
+def class_agreement(teacher, classifier, num_samples: int, guidance: float, steps: int, seed: int) -> dict:
+    noise, _ = trajectory_inputs(seed, range(num_samples), (1, 8, 8), 10)
+    labels = torch.arange(num_samples) % 10  # balanced: num_samples / 10 per class
+    start = time.perf_counter()
+    final = torch.cat([ddim_sample(teacher, n, y, steps, guidance, save_indices=[steps], clip_sample=True).states[:, -1]
+                       for n, y in zip(noise.split(500), labels.split(500))])  # (N, 1, 8, 8)
+    seconds = time.perf_counter() - start
+    with torch.no_grad():
+        predicted = classifier(to_uint8(final)).argmax(dim=1)  # (N,)
+    per_class = [float((predicted[labels == c] == c).float().mean()) for c in range(10)]
+    return {"guidance_scale": guidance, "steps": steps, "num_samples": num_samples,
+            "class_agreement": float((predicted == labels).float().mean()), "per_class": per_class,
+            "sec_per_image": seconds / num_samples}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teacher", default=str(DIGITS_TEACHER))
+    parser.add_argument("--num-samples", type=int, default=1000)
+    parser.add_argument("--guidance", type=float, nargs="+", default=[1.5, 2.0, 3.0])
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--seed", type=int, default=1234)
+    args = parser.parse_args()
+    teacher = load_teacher(args.teacher)
+    classifier, config = load_digit_classifier()
+    rows = [class_agreement(teacher, classifier, args.num_samples, w, args.steps, args.seed) for w in args.guidance]
+    print(json.dumps({"teacher": args.teacher, "classifier_val_accuracy": config.get("val_accuracy"),
+                      "results": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
