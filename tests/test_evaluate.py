@@ -33,5 +33,5 @@ def test_evaluate_tiny_run_writes_full_report(tmp_path):
     assert math.isfinite(student["mse_vs_teacher"]) and student["mse_vs_teacher"] > 0
     assert 0 < student["gflops_per_image"] < two_step["gflops_per_image"]  # 2 passes against 2 x 2 (CFG)
     table = (tmp_path / "out" / "report.md").read_text()
-    assert table.count("\n| ") == 4 and (tmp_path / "out" / "samples.png").exists()
+    assert table.count("\n| ") == 3 and (tmp_path / "out" / "samples.png").exists()
     assert list((tmp_path / "cache").glob("eval_set-*.npz"))  # the teacher's samples are cached
