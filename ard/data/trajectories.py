@@ -1,0 +1,160 @@
+"""The teacher's trajectories, read from the store, as batches for an S-step student.
+
+A batch is a dict:
+    "states":    (B, S+1, C, H, W) float32  the teacher's states at the student's boundaries tau_0..tau_S
+                                            (index 0 the noise x_T, index S the final sample)
+    "timesteps": (B, S+1) int64             their grid timesteps (the last is CLEAN = -1)
+    "labels":    (B,) int64
+    "index":     (B,) int64                 trajectory indices
+    "x0":        (B, S+1, C, H, W) float32  the teacher's x0-predictions (only with with_x0=True)
+The boundaries are the teacher grid indices s * K / S, s = 0..S; each must be a saved grid index of the store.
+
+Whole batches are gathered from the memory-mapped shards: a sampler yields sorted index arrays (one per
+batch) and the dataset reads each array with one fancy-index per touched shard. Split: the last `val_count`
+trajectories are validation, the rest training. DDP: every rank draws the same seeded permutation per epoch
+and takes every world_size-th batch of it (training batches are all full; the tail that does not fill a
+global batch is left out that epoch); validation is split into equal contiguous parts.
+"""
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from ard.store.format import MANIFEST, StoreError, TrajectoryStore, to_float32
+
+
+def student_boundaries(store: TrajectoryStore, student_steps: int) -> list[int]:
+    """Grid indices s * K / S (s = 0..S) of an S-step student; StoreError when the store cannot serve S."""
+    path = store.root / MANIFEST
+    k = store.manifest["solver"]["num_steps"]
+    if student_steps < 1 or k % student_steps:
+        raise StoreError(f"{path}: field 'solver.num_steps' is K={k}; student_steps={student_steps} must divide it")
+    boundaries = [s * k // student_steps for s in range(student_steps + 1)]
+    missing = [b for b in boundaries if b not in store.grid_indices]
+    if missing:
+        raise StoreError(f"{path}: field 'grid.indices' {store.grid_indices} lacks {missing}, needed by a "
+                         f"{student_steps}-step student (boundaries {boundaries})")
+    return boundaries
+
+
+class StudentBatches(Dataset):
+    """dataset[indices] -> one whole batch (see the module docstring) for a sorted int64 index array."""
+
+    def __init__(self, store: TrajectoryStore, boundaries: list[int], with_x0: bool, check_finite: bool):
+        self.store, self.with_x0, self.check_finite = store, with_x0, check_finite
+        self.positions = [store.grid_indices.index(b) for b in boundaries]  # positions in the saved grid
+        self.timesteps = torch.tensor([store.grid_timesteps[p] for p in self.positions])  # (S+1,)
+
+    def __len__(self) -> int:
+        return self.store.num_trajectories
+
+    def __getitem__(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
+        batch = {"index": torch.from_numpy(np.asarray(indices, dtype=np.int64))}  # (B,)
+        for field in ("states", "x0") if self.with_x0 else ("states",):
+            batch[field] = to_float32(self.store.read(indices, self.positions, field), self.store.dtype)  # (B, S+1, C, H, W)
+            if self.check_finite and not bool(torch.isfinite(batch[field]).all()):
+                bad = int(batch["index"][~torch.isfinite(batch[field]).flatten(1).all(dim=1)][0])
+                raise StoreError(f"{self.store.root}: {field} of trajectory {bad} holds NaN or inf "
+                                 f"(run `ard-store verify {self.store.root}`)")
+        batch["labels"] = torch.from_numpy(self.store.labels[indices])  # (B,)
+        batch["timesteps"] = self.timesteps.expand(len(indices), -1).clone()  # (B, S+1)
+        return batch
+
+
+class BatchIndexSampler(DistributedSampler):
+    """Yields this rank's batches as sorted int64 index arrays (a DistributedSampler, so Lightning keeps it).
+
+    shuffle=True: a permutation seeded by (seed, epoch), the same on every rank; rank r takes batches
+    r, r + W, ... of it; only full batches (drop_last). shuffle=False: the indices in order, split into W equal
+    contiguous parts (the remainder of len(indices) / W is left out), last batch possibly short.
+    """
+
+    def __init__(self, indices: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0, num_replicas: int = 1,
+                 rank: int = 0):
+        super().__init__(indices, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=shuffle)
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.batch_size = batch_size
+
+    def _batches(self) -> np.ndarray | list[np.ndarray]:
+        n, b, w = len(self.indices), self.batch_size, self.num_replicas
+        if self.shuffle:
+            order = self.indices[np.random.default_rng([self.seed, self.epoch]).permutation(n)]  # (n,)
+            per_rank = n // (b * w)
+            return order[: per_rank * b * w].reshape(per_rank, w, b)[:, self.rank]  # (per_rank, B)
+        part = self.indices[self.rank * (n // w): (self.rank + 1) * (n // w)]
+        return [part[a: a + b] for a in range(0, len(part), b)]
+
+    def __iter__(self):
+        return (np.sort(batch) for batch in self._batches())
+
+    def __len__(self) -> int:
+        n, b, w = len(self.indices), self.batch_size, self.num_replicas
+        return n // (b * w) if self.shuffle else -(-(n // w) // b)
+
+
+class TrajectoryDataModule(L.LightningDataModule):
+    """A trajectory store (ard.store) as batches of an S-step student; checks the store when opened."""
+
+    def __init__(self, path: str, student_steps: int, batch_size: int = 64, val_count: int = 512, seed: int = 0,
+                 num_workers: int = 0, with_x0: bool = False, check_finite: bool = True):
+        """
+        Args:
+            path: the store directory (written by `ard predict -c configs/<setting>/trajectories.yaml`).
+            student_steps: S; the boundaries are the grid indices s * K / S, which the store must hold.
+            batch_size: trajectories per batch (per process under DDP).
+            val_count: trajectories held out for validation (the last val_count indices of the store).
+            seed: seed of the training shuffle (a new permutation every epoch: (seed, epoch)).
+            num_workers: DataLoader worker processes (each reads whole batches from the memory map).
+            with_x0: also yield the teacher's x0-predictions ("x0"); the store must have them.
+            check_finite: raise when a batch holds NaN / inf (cheap; `ard-store verify` checks everything).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.path = path
+        self.student_steps = student_steps
+        self.store = TrajectoryStore(path)
+        self.manifest = self.store.manifest
+        self.boundaries = student_boundaries(self.store, student_steps)  # grid indices tau_0..tau_S
+        self.timesteps = [self.store.grid_timesteps[self.store.grid_indices.index(b)] for b in self.boundaries]
+        if with_x0 and not self.store.has_x0:
+            raise StoreError(f"{self.store.root / MANIFEST}: field 'state.x0' is false; with_x0=True needs a store "
+                             "made with with_x0: true")
+        if not 0 <= val_count < self.store.num_trajectories:
+            raise StoreError(f"{self.store.root / MANIFEST}: field 'num_trajectories' is "
+                             f"{self.store.num_trajectories}; val_count={val_count} must be smaller")
+
+    def check_compatible(self, state_shape: tuple, num_classes: int) -> None:
+        """One-line ValueError naming the store and field when it was made for another shape or class count."""
+        path = self.store.root / MANIFEST
+        if tuple(state_shape) != self.store.state_shape:
+            raise StoreError(f"{path}: field 'state.shape' is {list(self.store.state_shape)}, the student needs "
+                             f"{list(state_shape)}")
+        if int(num_classes) != self.manifest["num_classes"]:
+            raise StoreError(f"{path}: field 'num_classes' is {self.manifest['num_classes']}, the student needs "
+                             f"{num_classes}")
+
+    def setup(self, stage: str | None = None) -> None:
+        n, val = self.store.num_trajectories, self.hparams.val_count
+        self.train_indices = np.arange(0, n - val, dtype=np.int64)
+        self.val_indices = np.arange(n - val, n, dtype=np.int64)
+        self.dataset = StudentBatches(self.store, self.boundaries, self.hparams.with_x0, self.hparams.check_finite)
+
+    def _loader(self, indices: np.ndarray, shuffle: bool) -> DataLoader:
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = BatchIndexSampler(indices, self.hparams.batch_size, shuffle, self.hparams.seed, world, rank)
+        if shuffle and len(sampler) == 0:
+            raise StoreError(f"{self.store.root}: {len(indices)} training trajectories make no full batch of "
+                             f"{self.hparams.batch_size} x {world} processes")
+        workers = self.hparams.num_workers
+        cuda = trainer is not None and trainer.strategy.root_device.type == "cuda"
+        return DataLoader(self.dataset, sampler=sampler, batch_size=None, num_workers=workers,
+                          persistent_workers=workers > 0, pin_memory=cuda)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_indices, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_indices, shuffle=False)

@@ -1,0 +1,126 @@
+"""Teacher trajectory precompute: `predict_step` runs the teacher's DDIM + CFG on one store shard.
+
+Used with `ard.store.jobs.StoreShards` (the shards still to compute, as predict batches) and
+`ard.store.writer.TrajectoryStoreWriter` (writes each shard atomically and keeps the manifest):
+`ard predict -c configs/digits/trajectories.yaml`.
+
+Determinism: trajectory i's noise and label are functions of (seed, i) alone (`trajectory_inputs`), and a
+shard is always computed as the same micro-batches of `micro_batch_size` consecutive indices, whatever the
+number of processes; float results depend on batch composition, so this fixes them (on the same hardware
+and software) for any DDP world size and any sequence of interruptions.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import lightning as L
+import torch
+
+from ard.diffusion import TimestepSpacing, ddim_grid, ddim_sample, make_scheduler, trajectory_inputs
+from ard.teacher import DIGITS_TEACHER, NUMERICS_KEY, load_teacher, num_classes
+
+
+def teacher_hashes(model: torch.nn.Module) -> dict[str, str]:
+    """sha256 of the teacher's weights (state dict: names, dtypes, shapes, bytes, in name order) and of its
+    config (diffusers config without private keys such as the path it was loaded from)."""
+    weights = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        weights.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        weights.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    config = {k: v for k, v in dict(model.config).items() if not k.startswith("_") or k == NUMERICS_KEY}
+    config_bytes = json.dumps(config, sort_keys=True, default=str).encode()
+    return {"weights_sha256": weights.hexdigest(), "config_sha256": hashlib.sha256(config_bytes).hexdigest()}
+
+
+class PrecomputeTrajectories(L.LightningModule):
+    """Samples the teacher's DDIM (eta = 0) + CFG trajectories of one store shard per predict batch."""
+
+    def __init__(self, teacher: str = str(DIGITS_TEACHER), teacher_size: str | None = None, num_steps: int = 24,
+                 timestep_spacing: TimestepSpacing = "leading", guidance_scale: float = 2.0,
+                 clip_sample: bool = False, save_indices: list[int] | None = None, with_x0: bool = False,
+                 seed: int = 0, micro_batch_size: int = 256):
+        """
+        Args:
+            teacher: the teacher DiT (a diffusers directory or an official DiT checkpoint, see
+                `ard.teacher.load_teacher`).
+            teacher_size: key of ard.teacher.DIT_SIZES; required for single-file checkpoints.
+            num_steps: K, the teacher's DDIM steps (the grid has K + 1 states, the last one clean).
+            timestep_spacing: DDIM timestep spacing ("leading": see ard.diffusion for why K = 24 needs it).
+            guidance_scale: classifier-free guidance scale w (Ho & Salimans 2022, eq. 6; 1 = no guidance).
+            clip_sample: clip the x0-prediction to [-1, 1] in every DDIM step (pixel-space teachers).
+            save_indices: grid indices (0..K) of the saved states; None: all K + 1. Must include 0 (the noise
+                x_T) and K (the final sample).
+            with_x0: also save the teacher's x0-prediction at every saved state.
+            seed: trajectory i's noise and label depend only on (seed, i).
+            micro_batch_size: trajectories per teacher forward (x2 with CFG). Part of the store's identity:
+                float results depend on batch composition.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.grid = ddim_grid(num_steps, timestep_spacing)  # K + 1 timesteps, last = CLEAN; refuses bad spacings
+        self.save_indices = list(range(num_steps + 1)) if save_indices is None else sorted(set(save_indices))
+        if self.save_indices[0] != 0 or self.save_indices[-1] != num_steps:
+            raise ValueError(f"save_indices must lie in [0, {num_steps}] and include 0 (the noise) and {num_steps} "
+                             f"(the final sample); got {save_indices}")
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be at least 1, got {micro_batch_size}")
+        self.teacher = load_teacher(teacher, teacher_size)
+        self.teacher.requires_grad_(False)
+        self.hashes = teacher_hashes(self.teacher)
+        cfg = self.teacher.config
+        self.state_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)  # (C, H, W)
+
+    def store_identity(self) -> dict:
+        """The manifest fields this module decides (see ard.store.format.new_manifest)."""
+        hp = self.hparams
+        scheduler = make_scheduler(hp.timestep_spacing, clip_sample=hp.clip_sample).config
+        return dict(
+            teacher={"path": hp.teacher, **self.hashes},
+            solver={"name": "ddim", "eta": 0.0, "num_steps": hp.num_steps, "timestep_spacing": hp.timestep_spacing,
+                    "guidance_scale": hp.guidance_scale, "clip_sample": hp.clip_sample,
+                    "prediction_type": scheduler.prediction_type, "num_train_timesteps": scheduler.num_train_timesteps,
+                    "beta_schedule": scheduler.beta_schedule, "beta_start": scheduler.beta_start,
+                    "beta_end": scheduler.beta_end, "precision": str(self.trainer.precision)},
+            grid_indices=self.save_indices,
+            grid_timesteps=[self.grid[i] for i in self.save_indices],
+            state_shape=self.state_shape,
+            with_x0=hp.with_x0,
+            num_classes=num_classes(self.teacher),
+            seed=hp.seed,
+            micro_batch_size=hp.micro_batch_size,
+        )
+
+    def setup(self, stage: str) -> None:
+        from ard.store.writer import TrajectoryStoreWriter
+
+        if not any(isinstance(c, TrajectoryStoreWriter) for c in self.trainer.callbacks):
+            raise ValueError(f"{type(self).__name__} needs the callback ard.store.writer.TrajectoryStoreWriter in "
+                             "trainer.callbacks (nothing would be written)")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict | None:
+        """batch: one shard {"shard", "start", "count"} (count 0: padding for a rank with no work left).
+
+        Returns the shard's "index" (n,), "labels" (n,), "states" (n, G, C, H, W) [and "x0"], on the CPU.
+        """
+        if batch["count"] == 0:
+            return None
+        hp = self.hparams
+        start, stop = int(batch["start"]), int(batch["start"]) + int(batch["count"])
+        states, x0s, labels = [], [], []
+        for a in range(start, stop, hp.micro_batch_size):  # the fixed micro-batch layout of the shard
+            idx = range(a, min(a + hp.micro_batch_size, stop))
+            noise, y = trajectory_inputs(hp.seed, idx, self.state_shape, num_classes(self.teacher))  # (m, C, H, W), (m,)
+            traj = ddim_sample(self.teacher, noise.to(self.device), y.to(self.device), hp.num_steps,
+                               hp.guidance_scale, hp.timestep_spacing, self.save_indices, return_x0=hp.with_x0,
+                               clip_sample=hp.clip_sample)
+            states.append(traj.states.float().cpu())  # (m, G, C, H, W)
+            if hp.with_x0:
+                x0s.append(traj.x0.float().cpu())  # (m, G, C, H, W)
+            labels.append(y)
+        out = {"shard": int(batch["shard"]), "index": torch.arange(start, stop), "labels": torch.cat(labels),
+               "states": torch.cat(states)}  # states: (n, G, C, H, W)
+        if hp.with_x0:
+            out["x0"] = torch.cat(x0s)  # (n, G, C, H, W)
+        return out

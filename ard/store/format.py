@@ -1,0 +1,515 @@
+"""The trajectory store on disk: manifest, shards, atomic shard writes, consolidation, verification, reading.
+
+Layout (format "ard-trajectory-store", version 1; docs/store.md is the full description):
+
+    DIR/manifest.json                       what the store holds and how it was made (JSON)
+    DIR/shards/shard-000000/states.npy      (n, G, C, H, W) the teacher's states at the G saved grid indices
+    DIR/shards/shard-000000/x0.npy          (n, G, C, H, W) its x0-predictions (only when state.x0 is true)
+    DIR/shards/shard-000000/labels.npy      (n,) int64 class labels
+    DIR/shards/shard-000000/index.npy       (n,) int64 trajectory indices (start .. start + n - 1)
+    DIR/shards/shard-000000/shard.json      the shard's sidecar: store_id, start, count, per-file sha256/bytes
+
+Shard k holds the consecutive trajectories [k * shard_size, min((k + 1) * shard_size, num_trajectories)).
+A shard directory is written under a temporary name and renamed into place once all its files (and the
+sidecar) are fsynced, so a shard directory that exists is complete. The shard directories are the source
+of truth; the manifest's `shards` list is a consolidated copy that the writer's rank 0 refreshes at the
+end of every run (`consolidate`). bfloat16 states are stored as their raw bits ('<u2'; numpy has no
+bfloat16), every other dtype as itself.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Literal, Sequence, get_args
+
+import numpy as np
+import torch
+
+FORMAT = "ard-trajectory-store"
+VERSION = 1
+MANIFEST = "manifest.json"
+SIDECAR = "shard.json"
+StoreDtype = Literal["float16", "bfloat16", "float32"]
+NUMPY_DTYPE: dict[str, str] = {"float16": "<f2", "bfloat16": "<u2", "float32": "<f4"}  # as written in the .npy
+TORCH_DTYPE: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+FINITE_CHUNK = 1024  # trajectories converted at a time when checking for NaN / inf
+STATE_FIELDS = ("states", "x0")  # (n, G, C, H, W) arrays of a shard; x0 only when the store has it
+# Manifest fields that do not decide the store's contents (everything else does, and is hashed into store_id).
+INFO_FIELDS = ("store_id", "created", "config", "shards", "complete")
+INFO_SUBFIELDS = {"teacher": ("path",)}
+
+
+class StoreError(ValueError):
+    """A one-line error naming the store file and field at fault."""
+
+
+# ---------------------------------------------------------------------------------------------- small helpers
+def shard_name(shard: int) -> str:
+    return f"shard-{shard:06d}"
+
+
+def shard_dir(root: str | Path, shard: int) -> Path:
+    return Path(root) / "shards" / shard_name(shard)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to a temporary file beside `path`, fsync, rename over `path`, fsync the directory."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        obj = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise StoreError(f"{path}: missing ({what})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StoreError(f"{path}: not readable JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict):
+        raise StoreError(f"{path}: expected a JSON object, found {type(obj).__name__}")
+    return obj
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def identity(manifest: dict) -> dict:
+    """The manifest fields that decide the store's contents (two runs may fill one store iff these agree)."""
+    out = {k: v for k, v in manifest.items() if k not in INFO_FIELDS}
+    for key, drop in INFO_SUBFIELDS.items():
+        if isinstance(out.get(key), dict):
+            out[key] = {k: v for k, v in out[key].items() if k not in drop}
+    return out
+
+
+def store_id(manifest: dict) -> str:
+    return hashlib.sha256(_canonical(identity(manifest))).hexdigest()
+
+
+def _first_difference(a: Any, b: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
+    """The dotted name of the first field where two JSON values differ, with both values."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            found = _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
+            if found:
+                return found
+        return None
+    return None if a == b else (prefix.rstrip("."), a, b)
+
+
+# ---------------------------------------------------------------------------------------------- manifest
+def new_manifest(*, teacher: dict, solver: dict, grid_indices: Sequence[int], grid_timesteps: Sequence[int],
+                 state_shape: Sequence[int], dtype: StoreDtype, with_x0: bool, num_classes: int,
+                 num_trajectories: int, shard_size: int, seed: int, micro_batch_size: int,
+                 created: dict | None = None, config: dict | None = None) -> dict:
+    """A fresh manifest (no shards yet). Raises StoreError for values no store can have."""
+    if dtype not in get_args(StoreDtype):
+        raise StoreError(f"dtype must be one of {get_args(StoreDtype)}, got {dtype!r}")
+    for name, value in (("num_trajectories", num_trajectories), ("shard_size", shard_size),
+                        ("micro_batch_size", micro_batch_size), ("num_classes", num_classes)):
+        if int(value) < 1:
+            raise StoreError(f"{name} must be at least 1, got {value}")
+    if len(grid_indices) != len(grid_timesteps) or len(grid_indices) < 2:
+        raise StoreError(f"grid: {len(grid_indices)} indices and {len(grid_timesteps)} timesteps (need >= 2, equal)")
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "teacher": dict(teacher),
+        "solver": dict(solver),
+        "grid": {"indices": [int(i) for i in grid_indices], "timesteps": [int(t) for t in grid_timesteps]},
+        "state": {"shape": [int(s) for s in state_shape], "dtype": dtype, "numpy_dtype": NUMPY_DTYPE[dtype],
+                  "x0": bool(with_x0)},
+        "num_classes": int(num_classes),
+        "num_trajectories": int(num_trajectories),
+        "shard_size": int(shard_size),
+        "num_shards": math.ceil(int(num_trajectories) / int(shard_size)),
+        "micro_batch_size": int(micro_batch_size),
+        "seed": int(seed),
+        "created": created or {},
+        "config": config or {},
+        "shards": [],
+        "complete": False,
+    }
+    manifest["store_id"] = store_id(manifest)
+    return manifest
+
+
+REQUIRED = {"format": str, "version": int, "store_id": str, "teacher": dict, "solver": dict, "grid": dict,
+            "state": dict, "num_classes": int, "num_trajectories": int, "shard_size": int, "num_shards": int,
+            "micro_batch_size": int, "seed": int, "shards": list, "complete": bool}
+
+
+def read_manifest(root: str | Path) -> dict:
+    """Parse and check DIR/manifest.json; StoreError naming the file and field when it is not a valid one."""
+    path = Path(root) / MANIFEST
+    if not Path(root).is_dir():
+        raise StoreError(f"{root}: not a directory (no trajectory store here)")
+    m = _read_json(path, "not a trajectory store, or the precompute never started")
+    if m.get("format") != FORMAT:
+        raise StoreError(f"{path}: field 'format' is {m.get('format')!r}, expected {FORMAT!r}")
+    if m.get("version") != VERSION:
+        raise StoreError(f"{path}: field 'version' is {m.get('version')!r}; this ard reads version {VERSION}")
+    for key, kind in REQUIRED.items():
+        if not isinstance(m.get(key), kind) or (kind is int and isinstance(m.get(key), bool)):
+            raise StoreError(f"{path}: field {key!r} missing or not a {kind.__name__}")
+    grid, state = m["grid"], m["state"]
+    if not (isinstance(grid.get("indices"), list) and isinstance(grid.get("timesteps"), list)
+            and len(grid["indices"]) == len(grid["timesteps"]) >= 2):
+        raise StoreError(f"{path}: field 'grid' needs equal-length lists 'indices' and 'timesteps' (>= 2)")
+    if state.get("dtype") not in NUMPY_DTYPE or state.get("numpy_dtype") != NUMPY_DTYPE.get(state.get("dtype")):
+        raise StoreError(f"{path}: field 'state.dtype' is {state.get('dtype')!r} / numpy_dtype "
+                         f"{state.get('numpy_dtype')!r}; expected one of {list(NUMPY_DTYPE)} with its numpy dtype")
+    if not (isinstance(state.get("shape"), list) and len(state["shape"]) == 3):
+        raise StoreError(f"{path}: field 'state.shape' must be [C, H, W], got {state.get('shape')!r}")
+    if m["num_shards"] != math.ceil(m["num_trajectories"] / max(m["shard_size"], 1)):
+        raise StoreError(f"{path}: field 'num_shards' is {m['num_shards']}, but num_trajectories="
+                         f"{m['num_trajectories']} / shard_size={m['shard_size']} needs "
+                         f"{math.ceil(m['num_trajectories'] / max(m['shard_size'], 1))}")
+    if m["store_id"] != store_id(m):
+        raise StoreError(f"{path}: field 'store_id' does not match the manifest's contents (edited by hand?)")
+    return m
+
+
+def shard_span(manifest: dict, shard: int) -> tuple[int, int]:
+    """(start, count) of a shard: consecutive trajectory indices, the last shard possibly shorter."""
+    start = shard * manifest["shard_size"]
+    return start, min(manifest["shard_size"], manifest["num_trajectories"] - start)
+
+
+def check_output(root: str | Path, manifest: dict) -> dict | None:
+    """Check that DIR can receive `manifest`'s store, touching nothing: returns the existing manifest (the same
+    store: resume) or None (DIR missing or empty, and writable); StoreError naming the file and field when DIR
+    holds another store, other files, or cannot be written. Every process calls it, so all raise alike."""
+    root = Path(root)
+    path = root / MANIFEST
+    if root.exists() and not root.is_dir():
+        raise StoreError(f"{root}: output path exists and is not a directory")
+    if path.exists():
+        existing = read_manifest(root)
+        diff = _first_difference(identity(existing), identity(manifest))
+        if diff:
+            field, old, new = diff
+            raise StoreError(f"{path}: field {field!r} is {json.dumps(old)} in the existing store but this run "
+                             f"has {json.dumps(new)}: a different store; choose another output directory")
+        return existing
+    if root.exists():
+        others = [p.name for p in root.iterdir() if not p.name.startswith(f".{MANIFEST}.tmp")]
+        if others:
+            raise StoreError(f"{root}: output directory is not empty and holds no {MANIFEST} (found "
+                             f"{sorted(others)[0]!r}); refusing to write a store into it")
+    probe = next(p for p in (root, *root.parents) if p.exists())
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        raise StoreError(f"{root}: cannot write the store ({probe} is not a writable directory)")
+    return None
+
+
+def create_store(root: str | Path, manifest: dict) -> None:
+    """Make DIR and DIR/shards and write the manifest atomically (after `check_output` returned None)."""
+    root = Path(root)
+    try:
+        (root / "shards").mkdir(parents=True, exist_ok=True)
+        write_json_atomic(root / MANIFEST, manifest)
+    except OSError as e:
+        raise StoreError(f"{root}: cannot write the store ({e.strerror or type(e).__name__})") from None
+
+
+# ---------------------------------------------------------------------------------------------- shards
+def read_sidecar(root: str | Path, manifest: dict, shard: int) -> dict | None:
+    """The sidecar of a complete shard (None when the shard is not there); StoreError when it belongs to
+    another store or disagrees with the manifest's geometry."""
+    path = shard_dir(root, shard) / SIDECAR
+    if not path.exists():
+        return None
+    side = _read_json(path, "shard sidecar")
+    if side.get("store_id") != manifest["store_id"]:
+        raise StoreError(f"{path}: field 'store_id' is {side.get('store_id')!r}, the manifest's is "
+                         f"{manifest['store_id']!r}: the shard belongs to another store")
+    start, count = shard_span(manifest, shard)
+    for key, want in (("shard", shard), ("start", start), ("count", count)):
+        if side.get(key) != want:
+            raise StoreError(f"{path}: field {key!r} is {side.get(key)!r}, the manifest needs {want}")
+    if not isinstance(side.get("files"), dict) or not {"states.npy", "labels.npy", "index.npy"} <= set(side["files"]):
+        raise StoreError(f"{path}: field 'files' must list states.npy, labels.npy and index.npy")
+    return side
+
+
+def completed_shards(root: str | Path, manifest: dict) -> dict[int, dict]:
+    """{shard: sidecar} of the shards complete on disk (the source of truth for resuming and reading)."""
+    out = {}
+    for k in range(manifest["num_shards"]):
+        side = read_sidecar(root, manifest, k)
+        if side is not None:
+            out[k] = side
+    return out
+
+
+class _HashingFile:
+    """A write-only file wrapper that hashes what passes through (np.save writes through it)."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.bytes = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.bytes += len(memoryview(data).cast("B"))
+        return self.f.write(data)
+
+
+def to_numpy(tensor: torch.Tensor, dtype: StoreDtype) -> np.ndarray:
+    """A tensor as the store writes it: cast to `dtype`; bfloat16 as its raw bits ('<u2')."""
+    t = tensor.detach().to("cpu", TORCH_DTYPE[dtype]).contiguous()
+    return t.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else t.numpy()
+
+
+def to_float32(array: np.ndarray, dtype: StoreDtype) -> torch.Tensor:
+    """Stored states (a numpy array in the store's numpy dtype) as a float32 tensor."""
+    array = np.ascontiguousarray(array) if array.flags.writeable else np.array(array)  # memmaps are read-only
+    if dtype == "bfloat16":
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16).float()
+    return torch.from_numpy(array).float()
+
+
+def write_shard(root: str | Path, manifest: dict, shard: int, arrays: dict[str, np.ndarray]) -> dict:
+    """Write one complete shard atomically and return its sidecar.
+
+    arrays: "states" (n, G, C, H, W) [+ "x0"] in the store's numpy dtype, "labels" (n,), "index" (n,) int64.
+    The files go into DIR/shards/.shard-K.tmp (fsynced), which is renamed to DIR/shards/shard-K. A shard that
+    is already complete is left as it is (its sidecar is returned), so nothing written is ever replaced.
+    """
+    root = Path(root)
+    final = shard_dir(root, shard)
+    start, count = shard_span(manifest, shard)
+    check_shard_arrays(manifest, shard, arrays, f"{final} (to be written)")
+    if (final / SIDECAR).exists():
+        return read_sidecar(root, manifest, shard)
+    tmp = final.with_name(f".{final.name}.tmp")  # one writer per shard: a leftover is a killed run's
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    files = {}
+    for name in (*STATE_FIELDS, "labels", "index"):
+        if name not in arrays:
+            continue
+        with open(tmp / f"{name}.npy", "wb") as f:
+            hashing = _HashingFile(f)
+            np.lib.format.write_array(hashing, np.ascontiguousarray(arrays[name]), allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        files[f"{name}.npy"] = {"sha256": hashing.sha.hexdigest(), "bytes": hashing.bytes,
+                                "shape": list(arrays[name].shape), "dtype": arrays[name].dtype.str}
+    sidecar = {"store_id": manifest["store_id"], "shard": shard, "start": start, "count": count, "files": files}
+    write_json_atomic(tmp / SIDECAR, sidecar)
+    if final.exists():  # a directory without a sidecar cannot come from us; keep it out of the way, not lost
+        final.rename(final.with_name(f".{final.name}.stale-{os.getpid()}"))
+    tmp.rename(final)
+    fsync_dir(final.parent)
+    return sidecar
+
+
+def check_shard_arrays(manifest: dict, shard: int, arrays: dict[str, np.ndarray], where: str,
+                       deep: bool = True) -> None:
+    """A shard's arrays against the manifest: shapes, dtypes and index range; with `deep` (reads every
+    byte) also every index, the label range and finite states."""
+    start, count = shard_span(manifest, shard)
+    state = manifest["state"]
+    want = (count, len(manifest["grid"]["indices"]), *state["shape"])
+    fields = STATE_FIELDS if state["x0"] else STATE_FIELDS[:1]
+    if "x0" in arrays and not state["x0"]:
+        raise StoreError(f"{where}: x0 given but the manifest says state.x0=false")
+    for name in fields:
+        a = arrays.get(name)
+        if a is None:
+            raise StoreError(f"{where}: {name} missing (the manifest says state.x0={state['x0']})")
+        if tuple(a.shape) != want or a.dtype.str != state["numpy_dtype"]:
+            raise StoreError(f"{where}: {name} has shape {tuple(a.shape)} dtype {a.dtype.str}, the manifest "
+                             f"needs {want} {state['numpy_dtype']}")
+        for a0 in range(0, count, FINITE_CHUNK) if deep else ():
+            chunk = to_float32(a[a0:a0 + FINITE_CHUNK], state["dtype"]).flatten(1)  # (m, G*C*H*W)
+            finite = torch.isfinite(chunk).all(dim=1).numpy()  # (m,)
+            if not finite.all():
+                raise StoreError(f"{where}: {name} of trajectory {start + a0 + int(np.flatnonzero(~finite)[0])} "
+                                 "holds NaN or inf")
+    for name in ("labels", "index"):
+        a = arrays.get(name)
+        if a is None or a.shape != (count,) or a.dtype.str != "<i8":
+            raise StoreError(f"{where}: {name} must be ({count},) int64, got "
+                             f"{None if a is None else (tuple(a.shape), a.dtype.str)}")
+    index = arrays["index"]
+    if count and (int(index[0]) != start or int(index[-1]) != start + count - 1 or
+                  (deep and not np.array_equal(index, np.arange(start, start + count)))):
+        raise StoreError(f"{where}: index is not {start}..{start + count - 1}")
+    labels = arrays["labels"]
+    if deep and count and (labels.min() < 0 or labels.max() >= manifest["num_classes"]):
+        raise StoreError(f"{where}: labels outside [0, {manifest['num_classes']})")
+
+
+def consolidate(root: str | Path) -> dict:
+    """Refresh the manifest's `shards` list and `complete` flag from the shard sidecars on disk (one process)."""
+    manifest = read_manifest(root)
+    done = completed_shards(root, manifest)
+    shards = [{k: v for k, v in done[i].items() if k != "store_id"} for i in sorted(done)]
+    complete = len(done) == manifest["num_shards"]
+    if shards != manifest["shards"] or complete != manifest["complete"]:
+        manifest = {**manifest, "shards": shards, "complete": complete}
+        write_json_atomic(Path(root) / MANIFEST, manifest)
+    return manifest
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
+def stored_bytes(sidecars: dict[int, dict] | list[dict]) -> int:
+    values = sidecars.values() if isinstance(sidecars, dict) else sidecars
+    return sum(f["bytes"] for side in values for f in side["files"].values())
+
+
+# ---------------------------------------------------------------------------------------------- verify
+def verify_shard(root: str | Path, manifest: dict, shard: int) -> None:
+    """Check one shard completely (sidecar, manifest entry, sizes, sha256, shapes, dtypes, indices, labels,
+    finite values); StoreError naming the file and field of the first problem."""
+    side = read_sidecar(root, manifest, shard)
+    d = shard_dir(root, shard)
+    if side is None:
+        raise StoreError(f"{d}: shard missing (store incomplete: re-run the precompute command)")
+    listed = {e["shard"]: e for e in manifest["shards"] if isinstance(e, dict) and "shard" in e}
+    if shard in listed and listed[shard] != {k: v for k, v in side.items() if k != "store_id"}:
+        field = _first_difference(listed[shard], {k: v for k, v in side.items() if k != "store_id"})
+        raise StoreError(f"{Path(root) / MANIFEST}: shards[{shard}].{field[0]} disagrees with {d / SIDECAR}")
+    for name, meta in side["files"].items():
+        path = d / name
+        if not path.exists():
+            raise StoreError(f"{path}: missing (listed in {SIDECAR})")
+        if path.stat().st_size != meta["bytes"]:
+            raise StoreError(f"{path}: {path.stat().st_size} bytes, {SIDECAR} says {meta['bytes']} (truncated?)")
+        if sha256_file(path) != meta["sha256"]:
+            raise StoreError(f"{path}: sha256 does not match {SIDECAR} (corrupt)")
+    check_shard_arrays(manifest, shard, load_shard(root, manifest, shard, mmap=True), str(d))
+
+
+def load_shard(root: str | Path, manifest: dict, shard: int, mmap: bool = True) -> dict[str, np.ndarray]:
+    """A shard's arrays (memory-mapped by default); StoreError naming the file when one cannot be opened."""
+    d = shard_dir(root, shard)
+    names = [*(STATE_FIELDS if manifest["state"]["x0"] else STATE_FIELDS[:1]), "labels", "index"]
+    out = {}
+    for name in names:
+        path = d / f"{name}.npy"
+        try:
+            out[name] = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        except FileNotFoundError:
+            raise StoreError(f"{path}: missing") from None
+        except (ValueError, OSError, EOFError) as e:
+            raise StoreError(f"{path}: not a readable .npy ({e}) (truncated or corrupt)") from None
+    return out
+
+
+def verify(root: str | Path, progress: bool = False) -> tuple[dict, list[str]]:
+    """Check every shard; returns (manifest, one line per problem). An empty list means the store is sound."""
+    manifest = read_manifest(root)
+    problems = []
+    shards = range(manifest["num_shards"])
+    if progress:
+        from tqdm import tqdm
+
+        shards = tqdm(shards, desc="verify", unit="shard")
+    for k in shards:
+        try:
+            verify_shard(root, manifest, k)
+        except StoreError as e:
+            problems.append(str(e))
+    listed = sorted(e.get("shard") for e in manifest["shards"] if isinstance(e, dict))
+    if not problems and (listed != list(range(manifest["num_shards"])) or not manifest["complete"]):
+        problems.append(f"{Path(root) / MANIFEST}: field 'shards' lists {len(listed)} of {manifest['num_shards']} "
+                        "shards though all are on disk (not consolidated: re-run the precompute command)")
+    return manifest, problems
+
+
+# ---------------------------------------------------------------------------------------------- reading
+class TrajectoryStore:
+    """Read-only access to a complete store: memory-mapped shards, labels in memory, whole-batch gathers.
+
+    Opening checks the manifest and, per shard, the sidecar, the npy headers and file sizes (O(shards), not
+    O(bytes): `verify` reads every byte). Picklable: the memory maps are reopened in DataLoader workers.
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.manifest = m = read_manifest(self.root)
+        done = completed_shards(self.root, m)
+        if len(done) < m["num_shards"]:
+            first = min(set(range(m["num_shards"])) - set(done))
+            raise StoreError(f"{shard_dir(self.root, first)}: missing (store incomplete, {len(done)} of "
+                             f"{m['num_shards']} shards: re-run the precompute command)")
+        self.dtype: StoreDtype = m["state"]["dtype"]
+        self.has_x0 = m["state"]["x0"]
+        self.num_trajectories = m["num_trajectories"]
+        self.shard_size = m["shard_size"]
+        self.grid_indices: list[int] = m["grid"]["indices"]
+        self.grid_timesteps: list[int] = m["grid"]["timesteps"]
+        self.state_shape = tuple(m["state"]["shape"])
+        self._shards: list[dict[str, np.ndarray]] | None = None
+        shards = self._open()
+        for k, arrays in enumerate(shards):
+            d = shard_dir(self.root, k)
+            for name, meta in done[k]["files"].items():
+                if (d / name).stat().st_size != meta["bytes"]:
+                    raise StoreError(f"{d / name}: {(d / name).stat().st_size} bytes, {SIDECAR} says "
+                                     f"{meta['bytes']} (truncated or corrupt)")
+            check_shard_arrays(m, k, arrays, str(d), deep=False)
+        self.labels = np.concatenate([np.asarray(a["labels"]) for a in shards])  # (N,) int64
+
+    def _open(self) -> list[dict[str, np.ndarray]]:
+        if self._shards is None:
+            self._shards = [load_shard(self.root, self.manifest, k) for k in range(self.manifest["num_shards"])]
+        return self._shards
+
+    def __getstate__(self):
+        return {**self.__dict__, "_shards": None}
+
+    def read(self, indices: np.ndarray, positions: Sequence[int] | None = None, field: str = "states") -> np.ndarray:
+        """Gather (n, len(positions), C, H, W) from `field` for sorted trajectory `indices`, in the stored numpy
+        dtype; positions index the saved grid (default: all). One fancy-index per touched shard."""
+        shards = self._open()
+        indices = np.asarray(indices, dtype=np.int64)
+        full = positions is None or list(positions) == list(range(len(self.grid_indices)))
+        pos = np.arange(len(self.grid_indices)) if positions is None else np.asarray(positions, dtype=np.int64)
+        out = np.empty((len(indices), len(pos), *self.state_shape), dtype=NUMPY_DTYPE[self.dtype])
+        shard_of = indices // self.shard_size  # (n,)
+        cuts = np.flatnonzero(np.diff(shard_of)) + 1  # group boundaries (indices are sorted)
+        for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(indices)]):
+            mm = shards[int(shard_of[a])][field]  # (shard_size, G, C, H, W) memmap
+            rows = indices[a:b] - int(shard_of[a]) * self.shard_size  # (m,)
+            out[a:b] = mm[rows] if full else mm[rows[:, None], pos[None, :]]  # (m, len(pos), C, H, W)
+        return out
+
