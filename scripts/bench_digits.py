@@ -1,0 +1,190 @@
+"""The digits distillation benchmark: baseline (N = 0) against ARD at several student step counts and
+knob settings, each over several training seeds, all evaluated on one shared evaluation set.
+
+    python scripts/bench_digits.py [--steps 2 3 4] [--seeds 0 1 2] [--max-steps 600] [--workers 2]
+
+Runs (resumable: a finished run is skipped when the command is re-run):
+  1. the training store: `scripts/precompute_trajectories.py` (K = 24 DDIM, CFG 2, every grid state);
+  2. one `ard fit` per (variant, S, seed), `--workers` at a time with one thread each;
+  3. `ard.evaluate.evaluate` per S over every student of that S, plus the teacher at K steps and the
+     undistilled teacher at S steps (same noises and labels: a held-out seed);
+  4. aggregation over seeds (mean and sd), written to docs/results/digits_benchmark.{json,md}, a plot
+     docs/results/digits_benchmark.png, and the README's benchmark section (between its markers).
+Prints the aggregated rows as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from ard.atomic import write_text_atomic
+
+ROOT = Path(__file__).resolve().parents[1]
+# name -> `ard fit` overrides of configs/digits/ard.yaml (the knobs of ard.student.ARDStudent)
+VARIANTS: dict[str, list[str]] = {
+    "baseline": ["--model.init_args.history_blocks=0"],
+    "ard": [],
+    "ard-plain": ["--model.init_args.history_start=plain"],
+    "ard-N3": ["--model.init_args.history_blocks=3"],
+    "ard-M3": ["--model.init_args.mask=noise_and_current"],
+    "baseline-direct": ["--model.init_args.history_blocks=0", "--model.init_args.output=next_state",
+                        "--model.init_args.heads=per_step"],
+    "ard-direct": ["--model.init_args.output=next_state", "--model.init_args.heads=per_step"],
+}
+METRICS = ("fid", "fid_vs_teacher", "mse_vs_teacher", "is", "precision", "recall", "sec_per_image")
+README_MARKERS = ("<!-- digits-benchmark:start -->", "<!-- digits-benchmark:end -->")
+
+
+def run(cmd: list[str], log: Path, threads: int) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "WANDB_SILENT": "true"}
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}); see {log}")
+
+
+def fit(work: Path, store: Path, variant: str, steps: int, seed: int, max_steps: int, threads: int) -> Path:
+    run_dir = work / "runs" / f"{variant}-S{steps}-seed{seed}"
+    if not (run_dir / "student_ema" / "ard_sampling.json").exists():
+        start = time.time()
+        run([sys.executable, "-m", "ard.cli", "fit", "-c", "configs/digits/ard.yaml",
+             f"--data.init_args.path={store}", f"--data.init_args.student_steps={steps}",
+             f"--model.init_args.num_steps={steps}", f"--seed_everything={seed}",
+             f"--trainer.default_root_dir={run_dir}", f"--trainer.max_steps={max_steps}",
+             f"--trainer.val_check_interval={max_steps}", "--trainer.logger=false",
+             "--trainer.enable_progress_bar=false", *VARIANTS[variant]], run_dir.with_suffix(".log"), threads)
+        print(f"trained {run_dir.name} in {time.time() - start:.0f} s", flush=True)
+    return run_dir / "student_ema"
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Mean and sd over seeds of every metric, per (model, steps)."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((re.sub(r"-seed\d+$", "", r["model"]), r["steps"]), []).append(r)
+    out = []
+    for (model, steps), rs in groups.items():
+        row = {"model": model, "steps": steps, "nfe": rs[0]["nfe"], "seeds": len(rs)}
+        for m in METRICS:
+            values = np.array([r[m] for r in rs], dtype=float)
+            row[m], row[m + "_spread"] = float(values.mean()), float(values.std(ddof=1)) if len(rs) > 1 else 0.0
+        row["fid_vs_teacher_bootstrap_sd"] = float(np.mean([r["fid_vs_teacher_sd"] for r in rs]))
+        out.append(row)
+    return out
+
+
+def markdown(agg: list[dict], floors: dict, settings: dict) -> str:
+    lines = [f"Digits, teacher K = {settings['teacher_steps']} DDIM steps with CFG {settings['guidance_scale']}; "
+             f"{settings['num_samples']} samples per model on the same noises and labels; students trained "
+             f"{settings['max_steps']} iterations on {settings['num_trajectories']} trajectories; mean ± sd over "
+             "training seeds (the teacher rows: one run; ± for them is not shown). Same-noise MSE is per pixel in "
+             "[-1, 1] units. Reference noise floors (FID between random halves): real digits "
+             f"{floors['real']:.2f}, teacher samples {floors['teacher']:.2f}.", "",
+             "| model | steps | seeds | FID vs real | FID vs teacher | same-noise MSE | IS | precision | recall | s / image |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(agg, key=lambda r: (r["steps"] != settings["teacher_steps"], r["steps"], r["model"])):
+        def pm(m, fmt):
+            return f"{r[m]:{fmt}}" + (f" ± {r[m + '_spread']:{fmt}}" if r["seeds"] > 1 else "")
+        lines.append(f"| {r['model']} | {r['steps']} | {r['seeds']} | {pm('fid', '.2f')} | "
+                     f"{pm('fid_vs_teacher', '.2f')} | {pm('mse_vs_teacher', '.4f')} | {pm('is', '.2f')} | "
+                     f"{pm('precision', '.3f')} | {pm('recall', '.3f')} | {r['sec_per_image']:.1e} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(agg: list[dict], path: Path, teacher_steps: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    models = sorted({r["model"] for r in agg if r["steps"] != teacher_steps or not r["model"].startswith("teacher")})
+    for model in models:
+        rs = sorted([r for r in agg if r["model"] == model and r["steps"] != teacher_steps], key=lambda r: r["steps"])
+        if len(rs) > 1:
+            ax.errorbar([r["steps"] for r in rs], [r["fid_vs_teacher"] for r in rs],
+                        yerr=[r["fid_vs_teacher_spread"] for r in rs], marker="o", capsize=3, label=model)
+    ax.set_xlabel("sampling steps")
+    ax.set_ylabel("FID against the teacher's samples")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+
+
+def update_readme(table: str) -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    start, end = README_MARKERS
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        write_text_atomic(readme, head + start + "\n" + table + end + rest.split(end, 1)[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", default="runs/bench_digits", help="stores, runs and evaluation caches")
+    parser.add_argument("--steps", type=int, nargs="+", default=[2, 3, 4], help="student step counts S")
+    parser.add_argument("--variants", nargs="+", default=["baseline", "ard"], choices=list(VARIANTS))
+    parser.add_argument("--knob-variants", nargs="*", default=[], choices=list(VARIANTS),
+                        help="extra variants trained at --knob-steps only")
+    parser.add_argument("--knob-steps", type=int, default=2)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--num-trajectories", type=int, default=8192)
+    parser.add_argument("--max-steps", type=int, default=600, help="training iterations per student")
+    parser.add_argument("--num-samples", type=int, default=2000, help="evaluation set size")
+    parser.add_argument("--workers", type=int, default=2, help="students trained at once (one thread each)")
+    parser.add_argument("--results", default="docs/results", help="where the report goes")
+    args = parser.parse_args()
+
+    work = (ROOT / args.work).resolve()
+    store = work / "store"
+    start = time.time()
+    run([sys.executable, "scripts/precompute_trajectories.py", "-c", "configs/digits/trajectories.yaml",
+         "--out", str(store), "--num-trajectories", str(args.num_trajectories)], work / "precompute.log", 2)
+    jobs = [(v, s, seed) for s in args.steps for v in args.variants for seed in args.seeds]
+    jobs += [(v, args.knob_steps, seed) for v in args.knob_variants for seed in args.seeds]
+    with ThreadPoolExecutor(args.workers) as pool:
+        students = list(pool.map(lambda j: fit(work, store, *j, args.max_steps, 1), jobs))
+
+    from ard.evaluate import evaluate
+
+    rows, floors = [], {}
+    for s in sorted({j[1] for j in jobs}):
+        named = {f"{v}-seed{seed}": str(d) for (v, steps, seed), d in zip(jobs, students) if steps == s}
+        out = work / "eval" / f"S{s}"
+        evaluate(students=named, undistilled_steps=[s], num_samples=args.num_samples, out=str(out),
+                 cache_dir=str(work / "cache"), wandb=False)
+        report = json.loads((out / "report.json").read_text())
+        k = report["settings"]["teacher_steps"]  # the K-step teacher row: once, from the first evaluation
+        rows += [r for r in report["rows"] if not (rows and r["steps"] == k and r["model"].startswith("teacher"))]
+        floors = report["noise_floor"]
+    settings = {**report["settings"], "max_steps": args.max_steps, "num_trajectories": args.num_trajectories,
+                "seeds": args.seeds, "wall_seconds": time.time() - start}
+    agg = aggregate(rows)
+    results = ROOT / args.results
+    results.mkdir(parents=True, exist_ok=True)
+    table = markdown(agg, floors, settings)
+    write_text_atomic(results / "digits_benchmark.json", json.dumps(
+        {"settings": settings, "noise_floor": floors, "aggregated": agg, "runs": rows}, indent=1))
+    write_text_atomic(results / "digits_benchmark.md", table)
+    plot(agg, results / "digits_benchmark.png", settings["teacher_steps"])
+    update_readme(table)
+    print(json.dumps(agg, indent=1))
+
+
+if __name__ == "__main__":
+    main()
