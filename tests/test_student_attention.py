@@ -35,10 +35,11 @@ def reference(attn, x, mask, window, gate):
 @pytest.mark.parametrize("mask,window", [("block_causal", 1), ("noise_and_current", 1), ("window", 1),
                                          ("window", 2), ("block_diagonal", 1)])
 @pytest.mark.parametrize("gated", [False, True])
-def test_one_pass_and_cached_steps_match_explicit_attention(attn, mask, window, gated):
+@pytest.mark.parametrize("one_mask_below", [0, 10 ** 9])  # per-step calls / one masked call
+def test_one_pass_and_cached_steps_match_explicit_attention(attn, mask, window, gated, one_mask_below):
     x = torch.randn(B * S, L, HEADS * DIM)  # rows ordered (b, s)
     gate = torch.tensor([[0.3, 2.0]]) if gated else None  # (N=1, H)
-    proc = HistoryAttnProcessor(0, mask, window)
+    proc = HistoryAttnProcessor(0, mask, window, one_mask_below_tokens=one_mask_below)
     ref = reference(attn, x.view(B, S * L, -1), mask, window, None if gate is None else gate[0])
     one_pass = proc(attn, x, history=HistoryContext(num_steps=S, gate=gate))
     torch.testing.assert_close(one_pass, ref, atol=1e-6, rtol=1e-5)
@@ -56,10 +57,12 @@ def test_visible_steps_of_each_mask():
     assert [visible_steps("block_diagonal", s) for s in range(4)] == [[0], [1], [2], [3]]
 
 
-def test_closed_gate_is_exactly_per_step_attention_and_gets_a_gradient(attn):
+@pytest.mark.parametrize("one_mask_below", [0, 10 ** 9])
+def test_closed_gate_is_exactly_per_step_attention_and_gets_a_gradient(attn, one_mask_below):
     x = torch.randn(B * S, L, HEADS * DIM)
     gate = torch.zeros(1, HEADS, requires_grad=True)
-    out = HistoryAttnProcessor(0)(attn, x, history=HistoryContext(num_steps=S, gate=gate))
+    proc = HistoryAttnProcessor(0, one_mask_below_tokens=one_mask_below)
+    out = proc(attn, x, history=HistoryContext(num_steps=S, gate=gate))
     assert torch.equal(out, AttnProcessor2_0()(attn, x))  # bit-identical to diffusers' per-row attention
     weights = torch.randn_like(out)
     (out * weights).sum().backward()
@@ -67,7 +70,7 @@ def test_closed_gate_is_exactly_per_step_attention_and_gets_a_gradient(attn):
     # the gradient at g = 0 is the one-sided derivative: check it by a finite difference
     h = 1e-3
     with torch.no_grad():
-        bumped = HistoryAttnProcessor(0)(attn, x, history=HistoryContext(num_steps=S, gate=gate + h))
+        bumped = proc(attn, x, history=HistoryContext(num_steps=S, gate=gate + h))
     fd = ((bumped - out) * weights).sum() / h
     torch.testing.assert_close(gate.grad.sum(), fd, rtol=2e-2, atol=1e-3)
 

@@ -46,6 +46,18 @@ def inputs(steps=S, seed=1):
     return states, timesteps.expand(B, -1), labels
 
 
+@pytest.fixture(params=["one_mask", "per_step"])
+def layout(request):
+    """Run a test with both one-pass layouts (the 16-token tiny DiT would otherwise take one_mask only)."""
+    return request.param
+
+
+def with_layout(student, layout):
+    for block in student.transformer.transformer_blocks[:student.history_blocks]:
+        block.attn1.processor.one_mask_below_tokens = 10 ** 9 if layout == "one_mask" else 0
+    return student
+
+
 def open_gates(student):
     if student.history_gate is not None:
         with torch.no_grad():
@@ -62,12 +74,12 @@ def cached(student, states, timesteps, labels):
 @pytest.mark.parametrize("mask,window", MASKS)
 @pytest.mark.parametrize("heads", ["shared", "per_step"])
 @pytest.mark.parametrize("start", ["plain", "closed"])
-def test_cached_steps_equal_one_pass(teacher, mask, window, heads, start):
+def test_cached_steps_equal_one_pass(teacher, mask, window, heads, start, layout):
     """On the network's own output (output="next_state"): the eps / x0 readings multiply any float error
     by up to sqrt(a_to / a_from) ~ 33 at t = 999 with this untrained teacher's O(1) eps (states ~ 30);
     they are checked relative to the states' scale in test_sampling_matches_teacher_forcing_on_own_history."""
-    student = open_gates(ARDStudent(teacher, S, history_blocks=2, mask=mask, window=window, heads=heads,
-                                    history_start=start, output="next_state")).eval()
+    student = with_layout(open_gates(ARDStudent(teacher, S, history_blocks=2, mask=mask, window=window, heads=heads,
+                                                history_start=start, output="next_state")).eval(), layout)
     if heads == "per_step":  # make the heads differ, so a wrong head would show
         with torch.no_grad():
             for head in student.heads:
@@ -81,9 +93,9 @@ def test_cached_steps_equal_one_pass(teacher, mask, window, heads, start):
 
 @pytest.mark.parametrize("mask,window,blocks", [(m, w, 1) for m, w in MASKS] + [("window", 1, 2)])
 @pytest.mark.parametrize("start", ["plain", "closed"])
-def test_each_step_sees_exactly_its_visible_steps(teacher, mask, window, blocks, start):
-    student = open_gates(ARDStudent(teacher, S, history_blocks=blocks, mask=mask, window=window,
-                                    history_start=start))
+def test_each_step_sees_exactly_its_visible_steps(teacher, mask, window, blocks, start, layout):
+    student = with_layout(open_gates(ARDStudent(teacher, S, history_blocks=blocks, mask=mask, window=window,
+                                                history_start=start)), layout)
     visible = VISIBLE[(mask, window)] if blocks == 1 else VISIBLE_WINDOW1_N2
     states, timesteps, labels = inputs()
     states.requires_grad_(True)
@@ -125,10 +137,10 @@ def test_baseline_multi_step_is_teacher_on_folded_batch(teacher):
 
 @pytest.mark.parametrize("mask,window", MASKS[:3])
 @pytest.mark.parametrize("heads", ["shared", "per_step"])
-def test_closed_start_equals_baseline(teacher, mask, window, heads):
+def test_closed_start_equals_baseline(teacher, mask, window, heads, layout):
     baseline = ARDStudent(teacher, S, history_blocks=0, heads=heads).eval()
-    ard = ARDStudent(teacher, S, history_blocks=3, mask=mask, window=window, heads=heads,
-                     history_start="closed").eval()
+    ard = with_layout(ARDStudent(teacher, S, history_blocks=3, mask=mask, window=window, heads=heads,
+                                 history_start="closed").eval(), layout)
     states, timesteps, labels = inputs()
     noise = states[:, 0]
     with torch.no_grad():
@@ -168,10 +180,10 @@ def test_caches_are_independent_and_checked(teacher):
             student.step(states[:, 1], 1, timesteps[:, 1], timesteps[:, 2], labels, student.new_cache(B))
 
 
-def test_any_number_of_steps(teacher):
+def test_any_number_of_steps(teacher, layout):
     for steps in (1, 2, 3, 6):
-        student = open_gates(ARDStudent(teacher, steps, history_blocks=3, heads="per_step",
-                                        output="next_state")).eval()
+        student = with_layout(open_gates(ARDStudent(teacher, steps, history_blocks=3, heads="per_step",
+                                                    output="next_state")).eval(), layout)
         states, timesteps, labels = inputs(steps)
         with torch.no_grad():
             assert (student(states, timesteps, labels) - cached(student, states, timesteps, labels)).abs().max() <= 1e-5

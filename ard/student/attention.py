@@ -12,8 +12,9 @@ sec. 3.2 and fig. 3):
 
 Two ways to run it, chosen by the `HistoryContext` passed through `cross_attention_kwargs["history"]`:
 - one pass over all S steps (training, teacher-forced history): per query step, one attention over
-  the visible steps' keys only (no compute spent on masked-out blocks; see scripts/bench_student.py
-  for the measurement against one masked attention over all S*L keys);
+  the visible steps' keys only (no compute spent on masked-out blocks), or, for few tokens per step,
+  one attention over all S*L keys with the step mask (fewer, larger calls; measured in
+  scripts/bench_student.py);
 - one step with an explicit `KVCache` (inference): the step's keys/values are written into the cache
   and the queries attend to the cached keys of the visible steps; nothing is recomputed.
 
@@ -25,9 +26,9 @@ logits):
 
 At g = 0 this is exactly the per-step attention, so the untrained ARD student equals the baseline,
 and d out / d g = (Z_hist / Z_cur) (out_hist - out_cur) != 0, so the gate can open. Training computes
-(G1) from two fused attentions: the per-step one (out_cur, the baseline's own call) and one over all
-visible keys with an extra value channel that is 1 on history keys, which returns the history's share
-pi = Z_hist / (Z_cur + Z_hist) of the plain softmax alongside out_plain:
+(G1) from fused attentions only: the per-step one (out_cur, the baseline's own call) and, per step with
+history, one over its visible keys whose values carry S extra one-hot "step of this key" channels, so
+that besides out_plain it returns the own step's share 1 - pi = Z_cur / (Z_cur + Z_hist) of the mass:
 
     out = out_cur + g / ((1 - pi) + g pi) * (out_plain - out_cur)                             (G2)
 
@@ -42,8 +43,13 @@ from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 MaskKind = Literal["block_causal", "noise_and_current", "window", "block_diagonal"]  # M4, M3, M2, M1
+# One-pass (training) layout: below this many tokens per step, one attention over all S*L keys with the
+# step mask beats one call per query step over its visible keys (CPU, forward + backward, S = 4:
+# L = 16 1.7x faster, L = 64 even, L = 256 1.5x slower; scripts/bench_student.py, training_attention).
+ONE_MASK_BELOW_TOKENS = 64
 
 
 def check_choice(name: str, value: str, kind) -> str:
@@ -151,10 +157,12 @@ class HistoryAttnProcessor:
     Without a HistoryContext it is the plain per-row attention of diffusers' AttnProcessor2_0.
     """
 
-    def __init__(self, layer: int, mask: MaskKind = "block_causal", window: int = 1):
+    def __init__(self, layer: int, mask: MaskKind = "block_causal", window: int = 1,
+                 one_mask_below_tokens: int = ONE_MASK_BELOW_TOKENS):
         self.layer = layer  # index among the history blocks (row of the gate, slot in the cache)
         self.mask = check_choice("mask", mask, MaskKind)
         self.window = window  # M2: previous steps visible to each step
+        self.one_mask_below_tokens = one_mask_below_tokens  # one-pass layout switch (see _groups)
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None,
                  history: HistoryContext | None = None) -> torch.Tensor:
@@ -176,26 +184,46 @@ class HistoryAttnProcessor:
 
     def _one_pass(self, q, k, v, num_steps: int, gate: torch.Tensor | None) -> torch.Tensor:
         """All steps at once (teacher-forced history); q, k, v (B*S, H, L, d) with rows ordered (b, s)."""
-        rows, heads, tokens, d = q.shape
-        batch = rows // num_steps
-        fold = lambda x: x.reshape(batch, num_steps, heads, tokens, -1).transpose(1, 2).reshape(  # noqa: E731
-            batch, heads, num_steps * tokens, x.shape[-1])  # (B*S, H, L, d) -> (B, H, S*L, d)
-        local = attention(q, k, v) if gate is not None else None  # (B*S, H, L, d) per-step attention
-        local_steps = None if local is None else local.view(batch, num_steps, heads, tokens, d)  # (B, S, H, L, d)
+        tokens, d = q.shape[2], q.shape[3]
+        fold = lambda x: rearrange(x, "(b s) h l d -> b h (s l) d", s=num_steps)  # noqa: E731
         qf, kf, vf = fold(q), fold(k), fold(v)  # (B, H, S*L, d) each
-        outs = []
-        for s in range(num_steps):
-            steps = visible_steps(self.mask, s, self.window)
-            q_s = qf[:, :, s * tokens:(s + 1) * tokens]  # (B, H, L, d)
-            k_s, v_s = _step_blocks(kf, steps, tokens), _step_blocks(vf, steps, tokens)  # (B, H, n*L, d)
-            if gate is None:
-                outs.append(attention(q_s, k_s, v_s))  # (B, H, L, d)
-            elif len(steps) == 1:
-                outs.append(local_steps[:, s])  # (B, H, L, d)
-            else:
-                outs.append(_gated(q_s, k_s, v_s, local_steps[:, s], gate, tokens))  # (B, H, L, d)
-        out = torch.stack(outs, dim=1)  # (B, S, H, L, d)
-        return out.reshape(rows, heads, tokens, d)  # (B*S, H, L, d)
+        if gate is not None:  # closed start (G2)
+            local = fold(attention(q, k, v))  # (B, H, S*L, d) per-step attention: the baseline's own call
+            # Extra value channels: one-hot of each key's step, so that the output also holds each step's
+            # share of the softmax mass; q and k get zeros there (logits unchanged); width a multiple of 8.
+            extra = num_steps + (-(d + num_steps)) % 8
+            onehot = F.one_hot(torch.arange(num_steps, device=q.device).repeat_interleave(tokens), extra)  # (S*L, E)
+            qf, kf = F.pad(qf, (0, extra)), F.pad(kf, (0, extra))  # (B, H, S*L, d + E)
+            vf = torch.cat([vf, onehot.to(vf.dtype).expand(*vf.shape[:2], -1, -1)], dim=-1)  # (B, H, S*L, d + E)
+        out = torch.cat([attention(_step_blocks(qf, q_steps, tokens), _step_blocks(kf, k_steps, tokens),
+                                   _step_blocks(vf, k_steps, tokens), mask, scale=1 / math.sqrt(d))
+                         for q_steps, k_steps, mask in self._groups(num_steps, tokens, gate is not None, q.device)],
+                        dim=2)  # (B, H, n*L, d [+ E]): the last n steps' queries
+        if gate is not None:
+            first = local.shape[2] - out.shape[2]  # tokens of the leading steps left out (no history)
+            plain = out[..., :d].float()  # (B, H, n*L, d) plain softmax attention over the visible steps
+            own = (out[..., d:].float() * onehot[first:]).sum(-1, keepdim=True)  # (B, H, n*L, 1) = 1 - pi
+            g = gate.float().view(1, -1, 1, 1)  # (1, H, 1, 1)
+            weight = g / (own + g * (1 - own)).clamp_min(torch.finfo(torch.float32).tiny)  # (B, H, n*L, 1)
+            merged = torch.lerp(local[:, :, first:].float(), plain, weight).to(q.dtype)  # (G2); = local at g = 0
+            out = torch.cat([local[:, :, :first], merged], dim=2)  # (B, H, S*L, d)
+        return rearrange(out, "b h (s l) d -> (b s) h l d", s=num_steps)  # (B*S, H, L, d)
+
+    def _groups(self, num_steps: int, tokens: int, skip_first: bool, device) -> list:
+        """(query steps, key steps, boolean mask or None) of each attention call of a one-pass forward.
+
+        Below `one_mask_below_tokens` tokens a step: one call over all S*L keys with the step mask (per-call
+        overhead dominates); else one call per query step over its visible keys only (no compute on masked
+        blocks). skip_first: leave out step 0, which sees only itself (the closed start takes it from the
+        per-step attention).
+        """
+        if tokens < self.one_mask_below_tokens:
+            seen = torch.zeros(num_steps, num_steps, dtype=torch.bool, device=device)  # (S, S)
+            for s in range(num_steps):
+                seen[s, visible_steps(self.mask, s, self.window)] = True
+            mask = seen.repeat_interleave(tokens, 0).repeat_interleave(tokens, 1)  # (S*L, S*L)
+            return [(list(range(num_steps)), list(range(num_steps)), mask)]
+        return [([s], visible_steps(self.mask, s, self.window), None) for s in range(int(skip_first), num_steps)]
 
     def _cached_step(self, q, k, v, s: int, cache: KVCache, gate: torch.Tensor | None) -> torch.Tensor:
         """One step s; q, k, v (B, H, L, d). Writes k, v into the cache, attends to the visible steps."""
@@ -209,23 +237,6 @@ class HistoryAttnProcessor:
         k_s, v_s = _step_blocks(keys, steps, tokens), _step_blocks(values, steps, tokens)  # (B, H, n*L, d)
         bias = None
         if gate is not None:  # (G1) as one attention: log g added to the logits of history keys
-            hist = torch.zeros(k_s.shape[2], dtype=torch.bool, device=q.device)  # (n*L,)
-            hist[:-tokens] = True
-            bias = torch.where(hist, gate.detach().log().view(-1, 1, 1).to(q.dtype),
-                               q.new_zeros(()))[None, :, :, :]  # (1, H, 1, n*L)
+            log_g = gate.detach().log().to(q.dtype).view(1, -1, 1, 1)  # (1, H, 1, 1)
+            bias = F.pad(log_g.expand(-1, -1, -1, k_s.shape[2] - tokens), (0, tokens))  # (1, H, 1, n*L)
         return attention(q, k_s, v_s, bias)  # (B, H, L, d)
-
-
-def _gated(q, k, v, local, gate, tokens: int) -> torch.Tensor:
-    """Gated history attention (G2). q (B, H, L, d); k, v (B, H, n*L, d) whose last L keys are the query's
-    own step; local (B, H, L, d) the per-step attention; gate (H,). Returns (B, H, L, d)."""
-    d = q.shape[-1]
-    pad = 8 - d % 8  # room for the history indicator, keeping the head size a multiple of 8 (fused kernels)
-    indicator = torch.zeros(*v.shape[:-1], pad, dtype=v.dtype, device=v.device)  # (B, H, n*L, pad)
-    indicator[:, :, :-tokens, 0] = 1  # 1 on history keys
-    out = attention(F.pad(q, (0, pad)), F.pad(k, (0, pad)), torch.cat([v, indicator], dim=-1),
-                    scale=1 / math.sqrt(d))  # (B, H, L, d + pad); zero padding leaves the logits unchanged
-    plain, share = out[..., :d].float(), out[..., d:d + 1].float()  # (B, H, L, d), (B, H, L, 1) = pi
-    g = gate.float().view(1, -1, 1, 1)  # (1, H, 1, 1)
-    weight = g / ((1 - share) + g * share).clamp_min(torch.finfo(torch.float32).tiny)  # (B, H, L, 1)
-    return (local.float() + weight * (plain - local.float())).to(q.dtype)  # (B, H, L, d), (G2)

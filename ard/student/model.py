@@ -95,7 +95,8 @@ class ARDStudent(nn.Module):
         self.history_gate = None
         if history_start == "closed" and history_blocks > 0 and mask != "block_diagonal" and num_steps > 1:
             heads_per_block = self.transformer.transformer_blocks[0].attn1.heads
-            self.history_gate = nn.Parameter(torch.zeros(history_blocks, heads_per_block))
+            self.history_gate = nn.Parameter(torch.zeros(history_blocks, heads_per_block,
+                                                         device=self.transformer.proj_out_1.weight.device))
 
     # ------------------------------------------------------------------ settings
     def settings(self) -> dict:
