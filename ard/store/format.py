@@ -479,14 +479,15 @@ class TrajectoryStore:
         self.grid_timesteps: list[int] = m["grid"]["timesteps"]
         self.state_shape = tuple(m["state"]["shape"])
         self._shards: list[dict[str, np.ndarray]] | None = None
+        for k, side in done.items():
+            d = shard_dir(self.root, k)
+            for name, meta in side["files"].items():
+                size = (d / name).stat().st_size if (d / name).exists() else None
+                if size != meta["bytes"]:
+                    raise StoreError(f"{d / name}: {size} bytes, {SIDECAR} says {meta['bytes']} (truncated or corrupt)")
         shards = self._open()
         for k, arrays in enumerate(shards):
-            d = shard_dir(self.root, k)
-            for name, meta in done[k]["files"].items():
-                if (d / name).stat().st_size != meta["bytes"]:
-                    raise StoreError(f"{d / name}: {(d / name).stat().st_size} bytes, {SIDECAR} says "
-                                     f"{meta['bytes']} (truncated or corrupt)")
-            check_shard_arrays(m, k, arrays, str(d), deep=False)
+            check_shard_arrays(m, k, arrays, str(shard_dir(self.root, k)), deep=False)
         self.labels = np.concatenate([np.asarray(a["labels"]) for a in shards])  # (N,) int64
 
     def _open(self) -> list[dict[str, np.ndarray]]:
