@@ -14,21 +14,9 @@ import pytest
 
 from ard.store import format as fmt
 from ard.store.cli import main as store_main
-from test_store import SAVE, precompute, shard_files, tiny_teacher
+from test_store import SAVE, shard_files, store, teacher, tiny_teacher  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    return tiny_teacher(tmp_path_factory.mktemp("teacher") / "digits", num_layers=1)
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory, teacher):
-    out = tmp_path_factory.mktemp("store") / "store"
-    precompute(teacher, out)
-    return out
 
 
 def run_store_cli(args, capsys) -> tuple[int, str, str]:
@@ -102,7 +90,7 @@ def test_ard_predict_on_the_digits_preset(tmp_path, teacher, store, capsys):
 
     ard_main(["predict", "-c", str(ROOT / "configs/digits/trajectories.yaml"), f"--model.init_args.teacher={teacher}",
               f"--model.init_args.save_indices={SAVE}", "--model.init_args.micro_batch_size=8",
-              f"--data.init_args.path={tmp_path / 'store'}", "--data.init_args.num_trajectories=40",
+              "--model.init_args.with_x0=true", f"--data.init_args.path={tmp_path / 'store'}", "--data.init_args.num_trajectories=40",
               "--data.init_args.shard_size=16", f"--trainer.default_root_dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err
     assert shard_files(tmp_path / "store") == shard_files(store)

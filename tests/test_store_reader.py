@@ -7,15 +7,7 @@ import torch
 
 from ard.data.trajectories import BatchIndexSampler, TrajectoryDataModule
 from ard.store import format as fmt
-from test_store import N, SAVE, precompute, tiny_teacher
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    teacher = tiny_teacher(tmp_path_factory.mktemp("teacher") / "digits", num_layers=1)
-    out = tmp_path_factory.mktemp("store") / "store"
-    precompute(teacher, out, with_x0=True)
-    return out
+from test_store import N, SAVE, store, teacher  # noqa: F401 (fixtures)
 
 
 def test_batches_follow_the_contract_and_hold_the_stored_values(store):
