@@ -24,15 +24,14 @@ teacher's trajectory i of a store written with the same seed.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
+from ard.atomic import write_npz_atomic
 from ard.data.digits import to_uint8
 from ard.diffusion import trajectory_inputs
 from ard.latents import LATENT_SCALE, decode_latents, load_vae
@@ -48,31 +47,20 @@ def load_checkpoint(path: str | Path) -> ARDDistillation:
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     module = ARDDistillation.load_from_checkpoint(path, map_location="cpu", weights_only=True)
-    if module.boundaries is None:
-        raise ValueError(f"{path}: no step boundaries in the checkpoint (not written by ARDDistillation.fit)")
+    if module.timesteps is None:
+        raise ValueError(f"{path}: no boundary timesteps in the checkpoint (not written by fitting ARDDistillation)")
     return module.eval()
 
 
 def load_student(args) -> tuple[ARDStudent, list[int]]:
     if args.checkpoint:
         module = load_checkpoint(args.checkpoint)
-        return module.student, module.boundaries
+        return module.student, module.timesteps
     return load_exported(args.student)
 
 
-def save_npz(images: np.ndarray, path: Path) -> None:
-    """ADM layout: arr_0 (N, H, W, 3) uint8; written atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez(f, arr_0=images)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def run_sample(args) -> None:
-    student, boundaries = load_student(args)
+    student, timesteps = load_student(args)
     device = torch.device(args.device)
     student = student.to(device)
     config = student.transformer.config
@@ -89,7 +77,7 @@ def run_sample(args) -> None:
     if shape[0] not in (1, 3) and args.vae is None:
         raise ValueError(f"the student makes {shape[0]}-channel latents: pass --vae (a diffusers AutoencoderKL dir)")
     vae = load_vae(args.vae).to(device) if args.vae else None
-    timesteps = torch.tensor(boundaries, device=device)  # (S+1,)
+    timesteps = torch.tensor(timesteps, device=device)  # (S+1,)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
 
     out = []
@@ -111,7 +99,7 @@ def run_sample(args) -> None:
     if args.npz:
         rgb = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images  # (N, 3, H, W)
         path = out_dir / f"samples_{len(images)}x{rgb.shape[2]}x{rgb.shape[3]}x3.npz"
-        save_npz(rgb.permute(0, 2, 3, 1).contiguous().numpy(), path)  # (N, H, W, 3)
+        write_npz_atomic(path, arr_0=rgb.permute(0, 2, 3, 1).contiguous().numpy())  # ADM layout (N, H, W, 3)
         print(f"wrote {path}")
 
 

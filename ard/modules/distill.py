@@ -11,7 +11,7 @@ Configured by the trainer, not here (see the YAML presets): EMA weights (Lightni
 `EMAWeightAveraging`, which swaps them in for validation and copies them into the model when training
 ends), gradient clipping (`gradient_clip_val`), bf16-mixed precision on GPU, checkpointing and DDP.
 What the module adds for them: validation (per-step loss of the EMA student on held-out trajectories)
-and the sample grid, both made with the EMA weights; the step boundaries (timesteps) of the store,
+and the sample grid, both made with the EMA weights; the boundary timesteps of the store,
 kept in every checkpoint so a checkpoint can be sampled without the store; the standalone EMA student
 (`<default_root_dir>/student_ema/`, see `export_student`) written when fitting ends.
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from ard.atomic import atomic_directory
 from ard.student import ARDStudent, HeadKind, HistoryStart, MaskKind, OutputKind, StepMSELoss, sample
 from ard.teacher import DIGITS_TEACHER, load_teacher, num_classes
 from ard.viz import image_grid, log_image, save_png
@@ -112,7 +112,7 @@ class ARDDistillation(L.LightningModule):
                              "draw sample grids (or samples_per_class: 0)")
         del teacher_model
         self.loss_fn = StepMSELoss()
-        self.boundaries: list[int] | None = None  # the store's S + 1 boundary timesteps (last = CLEAN)
+        self.timesteps: list[int] | None = None  # the store's S + 1 boundary timesteps (last = CLEAN)
         # Frozen helpers loaded on first use (frozen_teacher(), the grid's VAE), kept in a plain dict so
         # that they are not submodules: not trained, averaged, checkpointed or wrapped by DDP.
         self._frozen: dict[str, torch.nn.Module] = {}
@@ -121,25 +121,23 @@ class ARDDistillation(L.LightningModule):
     def setup(self, stage: str) -> None:
         """Check the store against the student before anything runs (one-line errors)."""
         datamodule = self.trainer.datamodule
-        for attribute in ("check_compatible", "boundaries", "student_steps"):
-            if not hasattr(datamodule, attribute):
-                raise ValueError(f"{type(self).__name__} needs a trajectory store as data "
-                                 f"(ard.data.trajectories.TrajectoryDataModule); got {type(datamodule).__name__}")
+        if not all(hasattr(datamodule, a) for a in ("check_compatible", "timesteps", "student_steps")):
+            raise ValueError(f"{type(self).__name__} needs a trajectory store as data "
+                             f"(ard.data.trajectories.TrajectoryDataModule); got {type(datamodule).__name__}")
         datamodule.check_compatible(self.state_shape, self.num_classes)
         if datamodule.student_steps != self.hparams.num_steps:
             raise ValueError(f"data.student_steps={datamodule.student_steps} but model.num_steps="
                              f"{self.hparams.num_steps}: set both to the same S")
-        boundaries = [int(t) for t in datamodule.boundaries]
-        if self.boundaries is not None and self.boundaries != boundaries:
-            raise ValueError(f"the store's step boundaries {boundaries} differ from the checkpoint's "
-                             f"{self.boundaries}")
-        self.boundaries = boundaries
+        self.timesteps = [int(t) for t in datamodule.timesteps]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["boundaries"] = self.boundaries
+        checkpoint["boundary_timesteps"] = self.timesteps
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.boundaries = checkpoint.get("boundaries")
+        saved = checkpoint.get("boundary_timesteps")
+        if self.timesteps is not None and saved != self.timesteps:  # resuming on a store (setup ran first)
+            raise ValueError(f"the store's boundary timesteps {self.timesteps} differ from the checkpoint's {saved}")
+        self.timesteps = saved
 
     # ------------------------------------------------------------------ loss
     def step_losses(self, batch: dict) -> torch.Tensor:
@@ -192,9 +190,9 @@ class ARDDistillation(L.LightningModule):
     @torch.no_grad()
     def generate(self, noise: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Final S-step samples from noise (n, C, H, W) as images in [-1, 1] (VAE-decoded for latents)."""
-        if self.boundaries is None:
-            raise ValueError("the step boundaries are unknown: fit on a store first, or load a checkpoint")
-        timesteps = torch.tensor(self.boundaries, device=self.device)  # (S+1,)
+        if self.timesteps is None:
+            raise ValueError("the boundary timesteps are unknown: fit on a store first, or load a checkpoint")
+        timesteps = torch.tensor(self.timesteps, device=self.device)  # (S+1,)
         x = sample(self.student, noise, labels, timesteps)[:, -1]  # (n, C, H, W)
         if self.hparams.vae is None:
             return x
@@ -217,26 +215,17 @@ class ARDDistillation(L.LightningModule):
     def export_student(self, directory: str | Path) -> Path:
         """Write the student (its current weights) as a standalone directory: ARDStudent.save_pretrained
         plus `ard_sampling.json` with the boundary timesteps, so sampling needs neither teacher nor store."""
-        if self.boundaries is None:
-            raise ValueError("the step boundaries are unknown: fit on a store first, or load a checkpoint")
-        directory = Path(directory)
-        self.student.save_pretrained(directory)
-        write_json_atomic(directory / SAMPLING_CONFIG, {"timesteps": self.boundaries})
-        return directory
+        if self.timesteps is None:
+            raise ValueError("the boundary timesteps are unknown: fit on a store first, or load a checkpoint")
+        with atomic_directory(directory) as tmp:  # readers never see a student without its timesteps
+            self.student.save_pretrained(tmp)
+            (tmp / SAMPLING_CONFIG).write_text(json.dumps({"timesteps": self.timesteps}) + "\n")
+        return Path(directory)
 
     def on_fit_end(self) -> None:
         # EMAWeightAveraging has copied the EMA weights into the model at on_train_end.
         if self.trainer.is_global_zero:
             self.export_student(Path(self.trainer.default_root_dir) / "student_ema")
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(data, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_exported(directory: str | Path) -> tuple[ARDStudent, list[int]]:
