@@ -205,12 +205,17 @@ def test_a_store_or_config_that_does_not_fit_fails_in_one_line(tmp_path, teacher
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_store_of_another_teacher_shape_fails_in_one_line(tmp_path, store, capsys):
-    other = tiny_teacher(tmp_path / "teacher16", num_layers=2, sample_size=16)
+@pytest.mark.parametrize("overrides, needle", [
+    (dict(sample_size=16), "field 'state.shape' is [1, 8, 8], the student needs [1, 16, 16]"),
+    (dict(num_layers=3), "field 'teacher.weights_sha256' differs from the weights of model.teacher="),
+])
+def test_store_of_another_teacher_fails_in_one_line(tmp_path, store, capsys, overrides, needle):
+    other = tiny_teacher(tmp_path / "other", **{"num_layers": 2, **overrides})
     with pytest.raises(SystemExit):
         ard_main(args_for(tmp_path, other, store))
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ard: error:")]
-    assert len(err) == 1 and "field 'state.shape' is [1, 8, 8], the student needs [1, 16, 16]" in err[0], err
+    assert len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def flatten(tree, prefix=""):

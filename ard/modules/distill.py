@@ -26,14 +26,14 @@ from __future__ import annotations
 import inspect
 import json
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 
 from ard.atomic import atomic_directory
+from ard.modules.precompute import teacher_hashes
 from ard.student import ARDStudent, HeadKind, HistoryStart, MaskKind, OutputKind, StepMSELoss, sample
 from ard.teacher import DIGITS_TEACHER, load_teacher, num_classes
 from ard.viz import image_grid, log_image, save_png
@@ -107,6 +107,7 @@ class ARDDistillation(L.LightningModule):
         self.state_shape = (teacher_model.config.in_channels, teacher_model.config.sample_size,
                             teacher_model.config.sample_size)  # (C, H, W) of one state
         self.num_classes = num_classes(teacher_model)
+        self.teacher_sha256 = teacher_hashes(teacher_model)["weights_sha256"]  # checked against the store's
         if samples_per_class and self.state_shape[0] not in (1, 3) and vae is None:
             raise ValueError(f"teacher {teacher}: {self.state_shape[0]}-channel (latent) states need `vae` to "
                              "draw sample grids (or samples_per_class: 0)")
@@ -125,6 +126,11 @@ class ARDDistillation(L.LightningModule):
             raise ValueError(f"{type(self).__name__} needs a trajectory store as data "
                              f"(ard.data.trajectories.TrajectoryDataModule); got {type(datamodule).__name__}")
         datamodule.check_compatible(self.state_shape, self.num_classes)
+        stored = datamodule.manifest["teacher"]
+        if stored["weights_sha256"] != self.teacher_sha256:
+            raise ValueError(f"{Path(datamodule.path) / 'manifest.json'}: field 'teacher.weights_sha256' differs from "
+                             f"the weights of model.teacher={self.hparams.teacher} (the store was made by "
+                             f"{stored.get('path')}): the student must start from the store's teacher")
         if datamodule.student_steps != self.hparams.num_steps:
             raise ValueError(f"data.student_steps={datamodule.student_steps} but model.num_steps="
                              f"{self.hparams.num_steps}: set both to the same S")
