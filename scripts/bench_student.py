@@ -12,8 +12,9 @@ Sections (ARD_METHOD.md sec. 5: +1.1% FLOPs and +2.4% latency over the baseline;
 - inference: wall time of a 4-step sample, ARD against baseline, same weights, per size and batch.
 - training: wall time of one forward + backward of the per-step loss, ARD against baseline.
 - teacher_vs_student: wall time per sample of the 25-step guided DDIM teacher against the 4-step student.
-Timings: torch.set_num_threads(--threads), one warm-up, ARD and baseline interleaved, medians of wall
-and of process CPU time; ratios use CPU time (the 2 shared cores make wall time depend on other jobs).
+Timings: torch.set_num_threads(--threads), one warm-up round, ARD and baseline interleaved, medians of
+wall and of process CPU time over up to --repeats rounds (about a minute per configuration at most);
+ratios use CPU time (this machine's 2 cores are shared: wall time depends on other jobs).
 """
 from __future__ import annotations
 
@@ -93,22 +94,24 @@ def timed(fn) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def compare(fns: dict, repeats: int, warmup: bool = True) -> dict:
-    """Median wall and CPU time of each fn, run interleaved (after one warm-up each); median CPU-time
-    ratios of each fn to the first, pair by pair."""
-    for fn in fns.values() if warmup else ():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(timed(fn))
+def compare(fns: dict, repeats: int, budget_s: float = 60.0) -> dict:
+    """Median wall and CPU time of each fn over interleaved rounds, and median CPU-time ratios of each fn
+    to the first, round by round. Round 0 is a warm-up, dropped when later rounds run; rounds stop at
+    `repeats` or once `budget_s` is spent (a configuration taking longer gets a single round)."""
+    rounds, spent = [], 0.0
+    while len(rounds) <= repeats and spent < budget_s:
+        rounds.append({name: timed(fn) for name, fn in fns.items()})  # name -> (wall, CPU)
+        spent += sum(wall for wall, _ in rounds[-1].values())
+    rounds = rounds[1:] if len(rounds) > 1 else rounds
     first = next(iter(fns))
-    out = {}
-    for name, t in times.items():
-        out[f"{name}_wall_s"] = statistics.median(w for w, _ in t)
-        out[f"{name}_cpu_s"] = statistics.median(c for _, c in t)
+    out = dict(rounds=len(rounds))
+    for name in fns:
+        out[f"{name}_wall_s"] = statistics.median(r[name][0] for r in rounds)
+        out[f"{name}_cpu_s"] = statistics.median(r[name][1] for r in rounds)
     for name in list(fns)[1:]:
-        out[f"{name}_over_{first}"] = statistics.median(a[1] / b[1] for a, b in zip(times[name], times[first]))
+        ratios = [r[name][1] / r[first][1] for r in rounds]
+        out[f"{name}_over_{first}"] = statistics.median(ratios)
+        out[f"{name}_over_{first}_range"] = [min(ratios), max(ratios)]  # the noise of this machine
     return out
 
 
@@ -182,13 +185,12 @@ def bench_inference(sizes, batches, repeats: int) -> list:
         for batch in batches:
             noise, labels = inputs(teacher, batch)
             ts = boundaries(batch)
-            heavy = size != "digits" and batch > 1  # tens of seconds per sample: fewer repeats, warm from batch 1
             with torch.no_grad():
                 fns = dict(baseline=lambda: sample(base, noise, labels, ts), ard=lambda: sample(ard, noise, labels, ts))
                 rows.append(dict(size=size, batch=batch, history_blocks=HISTORY_BLOCKS,
                                  num_layers=teacher.config.num_layers,
                                  flops_overhead_percent=sample_flops_overhead(size, HISTORY_BLOCKS),
-                                 **compare(fns, max(2, repeats // 2) if heavy else repeats, warmup=not heavy)))
+                                 **compare(fns, repeats)))
     return rows
 
 
@@ -206,11 +208,11 @@ def bench_training(sizes, repeats: int) -> list:
             fns[f"ard_{start}"] = ARDStudent(teacher, STEPS, history_blocks=HISTORY_BLOCKS, history_start=start).train()
         steps = {name: (lambda m=m: loss(m, trajectory, ts, labels).mean().backward()) for name, m in fns.items()}
         rows.append(dict(size=size, trajectories=batch, history_blocks=HISTORY_BLOCKS,
-                         **compare(steps, repeats if size == "digits" else max(2, repeats // 2))))
+                         **compare(steps, repeats)))
     return rows
 
 
-def bench_teacher_vs_student(sizes) -> list:
+def bench_teacher_vs_student(sizes, repeats: int) -> list:
     rows = []
     for size in sizes:
         teacher, _, ard = students(size, HISTORY_BLOCKS)
@@ -220,7 +222,7 @@ def bench_teacher_vs_student(sizes) -> list:
         with torch.no_grad():
             fns = dict(teacher_ddim25_cfg=lambda: ddim_sample(teacher, noise, labels, num_steps=25, guidance_scale=1.5),
                        ard_4_steps=lambda: sample(ard, noise, labels, ts))
-            times = compare(fns, 1 if size != "digits" else 3)
+            times = compare(fns, repeats)
         rows.append(dict(size=size, batch=batch, teacher_per_sample_wall_s=times["teacher_ddim25_cfg_wall_s"] / batch,
                          student_per_sample_wall_s=times["ard_4_steps_wall_s"] / batch,
                          teacher_per_sample_cpu_s=times["teacher_ddim25_cfg_cpu_s"] / batch,
@@ -246,7 +248,7 @@ def main() -> None:
     sections = dict(flops=bench_flops, training_attention=lambda: bench_training_attention(args.repeats),
                     inference=lambda: bench_inference(args.sizes, args.batches, args.repeats),
                     training=lambda: bench_training(args.sizes, args.repeats),
-                    teacher_vs_student=lambda: bench_teacher_vs_student(args.sizes))
+                    teacher_vs_student=lambda: bench_teacher_vs_student(args.sizes, args.repeats))
     for name in args.sections:
         report[name] = sections[name]()
     report["runtime_s"] = time.perf_counter() - start

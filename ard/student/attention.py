@@ -96,8 +96,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
     xops = _xformers_ops() if q.is_cuda else None
     if xops is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)  # (B, H, Lq, dv)
-    if bias is not None:
-        bias = bias.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])  # (B, H, Lq, Lk)
+    if bias is not None:  # xformers wants an additive bias whose rows start 8-aligned: slice a wider buffer
+        keys = k.shape[2]
+        full = q.new_zeros(*q.shape[:3], -(-keys // 8) * 8)[..., :keys]  # (B, H, Lq, Lk)
+        bias = full.masked_fill_(~bias, float("-inf")) if bias.dtype == torch.bool else full.copy_(bias)
     out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                           attn_bias=bias, scale=scale)  # (B, Lq, H, dv)
     return out.transpose(1, 2)  # (B, H, Lq, dv)
@@ -115,12 +117,12 @@ class KVCache:
     num_steps: int
     num_layers: int  # number of history blocks N
     steps: int = 0  # steps written so far (advanced by ARDStudent.step)
-    keys: list[torch.Tensor | None] = field(default_factory=list)  # per history block: (B, H, S*L, d)
-    values: list[torch.Tensor | None] = field(default_factory=list)  # per history block: (B, H, S*L, d)
+    keys: list[torch.Tensor | None] = field(init=False)  # per history block: (B, H, S*L, d)
+    values: list[torch.Tensor | None] = field(init=False)  # per history block: (B, H, S*L, d)
 
     def __post_init__(self):
-        self.keys = self.keys or [None] * self.num_layers
-        self.values = self.values or [None] * self.num_layers
+        self.keys = [None] * self.num_layers
+        self.values = [None] * self.num_layers
 
     def write(self, layer: int, s: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store step s's k, v (B, H, L, d) of one history block; return that block's full buffers."""
