@@ -2,6 +2,7 @@
 the class they were asked for, at several guidance scales (DDIM, K steps, leading spacing). Prints JSON.
 
     python scripts/bench_teacher.py [--teacher ard/assets/digits_teacher] [--num-samples 1000] [--guidance 1.5 2 3]
+        [--grid docs/teacher_samples.png]   (a grid of the first guidance scale's samples: one column per class)
 """
 from __future__ import annotations
 
@@ -15,15 +16,19 @@ from ard.data.digits import to_uint8
 from ard.diffusion import ddim_sample, trajectory_inputs
 from ard.metrics.classifier import load_digit_classifier
 from ard.teacher import DIGITS_TEACHER, load_teacher
+from ard.viz import image_grid, save_png
 
 
-def class_agreement(teacher, classifier, num_samples: int, guidance: float, steps: int, seed: int) -> dict:
+def class_agreement(teacher, classifier, num_samples: int, guidance: float, steps: int, seed: int,
+                    grid: str | None = None) -> dict:
     noise, _ = trajectory_inputs(seed, range(num_samples), (1, 8, 8), 10)
     labels = torch.arange(num_samples) % 10  # balanced: num_samples / 10 per class
     start = time.perf_counter()
     final = torch.cat([ddim_sample(teacher, n, y, steps, guidance, save_indices=[steps], clip_sample=True).states[:, -1]
                        for n, y in zip(noise.split(500), labels.split(500))])  # (N, 1, 8, 8)
     seconds = time.perf_counter() - start
+    if grid:
+        save_png(image_grid(final[:100], nrow=10), grid)  # 10 rows of the classes 0..9
     with torch.no_grad():
         predicted = classifier(to_uint8(final)).argmax(dim=1)  # (N,)
     per_class = [float((predicted[labels == c] == c).float().mean()) for c in range(10)]
@@ -39,10 +44,13 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.5, 2.0, 3.0])
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--grid", help="PNG of the first guidance scale's first 100 samples")
     args = parser.parse_args()
     teacher = load_teacher(args.teacher)
     classifier, config = load_digit_classifier()
-    rows = [class_agreement(teacher, classifier, args.num_samples, w, args.steps, args.seed) for w in args.guidance]
+    parser_grid = [args.grid] + [None] * (len(args.guidance) - 1)
+    rows = [class_agreement(teacher, classifier, args.num_samples, w, args.steps, args.seed, g)
+            for w, g in zip(args.guidance, parser_grid)]
     print(json.dumps({"teacher": args.teacher, "classifier_val_accuracy": config.get("val_accuracy"),
                       "results": rows}, indent=1))
 

@@ -2,8 +2,10 @@
 
 Used by the embedded default: `ard fit -c configs/digits/teacher.yaml`. EMA weights come from
 Lightning's `EMAWeightAveraging` callback (configured in the YAML), which swaps them in for validation
-and copies them into the model when training ends; `on_fit_end` then exports the model in diffusers
-format into `<default_root_dir>/teacher_ema/`.
+(callback hooks run before the module's, so the grid is drawn at validation start, on the EMA weights),
+stores them as the checkpoint's `state_dict` and copies them into the model when training ends;
+`on_fit_end` then exports the model in diffusers format into `<default_root_dir>/teacher_ema/`.
+`scripts/export_teacher.py CKPT OUT` exports the EMA weights of any checkpoint (`export_ema`).
 """
 from __future__ import annotations
 
@@ -74,7 +76,7 @@ class TeacherTraining(L.LightningModule):
         loss = diffusion_loss(self.model, x0, labels, t, noise, self.alphas_cumprod).mean()
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
 
-    def on_validation_epoch_end(self):
+    def on_validation_epoch_start(self):
         if self.trainer.sanity_checking or not self.trainer.is_global_zero:
             return
         grid = self.sample_grid()
@@ -99,6 +101,15 @@ class TeacherTraining(L.LightningModule):
         warmup = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: min(1.0, (step + 1) / max(1, self.hparams.warmup_steps)))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
+
+    @classmethod
+    def export_ema(cls, checkpoint: str | Path, out: str | Path) -> Path:
+        """Write the EMA teacher of a Lightning checkpoint (its `state_dict`) as a diffusers directory."""
+        if not Path(checkpoint).is_file():
+            raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+        module = cls.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
+        module.model.save_pretrained(out)
+        return Path(out)
 
     def on_fit_end(self):
         # EMAWeightAveraging has copied the EMA weights into self.model at on_train_end.
