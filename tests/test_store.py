@@ -108,6 +108,13 @@ def test_storage_dtypes_round_trip(tmp_path, dtype):
     assert np.load(tmp_path / "s/shards/shard-000000/states.npy").dtype.str == fmt.NUMPY_DTYPE[dtype]
     assert list(store.labels) == [0, 1, 2, 0, 1]
     assert fmt.verify(tmp_path / "s")[1] == []
+    unsorted = fmt.to_float32(store.read(np.array([4, 0, 3, 1])), dtype)  # any order works (sorted is faster)
+    assert torch.equal(unsorted, x[[4, 0, 3, 1]].to(fmt.TORCH_DTYPE[dtype]).float())
+    for bad in ([5], [-1], [2, 5]):  # 5 is row 2 of the last shard (3 rows per shard, 2 written)
+        with pytest.raises(IndexError, match="out of range"):
+            store.read(np.array(bad))
+    with pytest.raises(IndexError, match="positions"):
+        store.read(np.array([0]), [3])
 
 
 class CrashAfter(L.Callback):

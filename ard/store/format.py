@@ -478,39 +478,73 @@ class TrajectoryStore:
         self.grid_indices: list[int] = m["grid"]["indices"]
         self.grid_timesteps: list[int] = m["grid"]["timesteps"]
         self.state_shape = tuple(m["state"]["shape"])
-        self._shards: list[dict[str, np.ndarray]] | None = None
+        self._flat: dict[str, list[np.ndarray]] | None = None
+        self._checked_positions: dict[tuple | None, np.ndarray] = {}
+        self._last_count = shard_span(m, m["num_shards"] - 1)[1]
         for k, side in done.items():
             d = shard_dir(self.root, k)
             for name, meta in side["files"].items():
                 size = (d / name).stat().st_size if (d / name).exists() else None
                 if size != meta["bytes"]:
                     raise StoreError(f"{d / name}: {size} bytes, {SIDECAR} says {meta['bytes']} (truncated or corrupt)")
-        shards = self._open()
-        for k, arrays in enumerate(shards):
-            check_shard_arrays(m, k, arrays, str(shard_dir(self.root, k)), deep=False)
-        self.labels = np.concatenate([np.asarray(a["labels"]) for a in shards])  # (N,) int64
+        for k in range(m["num_shards"]):
+            check_shard_arrays(m, k, load_shard(self.root, m, k), str(shard_dir(self.root, k)), deep=False)
+        self.labels = np.concatenate([np.load(shard_dir(self.root, k) / "labels.npy")
+                                      for k in range(m["num_shards"])])  # (N,) int64
 
-    def _open(self) -> list[dict[str, np.ndarray]]:
-        if self._shards is None:
-            self._shards = [load_shard(self.root, self.manifest, k) for k in range(self.manifest["num_shards"])]
-        return self._shards
+    def _open(self) -> dict[str, list[np.ndarray]]:
+        """Per state field, per shard: a plain (count * G, C*H*W) view of the memory map (np.memmap's own
+        indexing costs microseconds per call)."""
+        if self._flat is None:
+            shards = [load_shard(self.root, self.manifest, k) for k in range(self.manifest["num_shards"])]
+            self._flat = {name: [np.asarray(a[name]).reshape(-1, int(np.prod(self.state_shape))) for a in shards]
+                          for name in STATE_FIELDS if name in shards[0]}
+        return self._flat
 
     def __getstate__(self):
-        return {**self.__dict__, "_shards": None}
+        return {**self.__dict__, "_flat": None}
+
+    def _positions(self, positions: Sequence[int] | None) -> np.ndarray:
+        key = None if positions is None else tuple(int(p) for p in positions)
+        if key not in self._checked_positions:
+            saved = len(self.grid_indices)
+            if key is not None and not all(0 <= p < saved for p in key):
+                raise IndexError(f"saved-state positions {list(key)} out of range [0, {saved})")
+            self._checked_positions[key] = np.arange(saved) if key is None else np.asarray(key, dtype=np.int64)
+        return self._checked_positions[key]
 
     def read(self, indices: np.ndarray, positions: Sequence[int] | None = None, field: str = "states") -> np.ndarray:
-        """Gather (n, len(positions), C, H, W) from `field` for sorted trajectory `indices`, in the stored numpy
-        dtype; positions index the saved grid (default: all). One fancy-index per touched shard."""
-        shards = self._open()
-        indices = np.asarray(indices, dtype=np.int64)
-        full = positions is None or list(positions) == list(range(len(self.grid_indices)))
-        pos = np.arange(len(self.grid_indices)) if positions is None else np.asarray(positions, dtype=np.int64)
-        out = np.empty((len(indices), len(pos), *self.state_shape), dtype=NUMPY_DTYPE[self.dtype])
-        shard_of = indices // self.shard_size  # (n,)
-        cuts = np.flatnonzero(np.diff(shard_of)) + 1  # group boundaries (indices are sorted)
-        for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(indices)]):
-            mm = shards[int(shard_of[a])][field]  # (shard_size, G, C, H, W) memmap
-            rows = indices[a:b] - int(shard_of[a]) * self.shard_size  # (m,)
-            out[a:b] = mm[rows] if full else mm[rows[:, None], pos[None, :]]  # (m, len(pos), C, H, W)
+        """Gather (n, len(positions), C, H, W) from `field` for trajectory `indices`, in the stored numpy dtype;
+        positions index the saved grid (default: all). One `take` per run of indices in one shard: sort the
+        indices (the DataModule does) so that there is one per touched shard."""
+        files = self._open()[field]
+        idx = np.asarray(indices, dtype=np.int64)
+        pos = self._positions(positions)
+        n, p = len(idx), len(pos)
+        out = np.empty((n, p, *self.state_shape), dtype=NUMPY_DTYPE[self.dtype])
+        if n == 0:
+            return out
+        out3 = out.reshape(n, p, -1)  # (n, P, C*H*W), a view of out
+        shard, row = np.divmod(idx, self.shard_size)  # (n,), (n,)
+        rows = (row * len(self.grid_indices))[:, None] + pos  # (n, P) rows of the (count * G, C*H*W) file views
+        starts = (np.flatnonzero(shard[1:] != shard[:-1]) + 1).tolist()  # where a run of one shard's indices starts
+        shards = shard.tolist()
+        for a, b in zip([0, *starts], [*starts, n]):
+            k = shards[a]
+            if not 0 <= k < len(files) or (k == len(files) - 1 and row[a:b].max() >= self._last_count):
+                raise IndexError(f"trajectory index out of range [0, {self.num_trajectories}) of {self.root}")
+            # mode="clip" is unbuffered (mode="raise" copies through a buffer); every row was checked above.
+            files[k].take(rows[a:b], axis=0, out=out3[a:b], mode="clip")  # (m, P, C*H*W)
         return out
-
+        if idx.min() < 0 or idx.max() >= self.num_trajectories:
+            raise IndexError(f"trajectory indices outside [0, {self.num_trajectories}) of {self.root}")
+        flat_out = out.reshape(n * p, -1)  # (n * P, C*H*W), a view of out
+        shard_of = idx // self.shard_size  # (n,)
+        rows = ((idx % self.shard_size * len(self.grid_indices))[:, None] + pos).ravel()  # (n * P,) rows in shard
+        cut = np.flatnonzero(np.diff(shard_of)) + 1  # where a run of indices of one shard starts
+        edges = [0, *(cut * p).tolist(), n * p]
+        for a, b, k in zip(edges[:-1], edges[1:], [int(shard_of[0]), *shard_of[cut].tolist()]):
+            # mode="clip" is unbuffered (mode="raise" copies through a buffer); every row is inside its shard
+            # (indices within [0, N), positions checked).
+            files[k].take(rows[a:b], axis=0, out=flat_out[a:b], mode="clip")  # (m * P, C*H*W)
+        return out
