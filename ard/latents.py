@@ -22,7 +22,7 @@ def load_vae(path: str | Path):
             path = path / "vae"
         else:
             raise FileNotFoundError(f"VAE not found: {path} has no config.json (a diffusers AutoencoderKL directory)")
-    return AutoencoderKL.from_pretrained(path).eval().requires_grad_(False)
+    return AutoencoderKL.from_pretrained(path, low_cpu_mem_usage=False).eval().requires_grad_(False)
 
 
 @torch.no_grad()

@@ -154,7 +154,7 @@ def load_teacher(path: str | Path = DIGITS_TEACHER, size: str | None = None,
                 if key in config and config[key] != value and not (key == "out_channels" and config[key] is None):
                     raise ValueError(f"{path / 'config.json'}: {key}={config[key]} does not match size "
                                      f"{size!r} ({key}={value})")
-        model = set_numerics(DiTTransformer2DModel.from_pretrained(path), numerics)
+        model = set_numerics(DiTTransformer2DModel.from_pretrained(path, low_cpu_mem_usage=False), numerics)
     else:
         if size is None:
             raise ValueError(f"{path}: a single-file checkpoint needs `size` (one of {', '.join(DIT_SIZES)})")
