@@ -170,6 +170,17 @@ def test_a_different_store_in_the_output_directory_is_refused(tmp_path, teacher,
     assert file_digests(out) == before
 
 
+def test_resume_refuses_a_shard_of_another_store(tmp_path, teacher, store):
+    out = tmp_path / "s"
+    shutil.copytree(store, out)
+    sidecar = out / "shards/shard-000001/shard.json"
+    sidecar.write_text(sidecar.read_text().replace(fmt.read_manifest(out)["store_id"], "0" * 64))
+    before = file_digests(out)
+    with pytest.raises(fmt.StoreError, match="shard-000001/shard.json: field 'store_id' .* belongs to another store"):
+        precompute(teacher, out, with_x0=True)
+    assert file_digests(out) == before
+
+
 def test_other_teacher_weights_are_a_different_store(tmp_path, teacher, store):
     other = tiny_teacher(tmp_path / "t2", num_layers=1, attention_head_dim=16)
     out = tmp_path / "s"

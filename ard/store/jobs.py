@@ -14,7 +14,7 @@ import warnings
 import lightning as L
 from torch.utils.data import DataLoader, IterableDataset
 
-from ard.store.format import StoreDtype, completed_shards, read_manifest
+from ard.store.format import StoreDtype, StoreError, completed_shards, read_manifest, shard_span
 
 # Lightning warns about what this design does on purpose: a sized iterable dataset (one process reads it)
 # whose batches carry no sampler indices (the writer does not need them).
@@ -58,22 +58,26 @@ class StoreShards(L.LightningDataModule):
         self.assigned: list[dict] = []  # this rank's shards in the current run (set by predict_dataloader)
         self.complete_at_start: list[int] = []  # shards complete before the current run (all ranks agree)
 
-    def span(self, shard: int) -> dict:
-        start = shard * self.shard_size
-        return {"shard": shard, "start": start, "count": min(self.shard_size, self.num_trajectories - start)}
-
     def predict_dataloader(self) -> DataLoader:
         """Called after the writer's setup made or checked the manifest (all ranks passed its barrier)."""
         trainer = self.trainer
-        done = None
+        manifest = read_manifest(self.path)
+        done: list[int] | str = []
         if trainer.is_global_zero:
-            done = sorted(completed_shards(self.path, read_manifest(self.path)))
-        self.complete_at_start = trainer.strategy.broadcast(done, src=0)
-        done = set(self.complete_at_start)
-        pending = [k for k in range(self.num_shards) if k not in done]
+            try:
+                done = sorted(completed_shards(self.path, manifest))
+            except StoreError as e:  # sent to every rank, so that all stop (none waits at a collective)
+                done = str(e)
+        done = trainer.strategy.broadcast(done, src=0)
+        if isinstance(done, str):
+            raise StoreError(done)
+        self.complete_at_start = done
+        pending = [k for k in range(self.num_shards) if k not in set(done)]
         world, rank = trainer.world_size, trainer.global_rank
-        mine = [self.span(k) for k in pending[rank::world]]
-        padding = math.ceil(len(pending) / world) - len(mine)
+        mine = [dict(zip(("shard", "start", "count"), (k, *shard_span(manifest, k)))) for k in pending[rank::world]]
         self.assigned = mine
-        items = mine + [{"shard": -1, "start": 0, "count": 0}] * max(padding, 1 if not pending else 0)
-        return DataLoader(ShardList(items), batch_size=None)
+        # Every rank runs the same number of predict steps (at least one, so that the writer's end-of-run
+        # barrier is reached everywhere); padding items have count 0 and compute nothing.
+        steps = max(math.ceil(len(pending) / world), 1)
+        return DataLoader(ShardList(mine + [{"shard": -1, "start": 0, "count": 0}] * (steps - len(mine))),
+                          batch_size=None)
