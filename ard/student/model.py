@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from ard.diffusion import alpha_bar, ddim_jump, make_scheduler
 from ard.student.attention import HistoryAttnProcessor, HistoryContext, KVCache, MaskKind, check_choice
-from ard.teacher import disable_label_dropout, eps_from_output
+from ard.teacher import disable_label_dropout, eps_from_output, set_numerics
 
 HeadKind = Literal["shared", "per_step"]
 OutputKind = Literal["eps", "x0", "next_state"]
@@ -258,7 +258,7 @@ class ARDStudent(nn.Module):
         for key, kind in _SETTING_TYPES.items():
             if not isinstance(config[key], kind) or (kind is int and isinstance(config[key], bool)):
                 raise ValueError(f"{config_path}: field {key!r} must be {kind.__name__}, got {config[key]!r}")
-        transformer = DiTTransformer2DModel.from_pretrained(directory)
+        transformer = set_numerics(DiTTransformer2DModel.from_pretrained(directory, low_cpu_mem_usage=False))
         try:
             student = cls(transformer, **config)
         except ValueError as e:
