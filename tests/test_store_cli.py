@@ -168,14 +168,16 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_store(tmp
     rng = random.Random(0)
     out = tmp_path / "store"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for _ in range(2):
-        proc = subprocess.Popen([sys.executable, *script(out, teacher)], cwd=ROOT, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        while not (out / "manifest.json").exists() and proc.poll() is None:
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0, 1.5))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    for i in range(2):
+        log = tmp_path / f"kill{i}.log"
+        with open(log, "w") as err:
+            proc = subprocess.Popen([sys.executable, *script(out, teacher)], cwd=ROOT, env=env,
+                                    stdout=subprocess.DEVNULL, stderr=err)
+            while "traj/s" not in log.read_text() and proc.poll() is None:  # its progress bar: precomputing
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0, 1.5))
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
     final = ard(*script(out, teacher))
     assert final.returncode == 0, final.stderr[-2000:]
     assert shard_files(out) == shard_files(tmp_path / "ref")
