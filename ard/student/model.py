@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -29,6 +26,7 @@ from diffusers import DiTTransformer2DModel
 from einops import rearrange
 from safetensors.torch import load_file, save_file
 
+from ard.atomic import atomic_directory
 from ard.diffusion import alpha_bar, ddim_jump, make_scheduler
 from ard.student.attention import HistoryAttnProcessor, HistoryContext, KVCache, MaskKind, check_choice
 from ard.teacher import disable_label_dropout, eps_from_output, set_numerics
@@ -213,10 +211,7 @@ class ARDStudent(nn.Module):
     def save_pretrained(self, directory: str | Path) -> None:
         """Write a standalone student directory atomically: the diffusers transformer (config.json +
         safetensors), ard_student.json (the ARD settings) and ard_student.safetensors (heads, gates)."""
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-        try:
+        with atomic_directory(directory) as tmp:
             self.transformer.save_pretrained(tmp, safe_serialization=True)
             extra = {k: v.detach().contiguous() for k, v in self.state_dict().items()
                      if not k.startswith("transformer.")}
@@ -224,19 +219,6 @@ class ARDStudent(nn.Module):
                 save_file(extra, str(tmp / EXTRA_WEIGHTS))
             (tmp / CONFIG_NAME).write_text(json.dumps(dict(format_version=FORMAT_VERSION, **self.settings()),
                                                       indent=2) + "\n")
-            for f in tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            old = None
-            if directory.exists():
-                old = directory.parent / f".{directory.name}.old-{os.getpid()}"
-                directory.rename(old)
-            tmp.rename(directory)
-            if old is not None:
-                shutil.rmtree(old)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "ARDStudent":
