@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds of 32 batches per read method")
     parser.add_argument("--writer-trajectories", type=int, default=1024)
     parser.add_argument("--kills", type=int, default=10)
-    parser.add_argument("--kill-trajectories", type=int, default=2048)
+    parser.add_argument("--kill-trajectories", type=int, default=4096)
     parser.add_argument("--kill-max-delay", type=float, default=6.0, help="seconds after the progress bar appears")
     parser.add_argument("--ddp-trajectories", type=int, default=512)
     args = parser.parse_args(argv)
