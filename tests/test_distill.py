@@ -38,11 +38,6 @@ class CrashAt(L.Callback):
             raise RuntimeError(f"crash before step {self.step}")
 
 
-# Until the store's train loader resumes mid-epoch: on restart Lightning builds its iterator before any
-# set_epoch, so a resumed run replays the epoch-0 permutation from its first batch (ard/data/trajectories.py).
-UNRESUMABLE_LOADER = pytest.mark.xfail(strict=True, reason="TrajectoryDataModule's train loader is not resumable")
-
-
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
     return tiny_teacher(tmp_path_factory.mktemp("teacher") / "digits", num_layers=2)
@@ -108,7 +103,6 @@ def test_fit_lowers_the_loss_of_every_step(uninterrupted):
     assert (uninterrupted / "student_ema" / "ard_sampling.json").exists()
 
 
-@UNRESUMABLE_LOADER
 def test_crash_after_checkpoint_then_resume_gives_the_same_losses(tmp_path, teacher_dir, store, uninterrupted):
     args = args_for(tmp_path, teacher_dir, store)
     with pytest.raises(RuntimeError, match="crash before step 6"):
@@ -135,7 +129,6 @@ def ard_subprocess(*args):
 
 
 @pytest.mark.slow
-@UNRESUMABLE_LOADER
 def test_sigkill_after_checkpoint_then_resume_gives_the_same_losses(tmp_path, teacher_dir, store):
     """The same through separate `ard` processes, the first one killed with SIGKILL before step 6."""
     reference = tmp_path / "reference"

@@ -77,6 +77,7 @@ class BatchIndexSampler(DistributedSampler):
         super().__init__(indices, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=shuffle)
         self.indices = np.asarray(indices, dtype=np.int64)
         self.batch_size = batch_size
+        self.skip = 0  # batches of the next epoch already trained on before a resume (see `resume`)
 
     def _batches(self) -> np.ndarray | list[np.ndarray]:
         n, b, w = len(self.indices), self.batch_size, self.num_replicas
@@ -88,7 +89,15 @@ class BatchIndexSampler(DistributedSampler):
         return [part[a: a + b] for a in range(0, len(part), b)]
 
     def __iter__(self):
-        return (np.sort(batch) for batch in self._batches())
+        skip, self.skip = self.skip, 0  # a resumed epoch starts after its finished batches, once
+        return (np.sort(batch) for batch in self._batches()[skip:])
+
+    def resume(self, epoch: int, batches_done: int) -> None:
+        """Continue epoch `epoch` after its first `batches_done` batches (a mid-epoch checkpoint)."""
+        if batches_done >= len(self):
+            epoch, batches_done = epoch + 1, 0
+        self.set_epoch(epoch)
+        self.skip = batches_done
 
     def __len__(self) -> int:
         n, b, w = len(self.indices), self.batch_size, self.num_replicas
@@ -149,6 +158,9 @@ class TrajectoryDataModule(L.LightningDataModule):
         if shuffle and len(sampler) == 0:
             raise StoreError(f"{self.store.root}: {len(indices)} training trajectories make no full batch of "
                              f"{self.hparams.batch_size} x {world} processes")
+        if shuffle and trainer is not None and trainer.fit_loop.restarting:
+            # Lightning builds the iterator before it would set the epoch: continue where the checkpoint was
+            sampler.resume(trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.ready)
         workers = self.hparams.num_workers
         cuda = trainer is not None and trainer.strategy.root_device.type == "cuda"
         return DataLoader(self.dataset, sampler=sampler, batch_size=None, num_workers=workers,
