@@ -123,7 +123,8 @@ def markdown_table(rows: list[dict], floors: dict[str, float]) -> str:
     lines.append("")
     lines.append(f"{rows[0]['num_samples']} samples per model, the same noises and labels for every row; "
                  "± is the bootstrap sd of FID and the standard error of the MSE. Noise floors (FID between two "
-                 f"random halves): real reference {floors['real']:.2f}, teacher samples {floors['teacher']:.2f}.")
+                 f"random halves): real reference {floors['real']:.2f}, teacher samples {floors['teacher']:.2f}. "
+                 "samples.png: one row per model in the table's order, one noise and label per column.")
     return "\n".join(lines) + "\n"
 
 
