@@ -536,15 +536,3 @@ class TrajectoryStore:
             # mode="clip" is unbuffered (mode="raise" copies through a buffer); every row was checked above.
             files[k].take(rows[a:b], axis=0, out=out3[a:b], mode="clip")  # (m, P, C*H*W)
         return out
-        if idx.min() < 0 or idx.max() >= self.num_trajectories:
-            raise IndexError(f"trajectory indices outside [0, {self.num_trajectories}) of {self.root}")
-        flat_out = out.reshape(n * p, -1)  # (n * P, C*H*W), a view of out
-        shard_of = idx // self.shard_size  # (n,)
-        rows = ((idx % self.shard_size * len(self.grid_indices))[:, None] + pos).ravel()  # (n * P,) rows in shard
-        cut = np.flatnonzero(np.diff(shard_of)) + 1  # where a run of indices of one shard starts
-        edges = [0, *(cut * p).tolist(), n * p]
-        for a, b, k in zip(edges[:-1], edges[1:], [int(shard_of[0]), *shard_of[cut].tolist()]):
-            # mode="clip" is unbuffered (mode="raise" copies through a buffer); every row is inside its shard
-            # (indices within [0, N), positions checked).
-            files[k].take(rows[a:b], axis=0, out=flat_out[a:b], mode="clip")  # (m * P, C*H*W)
-        return out
