@@ -46,3 +46,19 @@ def log_image(logger, key: str, grid: np.ndarray, step: int) -> None:
 
     if isinstance(logger, WandbLogger):
         logger.log_image(key=key, images=[grid], step=step)
+
+
+def save_figure(fig, path: str | Path, xlabel: str, ylabel: str) -> Path:
+    """Label a one-axes matplotlib figure (log y, legend, grid) and save it as a PNG atomically."""
+    ax = fig.axes[0]
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+    return path

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ard.atomic import write_text_atomic
+from ard.viz import save_figure
 
 ROOT = Path(__file__).resolve().parents[1]
 # name -> `ard fit` overrides of configs/digits/ard.yaml (the knobs of ard.student.ARDStudent)
@@ -114,15 +115,7 @@ def plot(agg: list[dict], path: Path, teacher_steps: int) -> None:
         if len(rs) > 1:
             ax.errorbar([r["steps"] for r in rs], [r["fid_vs_teacher"] for r in rs],
                         yerr=[r["fid_vs_teacher_spread"] for r in rs], marker="o", capsize=3, label=model)
-    ax.set_xlabel("sampling steps")
-    ax.set_ylabel("FID against the teacher's samples")
-    ax.set_yscale("log")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    save_figure(fig, path, "sampling steps", "FID against the teacher's samples")
 
 
 def update_readme(table: str) -> None:

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from ard.viz import save_figure
+
 ROOT = Path(__file__).resolve().parents[1]
 STUDENTS = {"baseline": ["-c", "configs/digits/baseline.yaml"], "ARD": []}
 
@@ -58,17 +60,7 @@ def plot_curves(out: Path, runs: dict[str, Path]) -> Path:
         for i, (step_name, points) in enumerate(sorted(read_losses(run_dir).items())):
             x, y = zip(*points)
             ax.plot(x, y, style, color=f"C{i}", label=f"{name} {step_name}")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("per-step MSE to the teacher's state")
-    ax.set_yscale("log")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = out / "curves.png"
-    tmp = path.with_name(".curves.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, out / "curves.png", "iteration", "per-step MSE to the teacher's state")
 
 
 def main() -> None:
