@@ -5,7 +5,8 @@ knob settings, each over several training seeds, all evaluated on one shared eva
 
 Runs (resumable: a finished run is skipped when the command is re-run):
   1. the training store: `scripts/precompute_trajectories.py` (K = 24 DDIM, CFG 2, every grid state);
-  2. one `ard fit` per (variant, S, seed), `--workers` at a time with one thread each;
+  2. one `ard fit` per (variant, S, seed), `--workers` at a time with one thread each (the seed sets the
+     data order and every random draw; the student always starts from the teacher's weights);
   3. `ard.evaluate.evaluate` per S over every student of that S, plus the teacher at K steps and the
      undistilled teacher at S steps (same noises and labels: a held-out seed);
   4. aggregation over seeds (mean and sd), written to docs/results/digits_benchmark.{json,md}, a plot
@@ -60,7 +61,7 @@ def fit(work: Path, store: Path, variant: str, steps: int, seed: int, max_steps:
         start = time.time()
         run([sys.executable, "-m", "ard.cli", "fit", "-c", "configs/digits/ard.yaml",
              f"--data.init_args.path={store}", f"--data.init_args.student_steps={steps}",
-             f"--model.init_args.num_steps={steps}", f"--seed_everything={seed}",
+             f"--model.init_args.num_steps={steps}", f"--seed_everything={seed}", f"--data.init_args.seed={seed}",
              f"--trainer.default_root_dir={run_dir}", f"--trainer.max_steps={max_steps}",
              f"--trainer.val_check_interval={max_steps}", "--trainer.logger=false",
              "--trainer.enable_progress_bar=false", *VARIANTS[variant]], run_dir.with_suffix(".log"), threads)
