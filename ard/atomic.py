@@ -34,7 +34,7 @@ def atomic_directory(directory: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
-def _replace_atomic(path: str | Path, write) -> Path:
+def write_atomic(path: str | Path, write) -> Path:
     """Write through `write(file)` into a temporary file beside `path`, fsync, then rename onto `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -55,9 +55,9 @@ def write_npz_atomic(path: str | Path, **arrays) -> Path:
     """np.savez `arrays` to `path` atomically (readers see the old file or the whole new one)."""
     import numpy as np
 
-    return _replace_atomic(path, lambda f: np.savez(f, **arrays))
+    return write_atomic(path, lambda f: np.savez(f, **arrays))
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write `text` (UTF-8) to `path` atomically."""
-    return _replace_atomic(path, lambda f: f.write(text.encode()))
+    return write_atomic(path, lambda f: f.write(text.encode()))

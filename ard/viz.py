@@ -1,13 +1,13 @@
 """Pictures: sample grids as uint8 arrays, PNG files (atomic), and W&B image logging."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from einops import rearrange
 
+from ard.atomic import write_atomic
 from ard.data.digits import to_uint8
 
 
@@ -32,12 +32,7 @@ def save_png(grid: np.ndarray, path: str | Path) -> Path:
     """Write a uint8 (H, W, 3) array as a PNG atomically (temporary file, then rename)."""
     from PIL import Image
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    Image.fromarray(grid).save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
 
 
 def log_image(logger, key: str, grid: np.ndarray, step: int) -> None:
@@ -57,8 +52,4 @@ def save_figure(fig, path: str | Path, xlabel: str, ylabel: str) -> Path:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))

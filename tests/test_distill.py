@@ -155,8 +155,8 @@ def test_ddp_two_processes_equal_one_process(tmp_path, teacher_dir, store):
     proc = ard_subprocess(*args_for(tmp_path / "ddp2", teacher_dir, store, *common, "--trainer.accelerator=cpu",
                                     "--trainer.strategy=ddp", "--trainer.devices=2", "--data.init_args.batch_size=8"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    one, two = (torch.load(tmp_path / f"ddp{d}" / "checkpoints" / "last.ckpt", map_location="cpu",
-                           weights_only=True) for d in (1, 2))
+    ckpts = [tmp_path / f"ddp{d}" / "checkpoints" / "last.ckpt" for d in (1, 2)]
+    one, two = (torch.load(path, map_location="cpu", weights_only=True) for path in ckpts)
     assert one["global_step"] == two["global_step"] == 4
     init = ARDDistillation(teacher=str(teacher_dir), history_blocks=2, samples_per_class=0).state_dict()
     for key in ("state_dict", "current_model_state"):  # EMA and raw weights

@@ -29,6 +29,8 @@ from typing import Any, Literal, Sequence, get_args
 import numpy as np
 import torch
 
+from ard.atomic import write_text_atomic
+
 FORMAT = "ard-trajectory-store"
 VERSION = 1
 MANIFEST = "manifest.json"
@@ -66,13 +68,7 @@ def fsync_dir(path: Path) -> None:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON to a temporary file beside `path`, fsync, rename over `path`, fsync the directory."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=1) + "\n")
     fsync_dir(path.parent)
 
 
