@@ -9,9 +9,13 @@ Runs (resumable: a finished run is skipped when the command is re-run):
      data order and every random draw; the student always starts from the teacher's weights);
   3. `ard.evaluate.evaluate` per S over every student of that S, plus the teacher at K steps and the
      undistilled teacher at S steps (same noises and labels: a held-out seed);
-  4. aggregation over seeds (mean and sd), written to docs/results/digits_benchmark.{json,md}, a plot
-     docs/results/digits_benchmark.png, and the README's benchmark section (between its markers).
-Prints the aggregated rows as JSON.
+     (skipped when `<work>/eval/S<s>/report.json` already holds the same students and settings);
+  4. aggregation over seeds (mean and sd), written to <results>/<name>.{json,md}, a plot <results>/<name>.png,
+     and the README's section between `<!-- <name>:start -->` and `<!-- <name>:end -->`.
+The report's second table is the verdict, computed here: per S, the baseline's degradation against the
+teacher in bootstrap sds (the sensitivity criterion: >= 5) and each ARD variant's degradation as a fraction
+of the baseline's (the paper's target: <= 1/5), for FID against the teacher's samples and against real data.
+Prints the aggregated rows and the verdict as JSON.
 """
 from __future__ import annotations
 
@@ -43,7 +47,8 @@ VARIANTS: dict[str, list[str]] = {
     "ard-direct": ["--model.init_args.output=next_state", "--model.init_args.heads=per_step"],
 }
 METRICS = ("fid", "fid_vs_teacher", "mse_vs_teacher", "is", "precision", "recall", "sec_per_image")
-README_MARKERS = ("<!-- digits-benchmark:start -->", "<!-- digits-benchmark:end -->")
+SENSITIVITY = 5.0  # the baseline's degradation must be at least this many bootstrap sds
+TARGET_RATIO = 0.2  # the paper: ARD degrades at most 1/5 as much as the baseline
 
 
 def run(cmd: list[str], log: Path, threads: int) -> None:
@@ -80,26 +85,68 @@ def aggregate(rows: list[dict]) -> list[dict]:
         for m in METRICS:
             values = np.array([r[m] for r in rs], dtype=float)
             row[m], row[m + "_spread"] = float(values.mean()), float(values.std(ddof=1)) if len(rs) > 1 else 0.0
-        row["fid_vs_teacher_bootstrap_sd"] = float(np.mean([r["fid_vs_teacher_sd"] for r in rs]))
+        for m in ("fid", "fid_vs_teacher"):  # the bootstrap sd of one run's FID, averaged over the seeds
+            row[m + "_bootstrap_sd"] = float(np.mean([r[m + "_sd"] for r in rs]))
         out.append(row)
     return out
 
 
-def markdown(agg: list[dict], floors: dict, settings: dict) -> str:
+def verdict(agg: list[dict], teacher_steps: int) -> list[dict]:
+    """Per student step count S and ARD variant: degradations against the teacher, the baseline's in
+    bootstrap sds, and ARD's as a fraction of the baseline's. Against the teacher's samples the degradation
+    is the FID itself (the teacher scores 0); against real data it is FID(model) - FID(teacher)."""
+    teacher = next(r for r in agg if r["model"].startswith("teacher") and r["steps"] == teacher_steps)
+    out = []
+    for s in sorted({r["steps"] for r in agg if r["steps"] != teacher_steps}):
+        base = next((r for r in agg if r["model"] == "baseline" and r["steps"] == s), None)
+        if base is None:
+            continue
+        for r in agg:
+            if r["steps"] != s or r["model"] == "baseline" or r["model"].startswith("teacher"):
+                continue
+            row = {"steps": s, "model": r["model"]}
+            for m, offset in (("fid_vs_teacher", 0.0), ("fid", teacher["fid"])):
+                d_base, d_model = base[m] - offset, r[m] - offset
+                row[m] = {"baseline_degradation": d_base, "degradation": d_model,
+                          "baseline_in_bootstrap_sd": d_base / base[m + "_bootstrap_sd"],
+                          "sensitive": d_base >= SENSITIVITY * base[m + "_bootstrap_sd"],
+                          "ratio": d_model / d_base, "meets_target": d_model <= TARGET_RATIO * d_base}
+            out.append(row)
+    return out
+
+
+def markdown(agg: list[dict], checks: list[dict], floors: dict, settings: dict) -> str:
     lines = [f"Digits, teacher K = {settings['teacher_steps']} DDIM steps with CFG {settings['guidance_scale']}; "
              f"{settings['num_samples']} samples per model on the same noises and labels; students trained "
              f"{settings['max_steps']} iterations on {settings['num_trajectories']} trajectories; mean ± sd over "
-             "training seeds (the teacher rows: one run; ± for them is not shown). Same-noise MSE is per pixel in "
-             "[-1, 1] units. Reference noise floors (FID between random halves): real digits "
-             f"{floors['real']:.2f}, teacher samples {floors['teacher']:.2f}.", "",
+             "training seeds (the teacher rows: one run), and in brackets the bootstrap sd of one run's FID. "
+             "Same-noise MSE is per pixel in [-1, 1] units. Reference noise floors (FID between random halves): "
+             f"real digits {floors['real']:.2f}, teacher samples {floors['teacher']:.2f}.", "",
              "| model | steps | seeds | FID vs real | FID vs teacher | same-noise MSE | IS | precision | recall | s / image |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(agg, key=lambda r: (r["steps"] != settings["teacher_steps"], r["steps"], r["model"])):
         def pm(m, fmt):
             return f"{r[m]:{fmt}}" + (f" ± {r[m + '_spread']:{fmt}}" if r["seeds"] > 1 else "")
-        lines.append(f"| {r['model']} | {r['steps']} | {r['seeds']} | {pm('fid', '.2f')} | "
-                     f"{pm('fid_vs_teacher', '.2f')} | {pm('mse_vs_teacher', '.4f')} | {pm('is', '.2f')} | "
-                     f"{pm('precision', '.3f')} | {pm('recall', '.3f')} | {r['sec_per_image']:.1e} |")
+
+        def fid(m):
+            return f"{pm(m, '.2f')} [{r[m + '_bootstrap_sd']:.2f}]"
+        lines.append(f"| {r['model']} | {r['steps']} | {r['seeds']} | {fid('fid')} | {fid('fid_vs_teacher')} | "
+                     f"{pm('mse_vs_teacher', '.4f')} | {pm('is', '.2f')} | {pm('precision', '.3f')} | "
+                     f"{pm('recall', '.3f')} | {r['sec_per_image']:.1e} |")
+    lines += ["", f"Degradation against the teacher (computed by the tool): the baseline's in bootstrap sds (sensitive "
+              f"when >= {SENSITIVITY:g}), and each variant's as a fraction of the baseline's (the paper's target: "
+              f"<= {TARGET_RATIO:g}). Against the teacher's samples the degradation is the FID; against real data, "
+              "FID minus the teacher's.", "",
+              "| steps | model | baseline Δ vs teacher (sds) | Δ vs teacher | ratio | baseline Δ vs real (sds) "
+              "| Δ vs real | ratio |", "|---|---|---|---|---|---|---|---|"]
+    for c in checks:
+        cells = []
+        for m in ("fid_vs_teacher", "fid"):
+            v = c[m]
+            cells += [f"{v['baseline_degradation']:.2f} ({v['baseline_in_bootstrap_sd']:.1f}"
+                      f"{'' if v['sensitive'] else ', not sensitive'})", f"{v['degradation']:.2f}",
+                      f"{v['ratio']:.2f}" + (" (target met)" if v["meets_target"] else "")]
+        lines.append(f"| {c['steps']} | {c['model']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -119,10 +166,11 @@ def plot(agg: list[dict], path: Path, teacher_steps: int) -> None:
     save_figure(fig, path, "sampling steps", "FID against the teacher's samples")
 
 
-def update_readme(table: str) -> None:
+def update_readme(table: str, name: str) -> None:
+    """Replace the README's section between `<!-- name:start -->` and `<!-- name:end -->` (if it has one)."""
     readme = ROOT / "README.md"
     text = readme.read_text()
-    start, end = README_MARKERS
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     if start in text and end in text:
         head, rest = text.split(start, 1)
         write_text_atomic(readme, head + start + "\n" + table + end + rest.split(end, 1)[1])
@@ -142,6 +190,8 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=2000, help="evaluation set size")
     parser.add_argument("--workers", type=int, default=2, help="students trained at once (one thread each)")
     parser.add_argument("--results", default="docs/results", help="where the report goes")
+    parser.add_argument("--name", default="digits-benchmark",
+                        help="report file stem and README section (<!-- NAME:start --> ... <!-- NAME:end -->)")
     args = parser.parse_args()
 
     work = (ROOT / args.work).resolve()
@@ -160,8 +210,10 @@ def main() -> None:
     for s in sorted({j[1] for j in jobs}):
         named = {f"{v}-seed{seed}": str(d) for (v, steps, seed), d in zip(jobs, students) if steps == s}
         out = work / "eval" / f"S{s}"
-        evaluate(students=named, undistilled_steps=[s], num_samples=args.num_samples, out=str(out),
-                 cache_dir=str(work / "cache"), wandb=False)
+        done = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else None
+        if not done or done["settings"]["students"] != named or done["settings"]["num_samples"] != args.num_samples:
+            evaluate(students=named, undistilled_steps=[s], num_samples=args.num_samples, out=str(out),
+                     cache_dir=str(work / "cache"), wandb=False)
         report = json.loads((out / "report.json").read_text())
         k = report["settings"]["teacher_steps"]  # the K-step teacher row: once, from the first evaluation
         rows += [r for r in report["rows"] if not (rows and r["steps"] == k and r["model"].startswith("teacher"))]
@@ -169,15 +221,16 @@ def main() -> None:
     settings = {**report["settings"], "max_steps": args.max_steps, "num_trajectories": args.num_trajectories,
                 "seeds": args.seeds, "wall_seconds": time.time() - start}
     agg = aggregate(rows)
+    checks = verdict(agg, settings["teacher_steps"])
     results = ROOT / args.results
-    results.mkdir(parents=True, exist_ok=True)
-    table = markdown(agg, floors, settings)
-    write_text_atomic(results / "digits_benchmark.json", json.dumps(
-        {"settings": settings, "noise_floor": floors, "aggregated": agg, "runs": rows}, indent=1))
-    write_text_atomic(results / "digits_benchmark.md", table)
-    plot(agg, results / "digits_benchmark.png", settings["teacher_steps"])
-    update_readme(table)
-    print(json.dumps(agg, indent=1))
+    stem = args.name.replace("-", "_")
+    table = markdown(agg, checks, floors, settings)
+    write_text_atomic(results / f"{stem}.json", json.dumps(
+        {"settings": settings, "noise_floor": floors, "aggregated": agg, "verdict": checks, "runs": rows}, indent=1))
+    write_text_atomic(results / f"{stem}.md", table)
+    plot(agg, results / f"{stem}.png", settings["teacher_steps"])
+    update_readme(table, args.name)
+    print(json.dumps({"aggregated": agg, "verdict": checks}, indent=1))
 
 
 if __name__ == "__main__":

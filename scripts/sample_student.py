@@ -1,7 +1,7 @@
 """Generate S-step samples from a trained ARD student (its EMA weights), or export it as a standalone directory.
 
 Sample (a PNG grid of the first samples, and with --npz all samples as uint8 images in the ADM
-evaluator's layout, key arr_0, (N, H, W, 3)):
+evaluator's layout, arr_0 (N, H, W, 3), with the labels as arr_1):
 
     # from the standalone EMA student written when `ard fit` ends (needs neither teacher nor store)
     python scripts/sample_student.py sample --student runs/digits/ard/student_ema \
@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ard.atomic import write_npz_atomic
 from ard.data.digits import to_uint8
 from ard.diffusion import trajectory_inputs
 from ard.latents import LATENT_SCALE, decode_latents, load_vae
+from ard.metrics import save_npz_images
 from ard.modules.distill import ARDDistillation, load_exported
 from ard.student import ARDStudent, sample
 from ard.viz import image_grid, save_png
@@ -80,7 +80,7 @@ def run_sample(args) -> None:
     timesteps = torch.tensor(timesteps, device=device)  # (S+1,)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
 
-    out = []
+    out, all_labels = [], []
     indices = list(range(args.start_index, args.start_index + num))
     for start in tqdm(range(0, num, args.batch_size), desc=f"{student.num_steps}-step student"):
         idx = indices[start:start + args.batch_size]
@@ -90,6 +90,7 @@ def run_sample(args) -> None:
             x = sample(student, noise.to(device), y.to(device), timesteps)[:, -1].float()  # (b, C, H, W)
             images = decode_latents(vae, x, args.latent_scale) if vae is not None else x  # (b, 3|1, H', W')
         out.append(to_uint8(images.cpu()))
+        all_labels.append(y)
     images = torch.cat(out)  # (N, C, H, W) uint8
     out_dir = Path(args.out)
     nrow = args.per_label if labels is not None else args.nrow
@@ -97,10 +98,8 @@ def run_sample(args) -> None:
     png = save_png(image_grid(grid_images, nrow=nrow), out_dir / "grid.png")
     print(f"wrote {png}")
     if args.npz:
-        rgb = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images  # (N, 3, H, W)
-        path = out_dir / f"samples_{len(images)}x{rgb.shape[2]}x{rgb.shape[3]}x3.npz"
-        write_npz_atomic(path, arr_0=rgb.permute(0, 2, 3, 1).contiguous().numpy())  # ADM layout (N, H, W, 3)
-        print(f"wrote {path}")
+        path = out_dir / f"samples_{len(images)}x{images.shape[2]}x{images.shape[3]}x3.npz"
+        print(f"wrote {save_npz_images(path, images, torch.cat(all_labels))}")  # ADM layout arr_0 (N, H, W, 3)
 
 
 def run_export(args) -> None:

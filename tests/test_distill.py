@@ -257,7 +257,9 @@ def test_sample_script_same_samples_from_checkpoint_export_and_final_student(tmp
     arrays = {}
     for name, source in sources.items():
         sample_student.main(["sample", *source, *common, "--out", str(tmp_path / name)])
-        arrays[name] = np.load(tmp_path / name / "samples_6x8x8x3.npz")["arr_0"]
+        with np.load(tmp_path / name / "samples_6x8x8x3.npz") as z:
+            arrays[name] = z["arr_0"]
+            assert z["arr_1"].tolist() == [3, 3, 3, 1, 1, 1]  # the labels, for class-conditional evaluators
         assert (tmp_path / name / "grid.png").exists()
     assert arrays["checkpoint"].dtype == np.uint8 and arrays["checkpoint"].shape == (6, 8, 8, 3)
     assert np.array_equal(arrays["checkpoint"], arrays["export"])

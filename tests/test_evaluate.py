@@ -4,7 +4,13 @@ import math
 
 import torch
 
-from ard.evaluate import REPORT_KEYS, evaluate
+import numpy as np
+import pytest
+from diffusers import AutoencoderKL
+
+from ard.data.digits import to_uint8
+from ard.evaluate import REPORT_KEYS, evaluate, make_decoder
+from ard.metrics import load_npz_images
 from ard.student import ARDStudent
 from ard.teacher import build_dit
 
@@ -19,7 +25,7 @@ def test_evaluate_tiny_run_writes_full_report(tmp_path):
 
     rows = evaluate(students={"ard": str(student_dir)}, teacher=str(tmp_path / "teacher"), teacher_steps=4,
                     undistilled_steps=[2], num_samples=40, bootstrap=3, batch_size=20, out=str(tmp_path / "out"),
-                    cache_dir=str(tmp_path / "cache"), grid_samples=4, wandb=False)
+                    cache_dir=str(tmp_path / "cache"), grid_samples=4, wandb=False, export_npz=True)
 
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert [r["model"] for r in report["rows"]] == ["teacher (DDIM, w=2)"] * 2 + ["ard"]
@@ -35,3 +41,41 @@ def test_evaluate_tiny_run_writes_full_report(tmp_path):
     table = (tmp_path / "out" / "report.md").read_text()
     assert table.count("\n| ") == 3 and (tmp_path / "out" / "samples.png").exists()
     assert list((tmp_path / "cache").glob("eval_set-*.npz"))  # the teacher's samples are cached
+    # ADM batches of exactly the evaluated samples: the teacher's are its cached samples, with their labels
+    with np.load(next((tmp_path / "cache").glob("eval_set-*.npz")), allow_pickle=False) as z:
+        cached, labels = torch.from_numpy(z["teacher"]), z["labels"]
+    exported = sorted(p.name for p in (tmp_path / "out" / "npz").iterdir())
+    assert exported == ["ard-2steps.npz", "teacher_DDIM_w_2-2steps.npz", "teacher_DDIM_w_2-4steps.npz"]
+    teacher_npz = tmp_path / "out" / "npz" / "teacher_DDIM_w_2-4steps.npz"
+    assert torch.equal(load_npz_images(teacher_npz)[:, :1], to_uint8(cached))
+    with np.load(teacher_npz, allow_pickle=False) as z:
+        assert np.array_equal(z["arr_1"], labels)
+
+
+def tiny_vae(path):
+    """A 2-level AutoencoderKL (4-channel latents at half the resolution), saved like a diffusers VAE."""
+    torch.manual_seed(0)
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                  layers_per_block=1, norm_num_groups=4, sample_size=8).save_pretrained(path)
+    return path
+
+
+def test_latent_samples_are_decoded_by_the_vae(tmp_path):
+    decode = make_decoder(str(tiny_vae(tmp_path / "vae")), latent_scale=0.5, batch_size=3,
+                          device=torch.device("cpu"))
+    latents = torch.randn(5, 4, 4, 4)  # (n, C, h, w)
+    images = decode(latents)
+    assert images.dtype == torch.uint8 and images.shape == (5, 3, 8, 8)
+    vae = AutoencoderKL.from_pretrained(tmp_path / "vae")
+    with torch.no_grad():
+        expected = vae.decode(latents / 0.5).sample.clamp(-1, 1)  # DiT: vae.decode(x / scale)
+    assert torch.equal(images, to_uint8(expected))
+
+
+def test_latent_teacher_without_vae_is_a_one_line_error(tmp_path):
+    build_dit("digits", num_layers=1, in_channels=4).save_pretrained(tmp_path / "teacher")
+    with pytest.raises(ValueError, match="4-channel latents: pass vae"):
+        evaluate(teacher=str(tmp_path / "teacher"), num_samples=4, out=str(tmp_path / "out"), wandb=False,
+                 cache_dir=str(tmp_path / "cache"))
+    assert not (tmp_path / "out").exists()

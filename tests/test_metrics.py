@@ -12,7 +12,8 @@ from torchmetrics.image.inception import InceptionScore
 from ard.data.digits import load_digits_split, to_uint8
 from ard.metrics import (DigitFeatures, FeatureStats, InceptionFeatures, bootstrap_fid, compute_metrics,
                          digits_images, extract, fid_between, fid_from_features, fid_noise_floor, inception_score,
-                         nhwc_to_nchw, precision_recall, reference_from_adm_npz, reference_from_images)
+                         load_npz_images, nhwc_to_nchw, precision_recall, reference_from_adm_npz,
+                         reference_from_images, save_npz_images)
 from ard.metrics.classifier import uint8_to_float
 from ard.metrics.precision_recall import manifold_radii
 
@@ -218,6 +219,19 @@ def test_reference_from_adm_npz(tmp_path, extractor, digits):
     np.savez(tmp_path / "nchw.npz", arr_0=digits[:10].numpy())
     with pytest.raises(ValueError, match="nchw.npz: arr_0 must be"):
         reference_from_adm_npz(tmp_path / "nchw.npz", extractor)
+
+
+def test_adm_sample_batch_round_trip(tmp_path, digits):
+    labels = torch.arange(50) % 10
+    path = save_npz_images(tmp_path / "samples.npz", digits[:50], labels)
+    with np.load(path, allow_pickle=False) as z:
+        assert z["arr_0"].shape == (50, 8, 8, 3) and z["arr_0"].dtype == np.uint8  # the TF evaluator's layout
+        assert np.array_equal(z["arr_1"], labels.numpy())
+    back = load_npz_images(path)  # (50, 3, 8, 8): grey repeated to RGB
+    assert torch.equal(back, digits[:50].expand(-1, 3, -1, -1))
+    with pytest.raises(TypeError, match="bad.npz"):
+        save_npz_images(tmp_path / "bad.npz", digits[:5].float())
+    assert not (tmp_path / "bad.npz").exists()
 
 
 # ---------------------------------------------------------------- bootstrap, noise floor, the suite

@@ -17,12 +17,12 @@ from ard.metrics.fid import FeatureStats, fid_from_features
 from ard.metrics.inception_score import inception_score
 from ard.metrics.precision_recall import precision_recall
 from ard.metrics.reference import (Reference, digits_images, load_npz_images, reference_from_adm_npz,
-                                   reference_from_images)
+                                   reference_from_images, save_npz_images)
 from ard.metrics.stats import bootstrap_fid, fid_noise_floor
 
 __all__ = [
     "DIGIT_CLASSIFIER", "load_digit_classifier", "train_digit_classifier", "compute_metrics", "fid_between",
     "DigitFeatures", "FeatureExtractor", "InceptionFeatures", "extract", "nhwc_to_nchw", "FeatureStats",
     "fid_from_features", "inception_score", "precision_recall", "Reference", "digits_images",
-    "load_npz_images", "reference_from_adm_npz", "reference_from_images", "bootstrap_fid", "fid_noise_floor",
+    "load_npz_images", "reference_from_adm_npz", "reference_from_images", "save_npz_images", "bootstrap_fid", "fid_noise_floor",
 ]

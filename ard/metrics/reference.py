@@ -9,6 +9,8 @@ and `features` (for precision/recall), both for one extractor.
   arr_0 the 10,000 images NHWC, mu/sigma their pool_3 statistics). Its mu/sigma are used for FID
   when present (the ADM protocol; they belong to the Inception pool_3, so their dimension must match
   the extractor's), its images give the precision/recall features.
+- load_npz_images / save_npz_images: the ADM batch layout (arr_0 uint8 NHWC) in and out; samples written
+  by save_npz_images go straight into the official TF evaluator.
 Files are read with np.load(allow_pickle=False).
 """
 from __future__ import annotations
@@ -88,6 +90,17 @@ def load_npz_images(path: str | Path) -> torch.Tensor:
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] not in (1, 3):
         raise ValueError(f"{path}: arr_0 must be uint8 (N, H, W, 1|3), got {arr.dtype} {arr.shape}")
     return nhwc_to_nchw(arr)
+
+
+def save_npz_images(path: str | Path, images: torch.Tensor, labels: torch.Tensor | None = None) -> Path:
+    """Write uint8 NCHW `images` as an ADM-evaluator sample batch (atomically): arr_0 uint8 (N, H, W, 3)
+    (grey repeated to RGB, as the TF evaluator expects), and arr_1 the labels (N,) int64 when given."""
+    check_images(images, (1, 3), str(path))
+    rgb = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images  # (N, 3, H, W)
+    arrays = {"arr_0": rgb.permute(0, 2, 3, 1).contiguous().numpy()}  # (N, H, W, 3)
+    if labels is not None:
+        arrays["arr_1"] = labels.to(torch.int64).numpy()  # (N,)
+    return write_npz_atomic(path, **arrays)
 
 
 def reference_from_adm_npz(path: str | Path, extractor: FeatureExtractor, cache_dir: str | Path | None = None,
