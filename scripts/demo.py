@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="student steps S")
     parser.add_argument("--num-trajectories", type=int, default=2048, help="teacher trajectories to distil from")
     parser.add_argument("--max-steps", type=int, default=500, help="training iterations per student")
+    parser.add_argument("--val-count", type=int, default=512, help="trajectories held out for validation")
     parser.add_argument("--num-samples", type=int, default=1000, help="evaluation samples per model")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads")
     args = parser.parse_args()
@@ -88,7 +89,8 @@ def main() -> None:
             continue
         ard("-m", "ard.cli", "fit", "-c", "configs/digits/ard.yaml", *preset,
             f"--data.init_args.path={out / 'store'}", f"--data.init_args.student_steps={args.steps}",
-            f"--model.init_args.num_steps={args.steps}", f"--trainer.default_root_dir={run_dir}",
+            f"--data.init_args.val_count={args.val_count}", f"--model.init_args.num_steps={args.steps}",
+            f"--trainer.default_root_dir={run_dir}",
             f"--trainer.max_steps={args.max_steps}", f"--trainer.val_check_interval={args.max_steps}",
             "--trainer.logger+=lightning.pytorch.loggers.CSVLogger",
             f"--trainer.logger.init_args.save_dir={run_dir}", "--trainer.logger.init_args.name=csv",
