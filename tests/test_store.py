@@ -144,6 +144,22 @@ def test_resume_after_a_crash_gives_the_uninterrupted_store(tmp_path, teacher, s
     assert fmt.read_manifest(out)["complete"]
 
 
+class CountTrajectories(L.Callback):
+    """Records the module's per-micro-batch progress calls (what the writer's progress bar receives)."""
+
+    def __init__(self):
+        self.calls: list[int] = []
+
+    def on_trajectories_done(self, count: int) -> None:
+        self.calls.append(count)
+
+
+def test_progress_moves_once_per_micro_batch(tmp_path, teacher):
+    counter = CountTrajectories()
+    precompute(teacher, tmp_path / "s", callbacks=(counter,))
+    assert counter.calls == [MICRO] * (N // MICRO)  # 5 micro-batches of 8 over 3 shards, not 3 shard steps
+
+
 def test_rerunning_a_complete_store_writes_nothing(tmp_path, teacher, store, capsys):
     out = tmp_path / "s"
     shutil.copytree(store, out)

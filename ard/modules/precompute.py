@@ -99,6 +99,13 @@ class PrecomputeTrajectories(L.LightningModule):
             raise ValueError(f"{type(self).__name__} needs the callback ard.store.writer.TrajectoryStoreWriter in "
                              "trainer.callbacks (nothing would be written)")
 
+    def _report_progress(self, count: int) -> None:
+        """Tell the trainer's callbacks that have `on_trajectories_done` (the store writer's progress bar)
+        that `count` more trajectories are computed: a shard takes minutes, its micro-batches seconds."""
+        for callback in self._trainer.callbacks if self._trainer is not None else []:
+            if hasattr(callback, "on_trajectories_done"):
+                callback.on_trajectories_done(count)
+
     def predict_step(self, batch: dict, batch_idx: int) -> dict | None:
         """batch: one shard {"shard", "start", "count"} (count 0: padding for a rank with no work left).
 
@@ -119,6 +126,7 @@ class PrecomputeTrajectories(L.LightningModule):
             if hp.with_x0:
                 x0s.append(traj.x0.float().cpu())  # (m, G, C, H, W)
             labels.append(y)
+            self._report_progress(len(idx))
         out = {"shard": int(batch["shard"]), "index": torch.arange(start, stop), "labels": torch.cat(labels),
                "states": torch.cat(states)}  # states: (n, G, C, H, W)
         if hp.with_x0:

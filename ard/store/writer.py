@@ -5,7 +5,8 @@ setup: builds the manifest from the data (`StoreShards`: path, count, shard size
 (empty, or the same store: resume), rank 0 writes the manifest, all meet at a barrier.
 write_on_batch_end: writes the shard atomically (ard.store.format.write_shard) on the rank that computed it.
 on_predict_end: after a barrier, rank 0 consolidates the manifest from the shard sidecars and prints a
-summary line. A progress bar (rank 0, trajectories per second) replaces Lightning's shards-per-second one.
+summary line. A progress bar (rank 0, trajectories per second, advanced after every micro-batch by the
+module's `on_trajectories_done` calls) replaces Lightning's shards-per-second one.
 """
 from __future__ import annotations
 
@@ -79,9 +80,12 @@ class TrajectoryStoreWriter(BasePredictionWriter):
         dtype = self.manifest["state"]["dtype"]
         arrays = {name: fmt.to_numpy(prediction[name], dtype) for name in fmt.STATE_FIELDS if name in prediction}
         arrays.update(labels=prediction["labels"].cpu().numpy(), index=prediction["index"].cpu().numpy())
-        sidecar = fmt.write_shard(self.root, self.manifest, prediction["shard"], arrays)
+        fmt.write_shard(self.root, self.manifest, prediction["shard"], arrays)
+
+    def on_trajectories_done(self, count: int) -> None:
+        """Called by PrecomputeTrajectories after each micro-batch: the bar moves every few seconds."""
         if self._bar is not None:
-            self._bar.update(sidecar["count"])
+            self._bar.update(count)
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._bar is not None:
