@@ -160,9 +160,11 @@ def plot(agg: list[dict], path: Path, teacher_steps: int) -> None:
     models = sorted({r["model"] for r in agg if r["steps"] != teacher_steps or not r["model"].startswith("teacher")})
     for model in models:
         rs = sorted([r for r in agg if r["model"] == model and r["steps"] != teacher_steps], key=lambda r: r["steps"])
-        if len(rs) > 1:
+        if rs:
             ax.errorbar([r["steps"] for r in rs], [r["fid_vs_teacher"] for r in rs],
                         yerr=[r["fid_vs_teacher_spread"] for r in rs], marker="o", capsize=3, label=model)
+    ax.set_yscale("log")  # the undistilled teacher's few-step FIDs are 10x the students'
+    ax.set_xticks(sorted({r["steps"] for r in agg if r["steps"] != teacher_steps}))
     save_figure(fig, path, "sampling steps", "FID against the teacher's samples")
 
 
