@@ -74,6 +74,16 @@ def fit(work: Path, store: Path, variant: str, steps: int, seed: int, max_steps:
     return run_dir / "student_ema"
 
 
+def history_gate(student_dir: Path) -> float | None:
+    """Largest opening max(g, 0) of a closed-start student's history gates (None: no gates); at 0 the
+    student computes exactly the baseline, so this says how much history the training switched on."""
+    from safetensors.torch import load_file
+
+    path = student_dir / "ard_student.safetensors"
+    gate = load_file(path).get("history_gate") if path.exists() else None
+    return None if gate is None else float(gate.clamp(min=0).max())
+
+
 def aggregate(rows: list[dict]) -> list[dict]:
     """Mean and sd over seeds of every metric, per (model, steps)."""
     groups: dict[tuple[str, int], list[dict]] = {}
@@ -87,6 +97,9 @@ def aggregate(rows: list[dict]) -> list[dict]:
             row[m], row[m + "_spread"] = float(values.mean()), float(values.std(ddof=1)) if len(rs) > 1 else 0.0
         for m in ("fid", "fid_vs_teacher"):  # the bootstrap sd of one run's FID, averaged over the seeds
             row[m + "_bootstrap_sd"] = float(np.mean([r[m + "_sd"] for r in rs]))
+        gates = [r["history_gate"] for r in rs if r.get("history_gate") is not None]
+        if gates:
+            row["history_gate_max"] = max(gates)
         out.append(row)
     return out
 
@@ -107,10 +120,11 @@ def verdict(agg: list[dict], teacher_steps: int) -> list[dict]:
             row = {"steps": s, "model": r["model"]}
             for m, offset in (("fid_vs_teacher", 0.0), ("fid", teacher["fid"])):
                 d_base, d_model = base[m] - offset, r[m] - offset
+                sensitive = d_base >= SENSITIVITY * base[m + "_bootstrap_sd"]  # a ratio means nothing otherwise
                 row[m] = {"baseline_degradation": d_base, "degradation": d_model,
-                          "baseline_in_bootstrap_sd": d_base / base[m + "_bootstrap_sd"],
-                          "sensitive": d_base >= SENSITIVITY * base[m + "_bootstrap_sd"],
-                          "ratio": d_model / d_base, "meets_target": d_model <= TARGET_RATIO * d_base}
+                          "baseline_in_bootstrap_sd": d_base / base[m + "_bootstrap_sd"], "sensitive": sensitive,
+                          "ratio": d_model / d_base if sensitive else None,
+                          "meets_target": sensitive and d_model <= TARGET_RATIO * d_base}
             out.append(row)
     return out
 
@@ -145,8 +159,13 @@ def markdown(agg: list[dict], checks: list[dict], floors: dict, settings: dict) 
             v = c[m]
             cells += [f"{v['baseline_degradation']:.2f} ({v['baseline_in_bootstrap_sd']:.1f}"
                       f"{'' if v['sensitive'] else ', not sensitive'})", f"{v['degradation']:.2f}",
-                      f"{v['ratio']:.2f}" + (" (target met)" if v["meets_target"] else "")]
+                      "-" if v["ratio"] is None else f"{v['ratio']:.2f}" + (" (target met)" if v["meets_target"] else "")]
         lines.append(f"| {c['steps']} | {c['model']} | " + " | ".join(cells) + " |")
+    gated = [r for r in agg if "history_gate_max" in r]
+    if gated:
+        lines += ["", "Closed history start: the largest history gate after training (0 computes exactly the "
+                  "baseline; 1 is the plain start's full attention to earlier steps): " + ", ".join(
+                      f"{r['model']} S={r['steps']} {r['history_gate_max']:.4f}" for r in gated) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -217,6 +236,9 @@ def main() -> None:
             evaluate(students=named, undistilled_steps=[s], num_samples=args.num_samples, out=str(out),
                      cache_dir=str(work / "cache"), wandb=False)
         report = json.loads((out / "report.json").read_text())
+        for r in report["rows"]:
+            if r["model"] in named:
+                r["history_gate"] = history_gate(Path(named[r["model"]]))
         k = report["settings"]["teacher_steps"]  # the K-step teacher row: once, from the first evaluation
         rows += [r for r in report["rows"] if not (rows and r["steps"] == k and r["model"].startswith("teacher"))]
         floors = report["noise_floor"]
