@@ -169,7 +169,7 @@ def markdown(agg: list[dict], checks: list[dict], floors: dict, settings: dict) 
     return "\n".join(lines) + "\n"
 
 
-def plot(agg: list[dict], path: Path, teacher_steps: int) -> None:
+def plot(agg: list[dict], floors: dict, path: Path, teacher_steps: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,6 +182,7 @@ def plot(agg: list[dict], path: Path, teacher_steps: int) -> None:
         if rs:
             ax.errorbar([r["steps"] for r in rs], [r["fid_vs_teacher"] for r in rs],
                         yerr=[r["fid_vs_teacher_spread"] for r in rs], marker="o", capsize=3, label=model)
+    ax.axhline(floors["teacher"], color="grey", linestyle=":", label="teacher samples, half vs half")
     ax.set_yscale("log")  # the undistilled teacher's few-step FIDs are 10x the students'
     ax.set_xticks(sorted({r["steps"] for r in agg if r["steps"] != teacher_steps}))
     save_figure(fig, path, "sampling steps", "FID against the teacher's samples")
@@ -252,7 +253,7 @@ def main() -> None:
     write_text_atomic(results / f"{stem}.json", json.dumps(
         {"settings": settings, "noise_floor": floors, "aggregated": agg, "verdict": checks, "runs": rows}, indent=1))
     write_text_atomic(results / f"{stem}.md", table)
-    plot(agg, results / f"{stem}.png", settings["teacher_steps"])
+    plot(agg, floors, results / f"{stem}.png", settings["teacher_steps"])
     update_readme(table, args.name)
     print(json.dumps({"aggregated": agg, "verdict": checks}, indent=1))
 
