@@ -159,7 +159,8 @@ def markdown(agg: list[dict], checks: list[dict], floors: dict, settings: dict) 
             v = c[m]
             cells += [f"{v['baseline_degradation']:.2f} ({v['baseline_in_bootstrap_sd']:.1f}"
                       f"{'' if v['sensitive'] else ', not sensitive'})", f"{v['degradation']:.2f}",
-                      "-" if v["ratio"] is None else f"{v['ratio']:.2f}" + (" (target met)" if v["meets_target"] else "")]
+                      "-" if v["ratio"] is None
+                      else f"{v['ratio']:.2f}" + (" (target met)" if v["meets_target"] else "")]
         lines.append(f"| {c['steps']} | {c['model']} | " + " | ".join(cells) + " |")
     gated = [r for r in agg if "history_gate_max" in r]
     if gated:
@@ -244,7 +245,7 @@ def main() -> None:
         rows += [r for r in report["rows"] if not (rows and r["steps"] == k and r["model"].startswith("teacher"))]
         floors = report["noise_floor"]
     settings = {**report["settings"], "max_steps": args.max_steps, "num_trajectories": args.num_trajectories,
-                "seeds": args.seeds, "wall_seconds": time.time() - start}
+                "seeds": args.seeds, "invocation_seconds": time.time() - start}  # finished runs are reused
     agg = aggregate(rows)
     checks = verdict(agg, settings["teacher_steps"])
     results = ROOT / args.results
