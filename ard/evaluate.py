@@ -30,6 +30,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from ard.atomic import write_npz_atomic, write_text_atomic
@@ -74,9 +75,12 @@ def run_batched(sampler: Sampler, noise: torch.Tensor, labels: torch.Tensor, bat
 
 
 def gflops_per_image(sampler: Sampler, noise: torch.Tensor, labels: torch.Tensor) -> float:
-    """GFLOPs of generating one image, counted by torch's FlopCounterMode (2 FLOPs per multiply-add)."""
+    """GFLOPs of generating one image, counted by torch's FlopCounterMode (2 FLOPs per multiply-add).
+
+    Attention runs on SDPA's math backend while counting: the fused CPU kernel has no FLOP formula and
+    would count as 0, hiding exactly the history attention's cost."""
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
         sampler(noise[:1], labels[:1])  # on the device the sampler's model lives on
     return counter.get_total_flops() / 1e9
 

@@ -9,7 +9,7 @@ import pytest
 from diffusers import AutoencoderKL
 
 from ard.data.digits import to_uint8
-from ard.evaluate import REPORT_KEYS, evaluate, make_decoder
+from ard.evaluate import REPORT_KEYS, evaluate, gflops_per_image, make_decoder, student_sampler
 from ard.metrics import load_npz_images
 from ard.student import ARDStudent
 from ard.teacher import build_dit
@@ -79,3 +79,23 @@ def test_latent_teacher_without_vae_is_a_one_line_error(tmp_path):
         evaluate(teacher=str(tmp_path / "teacher"), num_samples=4, out=str(tmp_path / "out"), wandb=False,
                  cache_dir=str(tmp_path / "cache"))
     assert not (tmp_path / "out").exists()
+
+
+def test_flops_count_the_history_attention(tmp_path):
+    """ARD's extra cost is attention only: N L^2 D S(S-1) multiply-adds per sample with the KV cache
+    (step s attends to s earlier steps' L keys, QK^T and AV). The fused CPU SDPA kernel counts 0 FLOPs,
+    so this fails unless attention is counted."""
+    torch.manual_seed(0)
+    teacher = build_dit("digits", num_layers=3).eval()
+    steps, history_blocks = 3, 2
+    flops = {}
+    for n in (0, history_blocks):
+        directory = tmp_path / f"N{n}"
+        ARDStudent(teacher, num_steps=steps, history_blocks=n).save_pretrained(directory)
+        (directory / "ard_sampling.json").write_text(json.dumps({"timesteps": [943, 631, 311, -1]}))
+        sampler, _ = student_sampler(str(directory))
+        flops[n] = gflops_per_image(sampler, torch.randn(1, 1, 8, 8), torch.tensor([3])) * 1e9
+    config = teacher.config
+    tokens = (config.sample_size // config.patch_size) ** 2  # L
+    width = config.num_attention_heads * config.attention_head_dim  # D
+    assert flops[history_blocks] - flops[0] == 2 * history_blocks * tokens ** 2 * width * steps * (steps - 1)
