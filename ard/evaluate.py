@@ -42,7 +42,7 @@ from ard.metrics import (DigitFeatures, FeatureExtractor, InceptionFeatures, Ref
                          save_npz_images)
 from ard.student import sample
 from ard.teacher import DIGITS_TEACHER, load_teacher, num_classes
-from ard.viz import image_grid, save_png
+from ard.viz import image_grid, label_rows, save_png
 
 Sampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (noise (B,C,H,W), labels (B,)) -> (B,C,H,W)
 Decoder = Callable[[torch.Tensor], torch.Tensor]  # model outputs (B,C,h,w) -> uint8 images (B,1|3,H,W) on CPU
@@ -275,7 +275,8 @@ def evaluate(
     table = markdown_table(rows, floors)
     write_text_atomic(out_dir / "report.md", table)
     pictures = torch.cat(grid).float() / 127.5 - 1  # back to [-1, 1] for image_grid (exact round trip)
-    picture = save_png(image_grid(pictures, nrow=grid_samples), out_dir / "samples.png")
+    picture = save_png(label_rows(image_grid(pictures, nrow=grid_samples), [f"{r['model']}, {r['steps']} steps"
+                                                                         for r in rows]), out_dir / "samples.png")
     if wandb:
         _log_wandb(out_dir, report, picture)
     return rows

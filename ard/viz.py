@@ -28,6 +28,22 @@ def image_grid(images: torch.Tensor, nrow: int, pad: int = 1, upscale: int | Non
     return rearrange(x, "(r c) ch h w -> (r h) (c w) ch", r=rows, c=nrow).numpy()
 
 
+def label_rows(grid: np.ndarray, labels: list[str]) -> np.ndarray:
+    """A uint8 grid (H, W, 3) of len(labels) equal-height rows with each row's label in a white left margin."""
+    from PIL import Image, ImageDraw
+
+    height, width, _ = grid.shape
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    margin = 8 + int(max(probe.textlength(text) for text in labels))
+    canvas = Image.new("RGB", (width + margin, height), "white")
+    canvas.paste(Image.fromarray(grid), (margin, 0))
+    draw = ImageDraw.Draw(canvas)
+    row_height = height / len(labels)
+    for i, text in enumerate(labels):
+        draw.text((4, int((i + 0.5) * row_height) - 5), text, fill="black")
+    return np.asarray(canvas)  # (H, margin + W, 3)
+
+
 def save_png(grid: np.ndarray, path: str | Path) -> Path:
     """Write a uint8 (H, W, 3) array as a PNG atomically (temporary file, then rename)."""
     from PIL import Image

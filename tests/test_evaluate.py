@@ -39,7 +39,13 @@ def test_evaluate_tiny_run_writes_full_report(tmp_path):
     assert math.isfinite(student["mse_vs_teacher"]) and student["mse_vs_teacher"] > 0
     assert 0 < student["gflops_per_image"] < two_step["gflops_per_image"]  # 2 passes against 2 x 2 (CFG)
     table = (tmp_path / "out" / "report.md").read_text()
-    assert table.count("\n| ") == 3 and (tmp_path / "out" / "samples.png").exists()
+    assert table.count("\n| ") == 3
+    from PIL import Image
+
+    with Image.open(tmp_path / "out" / "samples.png") as picture:  # 3 rows of 4 upscaled 8x8 samples + labels
+        grid = np.asarray(picture)
+    assert grid.shape[0] == 3 * 33 and grid.shape[1] > 4 * 33  # the left margin holds the row names
+    assert (grid[:, : grid.shape[1] - 4 * 33] < 128).any()  # some label text is drawn there
     assert list((tmp_path / "cache").glob("eval_set-*.npz"))  # the teacher's samples are cached
     # ADM batches of exactly the evaluated samples: the teacher's are its cached samples, with their labels
     with np.load(next((tmp_path / "cache").glob("eval_set-*.npz")), allow_pickle=False) as z:
