@@ -274,9 +274,8 @@ def evaluate(
     write_text_atomic(out_dir / "report.json", json.dumps(report, indent=1))
     table = markdown_table(rows, floors)
     write_text_atomic(out_dir / "report.md", table)
-    pictures = torch.cat(grid).float() / 127.5 - 1  # back to [-1, 1] for image_grid (exact round trip)
-    picture = save_png(label_rows(image_grid(pictures, nrow=grid_samples), [f"{r['model']}, {r['steps']} steps"
-                                                                         for r in rows]), out_dir / "samples.png")
+    names = [f"{r['model']}, {r['steps']} steps" for r in rows]
+    picture = save_png(label_rows(image_grid(torch.cat(grid), nrow=grid_samples), names), out_dir / "samples.png")
     if wandb:
         _log_wandb(out_dir, report, picture)
     return rows

@@ -12,11 +12,13 @@ from ard.data.digits import to_uint8
 
 
 def image_grid(images: torch.Tensor, nrow: int, pad: int = 1, upscale: int | None = None) -> np.ndarray:
-    """Images (N, C, H, W) in [-1, 1] -> one uint8 grid (rows * (H + pad), nrow * (W + pad), 3).
+    """Images (N, C, H, W), floats in [-1, 1] or uint8 (as the metrics see them) -> one uint8 grid
+    (rows * (H + pad), nrow * (W + pad), 3).
 
     Small images (8x8 digits) are upscaled by nearest neighbour so the grid is readable.
     """
-    x = to_uint8(images.detach().cpu())  # (N, C, H, W) uint8
+    x = images.detach().cpu()
+    x = x if x.dtype == torch.uint8 else to_uint8(x)  # (N, C, H, W) uint8
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)  # (N, 3, H, W)
     up = upscale or max(1, 32 // x.shape[-1])

@@ -94,8 +94,7 @@ def run_sample(args) -> None:
     images = torch.cat(out)  # (N, C, H, W) uint8
     out_dir = Path(args.out)
     nrow = args.per_label if labels is not None else args.nrow
-    grid_images = images[: args.grid].float() / 127.5 - 1  # back to [-1, 1] for image_grid (exact round trip)
-    png = save_png(image_grid(grid_images, nrow=nrow), out_dir / "grid.png")
+    png = save_png(image_grid(images[: args.grid], nrow=nrow), out_dir / "grid.png")
     print(f"wrote {png}")
     if args.npz:
         path = out_dir / f"samples_{len(images)}x{images.shape[2]}x{images.shape[3]}x3.npz"
