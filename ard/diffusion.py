@@ -63,18 +63,27 @@ def alpha_bar(scheduler: DDIMScheduler, timesteps: torch.Tensor) -> torch.Tensor
     return table.to(timesteps.device)[timesteps.long() + 1]
 
 
+def predict_x0(x: torch.Tensor, eps: torch.Tensor, ab: torch.Tensor, clip_x0: bool = False) -> torch.Tensor:
+    """x0 implied by an epsilon prediction (Ho et al. 2020, eq. 15): (x - sqrt(1 - a) eps) / sqrt(a).
+
+    x, eps: (B, C, H, W); ab: (B,) alpha_bar of x's timestep. clip_x0 clamps to [-1, 1] (pixel space).
+    """
+    a = ab.to(x.dtype).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()  # (B, C, H, W)
+    return x0.clamp(-1, 1) if clip_x0 else x0
+
+
 def ddim_jump(x: torch.Tensor, eps: torch.Tensor, ab_from: torch.Tensor, ab_to: torch.Tensor,
-              clip_x0: bool = False) -> torch.Tensor:
+              clip_x0: bool = False, direction: torch.Tensor | None = None) -> torch.Tensor:
     """One deterministic DDIM step of any size (Song et al. 2021, eq. 12, sigma = 0).
 
     x, eps: (B, C, H, W); ab_from, ab_to: (B,) alpha_bar of the source and target timesteps.
+    `direction` replaces eps in the direction term sqrt(1 - a_to) eps only (noise correction, see
+    `ard.student.model.ARDStudent.step`); x0 is always the one `eps` implies.
     """
-    a = ab_from.to(x.dtype).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
     b = ab_to.to(x.dtype).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-    x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()  # (B, C, H, W) predicted clean sample
-    if clip_x0:  # as DDIMScheduler(clip_sample=True): clip x0, keep eps for the direction term
-        x0 = x0.clamp(-1, 1)
-    return b.sqrt() * x0 + (1 - b).sqrt() * eps  # (B, C, H, W)
+    x0 = predict_x0(x, eps, ab_from, clip_x0)  # (B, C, H, W) as DDIMScheduler(clip_sample): eps kept for the direction
+    return b.sqrt() * x0 + (1 - b).sqrt() * (eps if direction is None else direction)  # (B, C, H, W)
 
 
 def guided_eps(model, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, guidance_scale: float) -> torch.Tensor:
@@ -88,6 +97,31 @@ def guided_eps(model, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, gu
     out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).sample  # (2B, C', H, W)
     eps_c, eps_u = eps_from_output(model, out).chunk(2)  # (B, C, H, W) each
     return eps_u + guidance_scale * (eps_c - eps_u)
+
+
+@torch.no_grad()
+def ddim_path(model, x: torch.Tensor, labels: torch.Tensor, timesteps: torch.Tensor, guidance_scale: float,
+              clip_sample: bool = False) -> torch.Tensor:
+    """The teacher's guided DDIM (eta = 0) from x along `timesteps` (B, m+1) (any decreasing timesteps, the
+    last may be CLEAN): m jumps x_{t_0} -> x_{t_1} -> ... -> x_{t_m}; returns x_{t_m} (B, C, H, W).
+
+    Along the teacher's own grid this is `ddim_sample`'s step (Song et al. 2021, eq. 12): Imagine Flash's
+    backward distillation runs it from the student's own state to the student's next boundary.
+    """
+    scheduler = make_scheduler()
+    for i in range(timesteps.shape[1] - 1):
+        eps = guided_eps(model, x, timesteps[:, i], labels, guidance_scale)  # (B, C, H, W)
+        x = ddim_jump(x, eps, alpha_bar(scheduler, timesteps[:, i]), alpha_bar(scheduler, timesteps[:, i + 1]),
+                      clip_x0=clip_sample)  # (B, C, H, W)
+    return x
+
+
+@torch.no_grad()
+def guided_x0(model, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, guidance_scale: float,
+              clip_sample: bool = False) -> torch.Tensor:
+    """The teacher's guided x0-estimate of x (B, C, H, W) at timesteps t (B,) (Imagine Flash's SRL target)."""
+    eps = guided_eps(model, x, t, labels, guidance_scale)  # (B, C, H, W)
+    return predict_x0(x, eps, alpha_bar(make_scheduler(), t), clip_sample)  # (B, C, H, W)
 
 
 @dataclass

@@ -190,7 +190,7 @@ def test_any_number_of_steps(teacher, layout):
 
 
 def test_loss_features_and_gradient_checkpointing(teacher):
-    student = open_gates(ARDStudent(teacher, S, history_blocks=2, heads="per_step"))
+    student = open_gates(ARDStudent(teacher, S, history_blocks=2, heads="per_step", history_start="closed"))
     states, timesteps, labels = inputs()
     trajectory = torch.cat([states, torch.randn(B, 1, 1, 8, 8)], dim=1)  # (B, S+1, C, H, W)
     loss = StepMSELoss()(student, trajectory, timesteps, labels)
@@ -235,7 +235,7 @@ def test_bad_settings_and_files_give_one_line_errors(teacher, tmp_path):
     with pytest.raises(ValueError, match=r"history_blocks=4 must lie in \[0, 3\]"):
         ARDStudent(teacher, S, history_blocks=4)
     path = tmp_path / "student"
-    ARDStudent(teacher, S, history_blocks=1).save_pretrained(path)
+    ARDStudent(teacher, S, history_blocks=1, history_start="closed").save_pretrained(path)
     config = json.loads((path / "ard_student.json").read_text())
     (path / "ard_student.json").write_text(json.dumps({**config, "heads": "many"}))
     with pytest.raises(ValueError, match=r"ard_student.json: heads='many'"):

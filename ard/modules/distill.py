@@ -2,16 +2,20 @@
 
 `ard fit -c configs/digits/ard.yaml` (re-running the same command resumes from `last.ckpt`).
 
-One training step is one teacher-forced pass of the student over all S steps of a batch of
-trajectories (`StepMSELoss`): loss = sum_s w_s * mean_b ||x_hat_{tau_{s+1}} - x_{tau_{s+1}}||^2 / (CHW)
-(ARD sec. 3.3; "uniform" weights w_s = 1 / S are the re-implementation's mean over steps). Each
-step's loss is logged as `train/loss_step{s}`.
+One training step is one pass of the student over all S steps of a batch of trajectories
+(`StepMSELoss`): loss = sum_s w_s * mean_b ||x_hat_{tau_{s+1}} - target_s||^2 / (CHW) (ARD sec. 3.3;
+"uniform" weights w_s = 1 / S are the re-implementation's mean over steps). What the student is fed
+(`inputs`: the teacher's states, its own rollout, or a mix) and what it regresses (`targets`: the stored
+trajectory, the teacher run from the student's state, or Imagine Flash's shifted reconstruction) are the
+recipe knobs of ard/student/recipe.py. Each step's loss is logged as `train/loss_step{s}`, and the
+fraction of rollout inputs as `train/rollout_fraction`.
 
 Configured by the trainer, not here (see the YAML presets): EMA weights (Lightning's
 `EMAWeightAveraging`, which swaps them in for validation and copies them into the model when training
 ends), gradient clipping (`gradient_clip_val`), bf16-mixed precision on GPU, checkpointing and DDP.
-What the module adds for them: validation (per-step loss of the EMA student on held-out trajectories)
-and the sample grid, both made with the EMA weights; the boundary timesteps of the store,
+What the module adds for them: validation (per-step loss of the EMA student on held-out trajectories, fed
+the teacher's states as `val/loss_step{s}` and its own states as `val/rollout_mse_step{s}`: the error that
+exposure bias adds, ard.metrics.exposure) and the sample grid, both made with the EMA weights; the boundary timesteps of the store,
 kept in every checkpoint so a checkpoint can be sampled without the store; the standalone EMA student
 (`<default_root_dir>/student_ema/`, see `export_student`) written when fitting ends.
 
@@ -33,15 +37,20 @@ import numpy as np
 import torch
 
 from ard.atomic import atomic_directory
+from ard.diffusion import ddim_grid
 from ard.modules.precompute import teacher_hashes
+from ard.metrics.exposure import exposure_errors
 from ard.student import ARDStudent, HeadKind, HistoryStart, MaskKind, OutputKind, StepMSELoss, sample
+from ard.student.attention import check_choice
+from ard.student.recipe import InputKind, TargetKind, rollout_probability, student_inputs, substep_paths
 from ard.teacher import DIGITS_TEACHER, load_teacher, num_classes
 from ard.viz import image_grid, log_image, save_png
 
 # The student's knobs are declared once, in ARDStudent.__init__; this module forwards them and takes
 # their defaults from there.
 _STUDENT = inspect.signature(ARDStudent.__init__).parameters
-SAMPLING_CONFIG = "ard_sampling.json"  # beside an exported student: the boundary timesteps it was trained on
+SAMPLING_CONFIG = "ard_sampling.json"  # beside an exported student: its boundary timesteps and training recipe
+RECIPE_KNOBS = ("inputs", "rollout_prob", "rollout_ramp_steps", "targets", "target_substeps", "srl_shift")
 
 
 class ARDDistillation(L.LightningModule):
@@ -60,6 +69,12 @@ class ARDDistillation(L.LightningModule):
         history_start: HistoryStart = _STUDENT["history_start"].default,
         clip_x0: bool = _STUDENT["clip_x0"].default,
         step_weights: Literal["uniform"] | list[float] = "uniform",
+        inputs: InputKind = "teacher",
+        rollout_prob: float = 0.5,
+        rollout_ramp_steps: int = 0,
+        targets: TargetKind = "trajectory",
+        target_substeps: int | None = None,
+        srl_shift: float = 1.0,
         lr: float = 1e-4,
         history_gate_lr: float | None = None,
         weight_decay: float = 0.0,
@@ -85,6 +100,19 @@ class ARDDistillation(L.LightningModule):
                 "plain" (the paper).
             clip_x0: clamp the implied x0 to [-1, 1] (pixel-space teachers).
             step_weights: w_s of the loss sum over steps: "uniform" (1 / S each) or S numbers.
+            inputs: what the student is fed (ard/student/recipe.py): "teacher" (the stored states: teacher
+                forcing), "rollout" (its own S-step rollout from the trajectory's noise, no grad, KV cache) or
+                "mixed" (per trajectory, the rollout with probability rollout_prob).
+            rollout_prob: "mixed" only: the probability of rollout inputs (after the ramp).
+            rollout_ramp_steps: "mixed" only: the probability ramps linearly from 0 over this many iterations
+                (scheduled sampling; 0: constant).
+            targets: what each step regresses: "trajectory" (the stored teacher state), "teacher_from_state"
+                (the frozen teacher's DDIM from the student's input state to the next boundary: Imagine Flash's
+                backward distillation) or "shifted_reconstruction" (Imagine Flash's SRL, in x0 space).
+            target_substeps: "teacher_from_state": the teacher's DDIM sub-steps per student step, on the
+                store's grid (must divide K / S); None: K / S (the store's own solver).
+            srl_shift: "shifted_reconstruction": the shift of the re-noising timestep (recipe.shift_timesteps;
+                1: the student's own input timestep).
             lr: AdamW learning rate (ARD: 1e-4).
             history_gate_lr: learning rate of the history gates ("closed" start); None: `lr`.
             weight_decay: AdamW weight decay (ARD: 0).
@@ -112,7 +140,14 @@ class ARDDistillation(L.LightningModule):
             raise ValueError(f"teacher {teacher}: {self.state_shape[0]}-channel (latent) states need `vae` to "
                              "draw sample grids (or samples_per_class: 0)")
         del teacher_model
-        self.loss_fn = StepMSELoss()
+        self.inputs = check_choice("inputs", inputs, InputKind)
+        self.targets = check_choice("targets", targets, TargetKind)
+        if not 0 <= rollout_prob <= 1 or rollout_ramp_steps < 0:
+            raise ValueError(f"rollout_prob={rollout_prob} must lie in [0, 1] and rollout_ramp_steps="
+                             f"{rollout_ramp_steps} be >= 0")
+        if targets == "shifted_reconstruction" and output == "next_state":
+            raise ValueError("targets='shifted_reconstruction' needs an x0-prediction: output 'eps' or 'x0'")
+        self.loss_fn = StepMSELoss(targets)  # completed with the store's solver in setup
         self.timesteps: list[int] | None = None  # the store's S + 1 boundary timesteps (last = CLEAN)
         # Frozen helpers loaded on first use (frozen_teacher(), the grid's VAE), kept in a plain dict so
         # that they are not submodules: not trained, averaged, checkpointed or wrapped by DDP.
@@ -135,6 +170,12 @@ class ARDDistillation(L.LightningModule):
             raise ValueError(f"data.student_steps={datamodule.student_steps} but model.num_steps="
                              f"{self.hparams.num_steps}: set both to the same S")
         self.timesteps = [int(t) for t in datamodule.timesteps]
+        solver = datamodule.manifest["solver"]
+        grid = ddim_grid(solver["num_steps"], solver["timestep_spacing"])  # the teacher's K + 1 grid timesteps
+        substeps = self.hparams.target_substeps or (solver["num_steps"] // self.hparams.num_steps)
+        paths = substep_paths(grid, datamodule.boundaries, substeps) if self.targets == "teacher_from_state" else None
+        self.loss_fn = StepMSELoss(self.targets, solver["guidance_scale"], solver["clip_sample"],
+                                   None if paths is None else torch.tensor(paths), self.hparams.srl_shift)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["boundary_timesteps"] = self.timesteps
@@ -146,9 +187,23 @@ class ARDDistillation(L.LightningModule):
         self.timesteps = saved
 
     # ------------------------------------------------------------------ loss
-    def step_losses(self, batch: dict) -> torch.Tensor:
-        """Per-step loss, mean over the batch: (S,)."""
-        return self.loss_fn(self.student, batch["states"], batch["timesteps"], batch["labels"]).mean(dim=0)
+    def _generator(self) -> torch.Generator:
+        """The random draws of one iteration (mixed inputs, SRL noise): a function of (step, rank) alone, so a
+        resumed run draws exactly what the uninterrupted one did."""
+        return torch.Generator().manual_seed(1_000_003 * self.global_step + self.global_rank)
+
+    def step_losses(self, batch: dict, inputs: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-step loss, mean over the batch: (S,). inputs (B, S, C, H, W): None = the teacher's states."""
+        teacher = self.frozen_teacher() if self.targets != "trajectory" else None
+        return self.loss_fn(self.student, batch["states"], batch["timesteps"], batch["labels"], inputs, teacher,
+                            self._generator()).mean(dim=0)
+
+    def training_inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """This iteration's student inputs (B, S, C, H, W) and which rows are rollouts (B,) (see `inputs`)."""
+        hp = self.hparams
+        prob = rollout_probability(self.inputs, hp.rollout_prob, hp.rollout_ramp_steps, self.global_step)
+        return student_inputs(self.student, batch["states"], batch["timesteps"], batch["labels"], prob,
+                              self._generator())
 
     def _log_losses(self, split: str, per_step: torch.Tensor) -> torch.Tensor:
         loss = (per_step.new_tensor(self.step_weights) * per_step).sum()
@@ -159,10 +214,15 @@ class ARDDistillation(L.LightningModule):
         return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._log_losses("train", self.step_losses(batch))
+        inputs, rollout = self.training_inputs(batch)  # (B, S, C, H, W), (B,)
+        self.log("train/rollout_fraction", rollout.float().mean(), on_step=True, on_epoch=False)
+        return self._log_losses("train", self.step_losses(batch, inputs))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._log_losses("val", self.step_losses(batch))
+        # Whatever the recipe, validation regresses the stored trajectory: comparable across recipes.
+        fed, own = exposure_errors(self.student, batch["states"], batch["timesteps"], batch["labels"])  # (B, S) each
+        self._log_losses("val", fed.mean(dim=0))
+        self.log_dict({f"val/rollout_mse_step{s}": value for s, value in enumerate(own.mean(dim=0))}, sync_dist=True)
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -225,7 +285,8 @@ class ARDDistillation(L.LightningModule):
             raise ValueError("the boundary timesteps are unknown: fit on a store first, or load a checkpoint")
         with atomic_directory(directory) as tmp:  # readers never see a student without its timesteps
             self.student.save_pretrained(tmp)
-            (tmp / SAMPLING_CONFIG).write_text(json.dumps({"timesteps": self.timesteps}) + "\n")
+            recipe = {k: self.hparams[k] for k in RECIPE_KNOBS}  # provenance: how the student was trained
+            (tmp / SAMPLING_CONFIG).write_text(json.dumps({"timesteps": self.timesteps, "recipe": recipe}) + "\n")
         return Path(directory)
 
     def on_fit_end(self) -> None:

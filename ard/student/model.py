@@ -27,7 +27,7 @@ from einops import rearrange
 from safetensors.torch import load_file, save_file
 
 from ard.atomic import atomic_directory
-from ard.diffusion import alpha_bar, ddim_jump, make_scheduler
+from ard.diffusion import alpha_bar, ddim_jump, make_scheduler, predict_x0
 from ard.student.attention import HistoryAttnProcessor, HistoryContext, KVCache, MaskKind, check_choice
 from ard.teacher import disable_label_dropout, eps_from_output, set_numerics
 
@@ -54,16 +54,17 @@ class ARDStudent(nn.Module):
         history_start:  "closed": per block and head a history gate g = 0 (the untrained student equals
                         the baseline exactly); "plain": full history from the start (the paper).
         clip_x0:        clamp the x0 implied by eps / x0 outputs to [-1, 1] (pixel-space teachers).
-    Defaults of heads / output / history_start, from the digits pilot (STACK_NOTES.md; one seed, 600
-    iterations; scripts/bench_digits.py measures them properly): eps + DDIM jump reached 2.5x lower
-    error than direct next-state regression; plain history started above the baseline's loss and stayed
-    measurably worse, while a zero-initialised gate started exactly at the baseline; per-step heads were
-    not measured (they equal the shared head at init), so the smaller shared head is the default.
+    Defaults of heads / output / history_start (docs/results/digits_benchmark*.md): eps + DDIM jump beat
+    direct next-state regression (which did not converge in 400 iterations); history_start is "plain" (the
+    paper) because the closed start's gates stay shut under training at the main learning rate (largest
+    opening 0.0005-0.0033 over 3 seeds and S = 2, 3, 4), so a "closed" ARD student keeps computing the
+    baseline; per-step heads were not measured (they equal the shared head at init), so the smaller shared
+    head is the default.
     """
 
     def __init__(self, teacher: DiTTransformer2DModel, num_steps: int, history_blocks: int = 6,
                  mask: MaskKind = "block_causal", window: int = 1, heads: HeadKind = "shared",
-                 output: OutputKind = "eps", history_start: HistoryStart = "closed", clip_x0: bool = False):
+                 output: OutputKind = "eps", history_start: HistoryStart = "plain", clip_x0: bool = False):
         super().__init__()
         num_layers = len(teacher.transformer_blocks)
         if num_steps < 1:
@@ -151,26 +152,35 @@ class ARDStudent(nn.Module):
         hidden = self.transformer.norm_out(hidden) * (1 + scale[:, None]) + shift[:, None]  # (R, L, D)
         return layers.proj_out_2(hidden)  # (R, L, p*p*C')
 
-    def _next_state(self, x: torch.Tensor, raw: torch.Tensor, t_from: torch.Tensor, t_to: torch.Tensor):
-        """Read the raw output as eps / x0 / next state; x (R, C, H, W), t_from, t_to (R,)."""
+    def _next_state(self, x: torch.Tensor, raw: torch.Tensor, t_from: torch.Tensor, t_to: torch.Tensor,
+                    direction: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Read the raw output as eps / x0 / next state; x (R, C, H, W), t_from, t_to (R,).
+
+        Returns the next state (R, C, H, W) and the implied x0-prediction (R, C, H, W) (None for
+        next_state outputs). `direction` replaces eps in the DDIM direction term (noise correction).
+        """
         pred = eps_from_output(self.transformer, raw)  # (R, C, H, W)
         if self.output == "next_state":
-            return pred
+            return pred, None
         a, b = alpha_bar(self.scheduler, t_from), alpha_bar(self.scheduler, t_to)  # (R,) float64
         if self.output == "x0":
             a_ = a.to(x.dtype).view(-1, 1, 1, 1)  # (R, 1, 1, 1)
             pred = (x - a_.sqrt() * pred) / (1 - a_).sqrt()  # (R, C, H, W) eps implied by x0
-        return ddim_jump(x, pred, a, b, clip_x0=self.clip_x0)  # (R, C, H, W)
+        x0 = predict_x0(x, pred, a, clip_x0=self.clip_x0)  # (R, C, H, W)
+        return ddim_jump(x, pred, a, b, clip_x0=self.clip_x0, direction=direction), x0  # (R, C, H, W) each
 
     def forward(self, states: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor,
-                return_features: bool = False):
-        """Teacher-forced pass over all S steps (training).
+                return_features: bool = False, return_x0: bool = False):
+        """One pass over all S steps (training), each step fed the given input state.
 
-        states (B, S, C, H, W): inputs x_{tau_0..tau_{S-1}}; timesteps (B, S+1) int64 boundary timesteps
-        (the last is CLEAN = -1); labels (B,) (the null class allowed). Returns the predicted next states
-        (B, S, C, H, W) = x_{tau_1..tau_S}; with return_features also the list of per-block token features
-        (B, S, L, D) (for a discriminator on the student's own features).
+        states (B, S, C, H, W): inputs x_{tau_0..tau_{S-1}} (the teacher's states, or the student's own
+        rollout); timesteps (B, S+1) int64 boundary timesteps (the last is CLEAN = -1); labels (B,) (the
+        null class allowed). Returns the predicted next states (B, S, C, H, W) = x_{tau_1..tau_S}; with
+        return_x0 also the x0-predictions (B, S, C, H, W) (eps / x0 outputs only); with return_features also
+        the list of per-block token features (B, S, L, D) (for a discriminator on the student's own features).
         """
+        if return_x0 and self.output == "next_state":
+            raise ValueError("return_x0: output='next_state' predicts no x0 (use output 'eps' or 'x0')")
         batch, steps = states.shape[:2]
         if steps != self.num_steps or tuple(timesteps.shape) != (batch, steps + 1):
             raise ValueError(f"states {tuple(states.shape)} / timesteps {tuple(timesteps.shape)}: expected "
@@ -181,11 +191,13 @@ class ARDStudent(nn.Module):
         y = labels.repeat_interleave(steps)  # (B*S,)
         history = HistoryContext(num_steps=steps, gate=self.history_gate)
         raw, features = self._transformer(x, t_from, y, history, return_features=return_features)  # (B*S, C', H, W)
-        out = self._next_state(x, raw, t_from, t_to)  # (B*S, C, H, W)
-        out = rearrange(out, "(b s) c h w -> b s c h w", b=batch)  # (B, S, C, H, W)
+        out, x0 = self._next_state(x, raw, t_from, t_to)  # (B*S, C, H, W) each
+        outputs = [rearrange(out, "(b s) c h w -> b s c h w", b=batch)]  # (B, S, C, H, W)
+        if return_x0:
+            outputs.append(rearrange(x0, "(b s) c h w -> b s c h w", b=batch))  # (B, S, C, H, W)
         if return_features:
-            return out, [rearrange(f, "(b s) l d -> b s l d", b=batch) for f in features]
-        return out
+            outputs.append([rearrange(f, "(b s) l d -> b s l d", b=batch) for f in features])  # S x (B, S, L, D)
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     # ------------------------------------------------------------------ inference
     def new_cache(self, batch_size: int) -> KVCache:
@@ -193,19 +205,26 @@ class ARDStudent(nn.Module):
         return KVCache(batch_size=batch_size, num_steps=self.num_steps, num_layers=self.history_blocks)
 
     def step(self, x: torch.Tensor, s: int, t_from: torch.Tensor, t_to: torch.Tensor, labels: torch.Tensor,
-             cache: KVCache) -> torch.Tensor:
+             cache: KVCache, noise_correction: bool = False) -> torch.Tensor:
         """Student step s from x (B, C, H, W) at t_from (B,) to t_to (B,); labels (B,).
 
         Appends this step's keys/values of the history blocks to `cache` (which must hold steps 0..s-1 of
         the same trajectories) and returns the next state (B, C, H, W).
+        noise_correction (Imagine Flash, Kohler et al. 2024, sec. 3.4): at step 0, whose input is the pure
+        noise x_T, the DDIM direction term uses x_T itself instead of the predicted epsilon (which is
+        what an exact model would return there); the x0-prediction is the model's. Other steps unchanged.
         """
         if not 0 <= s < self.num_steps or cache.steps != s or cache.batch_size != x.shape[0]:
             raise ValueError(f"step {s} of a {self.num_steps}-step student with batch {x.shape[0]}: the cache "
                              f"holds {cache.steps} steps of batch {cache.batch_size} (expected {s} of {x.shape[0]})")
+        if noise_correction and self.output == "next_state":
+            raise ValueError("noise_correction needs an epsilon-parametrised student (output 'eps' or 'x0'); "
+                             "this one has output='next_state'")
         history = HistoryContext(num_steps=self.num_steps, step=s, cache=cache, gate=self.history_gate)
         raw, _ = self._transformer(x, t_from, labels, history, step=s)  # (B, C', H, W)
         cache.steps += 1
-        return self._next_state(x, raw, t_from, t_to)  # (B, C, H, W)
+        direction = x if noise_correction and s == 0 else None  # (B, C, H, W) the input noise x_T
+        return self._next_state(x, raw, t_from, t_to, direction)[0]  # (B, C, H, W)
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, directory: str | Path) -> None:

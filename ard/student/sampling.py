@@ -11,10 +11,12 @@ from ard.student.model import ARDStudent
 from ard.teacher import check_labels
 
 
-def sample(student: ARDStudent, noise: torch.Tensor, labels: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+def sample(student: ARDStudent, noise: torch.Tensor, labels: torch.Tensor, timesteps: torch.Tensor,
+           noise_correction: bool = False) -> torch.Tensor:
     """Run the S student steps from `noise` (B, C, H, W) with labels (B,) over the boundary timesteps
     (S+1,) or (B, S+1) (the last is CLEAN = -1). Returns all states (B, S+1, C, H, W), the first being
-    the noise and the last the sample. Runs under the caller's grad mode (wrap in torch.no_grad())."""
+    the noise and the last the sample. Runs under the caller's grad mode (wrap in torch.no_grad()).
+    noise_correction: Imagine Flash's first-step correction (see ARDStudent.step); off by default."""
     batch = noise.shape[0]
     if timesteps.ndim == 1:
         timesteps = timesteps.expand(batch, -1)  # (B, S+1)
@@ -27,5 +29,6 @@ def sample(student: ARDStudent, noise: torch.Tensor, labels: torch.Tensor, times
     cache = student.new_cache(batch)
     states = [noise]
     for s in range(student.num_steps):
-        states.append(student.step(states[-1], s, timesteps[:, s], timesteps[:, s + 1], labels, cache))  # (B, C, H, W)
+        states.append(student.step(states[-1], s, timesteps[:, s], timesteps[:, s + 1], labels, cache,
+                                   noise_correction))  # (B, C, H, W)
     return torch.stack(states, dim=1)  # (B, S+1, C, H, W)

@@ -1,0 +1,124 @@
+"""What the student is fed during distillation, and what it regresses (ARD_METHOD.md sec. 8).
+
+Inputs (`InputKind`):
+    teacher   the teacher's stored states x_{tau_0..tau_{S-1}} (teacher forcing, ARD sec. 3.3). The teacher's
+              DDIM is a deterministic ODE solver, so its next state is a function of the current one alone:
+              under teacher forcing the history carries no information about the target.
+    rollout   the student's own S-step rollout from the trajectory's noise x_T (no grad, KV cache): x_T exact,
+              then its own states, as at inference (SFD, Zhou et al. 2024; Self Forcing, Huang et al. 2025;
+              Imagine Flash's backward iterations). The target is then no longer a function of the input
+              state alone, and only history (x_T in the cache) can say where the teacher's trajectory is.
+    mixed     per trajectory, the rollout with probability p, else the teacher's states (scheduled
+              sampling, Bengio et al. 2015); p can ramp linearly from 0 over the first iterations.
+Targets (`TargetKind`):
+    trajectory              the stored teacher state x_{tau_{s+1}} of the same trajectory (no teacher at
+                            training time).
+    teacher_from_state      Imagine Flash's backward distillation (Kohler et al. 2024, sec. 3.2): the teacher's
+                            guided DDIM from the student's own input state at tau_s to tau_{s+1}, in m sub-steps
+                            on the teacher's grid (m = K / S: the teacher itself; fed the teacher's own state it
+                            reproduces the stored state).
+    shifted_reconstruction  Imagine Flash's shifted reconstruction loss (sec. 3.3): the student's x0-prediction
+                            x0_s, re-noised to tau' = shift(tau_s) with fresh noise, and the teacher's guided
+                            x0-estimate of that as the target; the loss is taken in x0 space.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from einops import rearrange
+
+from ard.diffusion import alpha_bar, ddim_path, guided_x0, make_scheduler
+from ard.student.model import ARDStudent
+from ard.student.sampling import sample
+
+InputKind = Literal["teacher", "rollout", "mixed"]
+TargetKind = Literal["trajectory", "teacher_from_state", "shifted_reconstruction"]
+
+
+def rollout_probability(inputs: InputKind, prob: float, ramp_steps: int, step: int) -> float:
+    """Probability that a trajectory's inputs are the student's own rollout at training iteration `step`."""
+    if inputs == "teacher":
+        return 0.0
+    if inputs == "rollout":
+        return 1.0
+    return prob * min(1.0, step / ramp_steps) if ramp_steps > 0 else prob  # scheduled sampling
+
+
+@torch.no_grad()
+def student_inputs(student: ARDStudent, trajectory: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor,
+                   prob: float, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inputs of one training pass: trajectory (B, S+1, C, H, W), timesteps (B, S+1), labels (B,).
+
+    Each trajectory is, with probability `prob`, replaced by the student's own rollout from its noise x_T
+    (`sample`, with the KV cache, under no_grad: no gradient flows through the rollout). Returns the inputs
+    (B, S, C, H, W) and which rows are rollouts (B,) bool. Only the rollout rows are sampled.
+    """
+    teacher = trajectory[:, :-1]  # (B, S, C, H, W)
+    batch = trajectory.shape[0]
+    if prob >= 1:
+        use = torch.ones(batch, dtype=torch.bool)  # (B,)
+    else:
+        use = torch.rand(batch, generator=generator) < prob  # (B,) on the CPU: the same draw on every device
+    if not use.any():
+        return teacher, use
+    rows = use.nonzero().squeeze(1).to(trajectory.device)  # (R,)
+    own = sample(student, trajectory[rows, 0], labels[rows], timesteps[rows])[:, :-1]  # (R, S, C, H, W)
+    inputs = teacher.clone() if len(rows) < batch else own.to(teacher.dtype)  # (B, S, C, H, W)
+    if len(rows) < batch:
+        inputs[rows] = own.to(teacher.dtype)
+    return inputs, use
+
+
+def substep_paths(grid_timesteps: list[int], boundaries: list[int], substeps: int) -> list[list[int]]:
+    """Timesteps of the teacher's m = `substeps` DDIM sub-steps inside each student step: for step s, m + 1
+    timesteps from tau_s to tau_{s+1} on the teacher's K-step grid (grid_timesteps has K + 1 entries, the last
+    CLEAN; boundaries are S + 1 grid indices). m must divide every step's K / S grid steps."""
+    paths = []
+    for a, b in zip(boundaries[:-1], boundaries[1:]):
+        if substeps < 1 or (b - a) % substeps:
+            raise ValueError(f"target_substeps={substeps} must divide the {b - a} teacher grid steps of a student "
+                             f"step (sub-steps lie on the teacher's grid)")
+        paths.append([grid_timesteps[a + j * (b - a) // substeps] for j in range(substeps + 1)])
+    return paths
+
+
+@torch.no_grad()
+def teacher_from_state(teacher, inputs: torch.Tensor, paths: torch.Tensor, labels: torch.Tensor,
+                       guidance_scale: float, clip_sample: bool) -> torch.Tensor:
+    """Backward-distillation targets: the teacher's guided DDIM from each input state along its step's path.
+
+    inputs (B, S, C, H, W); paths (S, m+1) timesteps of each student step's sub-steps; labels (B,).
+    Returns (B, S, C, H, W): the teacher's state at tau_{s+1} reached from the input state at tau_s.
+    """
+    batch, steps = inputs.shape[:2]
+    x = rearrange(inputs, "b s c h w -> (b s) c h w")  # (B*S, C, H, W)
+    t = paths.to(inputs.device).repeat(batch, 1)  # (B*S, m+1) rows ordered (b, s)
+    y = labels.repeat_interleave(steps)  # (B*S,)
+    out = ddim_path(teacher, x, y, t, guidance_scale, clip_sample)  # (B*S, C, H, W)
+    return rearrange(out, "(b s) c h w -> b s c h w", b=batch)  # (B, S, C, H, W)
+
+
+def shift_timesteps(t: torch.Tensor, shift: float, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """tau' = gamma(tau): the time shift of rectified-flow samplers (Esser et al. 2024, eq. 23) on u = t / (T - 1),
+    gamma(u) = shift u / (1 + (shift - 1) u); shift = 1 keeps t, shift > 1 moves towards more noise."""
+    top = num_train_timesteps - 1
+    u = t.clamp(min=0).double() / top  # (R,)
+    return (top * shift * u / (1 + (shift - 1) * u)).round().long()  # (R,)
+
+
+@torch.no_grad()
+def shifted_reconstruction(teacher, x0: torch.Tensor, t_from: torch.Tensor, labels: torch.Tensor,
+                           guidance_scale: float, clip_sample: bool, shift: float,
+                           generator: torch.Generator | None = None) -> torch.Tensor:
+    """SRL targets: x0 (B, S, C, H, W) the student's (detached) x0-predictions at its input timesteps t_from
+    (B, S); each is re-noised to tau' = shift_timesteps(t_from) with fresh noise (q(x_tau' | x0), Ho et al.
+    2020, eq. 4) and the teacher's guided x0-estimate of it is returned (B, S, C, H, W)."""
+    batch, steps = x0.shape[:2]
+    x0 = rearrange(x0, "b s c h w -> (b s) c h w")  # (B*S, C, H, W)
+    t = shift_timesteps(rearrange(t_from, "b s -> (b s)"), shift)  # (B*S,)
+    a = alpha_bar(make_scheduler(), t).to(x0.dtype).view(-1, 1, 1, 1)  # (B*S, 1, 1, 1)
+    noise = torch.randn(x0.shape, generator=generator).to(x0)  # (B*S, C, H, W)
+    x = a.sqrt() * x0 + (1 - a).sqrt() * noise  # (B*S, C, H, W)
+    target = guided_x0(teacher, x, t, labels.repeat_interleave(steps), guidance_scale, clip_sample)  # (B*S, C, H, W)
+    return rearrange(target, "(b s) c h w -> b s c h w", b=batch)  # (B, S, C, H, W)
