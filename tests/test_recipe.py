@@ -13,7 +13,7 @@ from ard.modules.distill import ARDDistillation, load_exported
 from ard.student import ARDStudent, HistoryContext, StepMSELoss, sample
 from ard.student.recipe import (rollout_probability, shift_timesteps, shifted_reconstruction, student_inputs,
                                 substep_paths, teacher_from_state)
-from test_distill import S, args_for, step_losses
+from test_distill import S, args_for, step_losses, store, teacher_dir  # noqa: F401 (fixtures)
 from ard.teacher import eps_from_output
 from test_student_model import inputs, tiny_teacher
 
@@ -159,19 +159,3 @@ def test_bad_recipe_knobs_fail_in_one_line(teacher_dir):
     with pytest.raises(ValueError, match="rollout_prob=1.5 must lie in"):
         ARDDistillation(teacher=str(teacher_dir), history_blocks=2, inputs="mixed", rollout_prob=1.5,
                         samples_per_class=0)
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    from test_distill import tiny_teacher as tiny_teacher_dir
-
-    return tiny_teacher_dir(tmp_path_factory.mktemp("teacher") / "digits", num_layers=2)
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory, teacher_dir):
-    from test_distill import TRAIN, VAL, precompute
-
-    path = tmp_path_factory.mktemp("store") / "store"
-    precompute(teacher_dir, path, n=TRAIN + VAL, shard_size=32)
-    return path
