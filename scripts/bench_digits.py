@@ -35,17 +35,32 @@ from ard.atomic import write_text_atomic
 from ard.viz import save_figure
 
 ROOT = Path(__file__).resolve().parents[1]
-# name -> `ard fit` overrides of configs/digits/ard.yaml (the knobs of ard.student.ARDStudent)
-VARIANTS: dict[str, list[str]] = {
+# Students: name -> `ard fit` overrides of configs/digits/ard.yaml (the knobs of ard.student.ARDStudent).
+MODELS: dict[str, list[str]] = {
     "baseline": ["--model.init_args.history_blocks=0"],
-    "ard": [],
-    "ard-plain": ["--model.init_args.history_start=plain"],
+    "ard": [],  # history in all 6 blocks, plain start (the student's defaults)
+    "ard-N1": ["--model.init_args.history_blocks=1"],
+    "ard-N2": ["--model.init_args.history_blocks=2"],
     "ard-N3": ["--model.init_args.history_blocks=3"],
+    "ard-closed": ["--model.init_args.history_start=closed"],
+    "ard-closed-gatelr": ["--model.init_args.history_start=closed", "--model.init_args.history_gate_lr=0.05"],
     "ard-M3": ["--model.init_args.mask=noise_and_current"],
     "baseline-direct": ["--model.init_args.history_blocks=0", "--model.init_args.output=next_state",
                         "--model.init_args.heads=per_step"],
     "ard-direct": ["--model.init_args.output=next_state", "--model.init_args.heads=per_step"],
 }
+# Training recipes (ard/student/recipe.py): suffix -> overrides; "" is teacher forcing on the stored trajectory.
+RECIPES: dict[str, list[str]] = {
+    "": [],
+    "rollout": ["--model.init_args.inputs=rollout"],
+    "mixed": ["--model.init_args.inputs=mixed", "--model.init_args.rollout_prob=1.0",
+              "--model.init_args.rollout_ramp_steps=600"],
+    "backward": ["--model.init_args.inputs=rollout", "--model.init_args.targets=teacher_from_state"],
+    "srl": ["--model.init_args.inputs=rollout", "--model.init_args.targets=shifted_reconstruction"],
+}
+# A variant is a model, optionally followed by "+" and a recipe: "ard-N2+rollout".
+VARIANTS: dict[str, list[str]] = {m + ("+" + r if r else ""): MODELS[m] + RECIPES[r] for m in MODELS for r in RECIPES}
+NC = " [nc]"  # name suffix of a student's rows sampled with noise correction (ARDStudent.step)
 METRICS = ("fid", "fid_vs_teacher", "mse_vs_teacher", "is", "precision", "recall", "sec_per_image")
 SENSITIVITY = 5.0  # the baseline's degradation must be at least this many bootstrap sds
 TARGET_RATIO = 0.2  # the paper: ARD degrades at most 1/5 as much as the baseline
@@ -70,8 +85,31 @@ def fit(work: Path, store: Path, variant: str, steps: int, seed: int, max_steps:
              f"--trainer.default_root_dir={run_dir}", f"--trainer.max_steps={max_steps}",
              f"--trainer.val_check_interval={max_steps}", "--trainer.logger=false",
              "--trainer.enable_progress_bar=false", *VARIANTS[variant]], run_dir.with_suffix(".log"), threads)
-        print(f"trained {run_dir.name} in {time.time() - start:.0f} s", flush=True)
+        seconds = time.time() - start
+        write_text_atomic(run_dir / "train_seconds.json", json.dumps({"seconds": seconds, "threads": threads}))
+        print(f"trained {run_dir.name} in {seconds:.0f} s", flush=True)
     return run_dir / "student_ema"
+
+
+def train_seconds(student_dir: Path) -> float | None:
+    """Wall seconds the student's `ard fit` took (one thread, the machine's load as it was; None: unknown)."""
+    path = student_dir.parent / "train_seconds.json"
+    return json.loads(path.read_text())["seconds"] if path.exists() else None
+
+
+def exposure(student_dir: Path, store: Path, steps: int) -> dict[str, list[float]]:
+    """Per student step, the mean squared distance to the teacher's state on the store's held-out trajectories,
+    fed the teacher's states ("fed") and on its own states ("own"): ard.metrics.exposure."""
+    from ard.data.trajectories import TrajectoryDataModule
+    from ard.metrics.exposure import exposure_errors
+    from ard.modules.distill import load_exported
+
+    student, _ = load_exported(student_dir)
+    data = TrajectoryDataModule(str(store), steps, batch_size=512)
+    data.setup()
+    batch = next(iter(data.val_dataloader()))
+    fed, own = exposure_errors(student, batch["states"], batch["timesteps"], batch["labels"])  # (B, S) each
+    return {"fed": fed.mean(0).tolist(), "own": own.mean(0).tolist()}
 
 
 def history_gate(student_dir: Path) -> float | None:
@@ -100,7 +138,15 @@ def aggregate(rows: list[dict]) -> list[dict]:
         gates = [r["history_gate"] for r in rs if r.get("history_gate") is not None]
         if gates:
             row["history_gate_max"] = max(gates)
+        if all(r.get("exposure") for r in rs):  # per-step errors, mean over seeds
+            row["exposure"] = {k: np.mean([r["exposure"][k] for r in rs], axis=0).tolist() for k in ("fed", "own")}
+        if all(r.get("train_seconds") for r in rs):
+            row["train_seconds"] = float(np.mean([r["train_seconds"] for r in rs]))
         out.append(row)
+    for row in out:  # training cost relative to the same model trained with teacher forcing
+        plain = next((r for r in out if r["model"] == row["model"].split("+")[0] and r["steps"] == row["steps"]), None)
+        if plain and "train_seconds" in row and "train_seconds" in plain:
+            row["train_cost_vs_teacher_forcing"] = row["train_seconds"] / plain["train_seconds"]
     return out
 
 
@@ -111,13 +157,16 @@ def verdict(agg: list[dict], teacher_steps: int) -> list[dict]:
     teacher = next(r for r in agg if r["model"].startswith("teacher") and r["steps"] == teacher_steps)
     out = []
     for s in sorted({r["steps"] for r in agg if r["steps"] != teacher_steps}):
-        base = next((r for r in agg if r["model"] == "baseline" and r["steps"] == s), None)
-        if base is None:
-            continue
         for r in agg:
-            if r["steps"] != s or r["model"] == "baseline" or r["model"].startswith("teacher"):
+            if r["steps"] != s or r["model"].startswith(("baseline", "teacher")):
                 continue
-            row = {"steps": s, "model": r["model"]}
+            core = r["model"].removesuffix(NC)  # compared with the baseline trained and sampled the same way
+            recipe = core.partition("+")[2]
+            base_name = "baseline" + ("+" + recipe if recipe else "") + (NC if r["model"].endswith(NC) else "")
+            base = next((b for b in agg if b["model"] == base_name and b["steps"] == s), None)
+            if base is None:
+                continue
+            row = {"steps": s, "model": r["model"], "baseline": base_name}
             for m, offset in (("fid_vs_teacher", 0.0), ("fid", teacher["fid"])):
                 d_base, d_model = base[m] - offset, r[m] - offset
                 sensitive = d_base >= SENSITIVITY * base[m + "_bootstrap_sd"]  # a ratio means nothing otherwise
@@ -162,6 +211,21 @@ def markdown(agg: list[dict], checks: list[dict], floors: dict, settings: dict) 
                       "-" if v["ratio"] is None
                       else f"{v['ratio']:.2f}" + (" (target met)" if v["meets_target"] else "")]
         lines.append(f"| {c['steps']} | {c['model']} | " + " | ".join(cells) + " |")
+    exposed = sorted((r for r in agg if "exposure" in r), key=lambda r: (r["steps"], r["model"]))
+    if exposed:
+        lines += ["", "Exposure bias (ard.metrics.exposure, the store's 512 held-out trajectories): per student step, "
+                  "the mean squared distance to the teacher's next state when fed the teacher's states (fed) and on "
+                  "the student's own states from x_T (own); the last step's gap is what the student's own states add "
+                  "to its final error, the most that history could remove. Training cost: wall time of the run "
+                  "against the same model trained with teacher forcing (one thread each; the machine was shared).",
+                  "", "| steps | model | fed, per step | own, per step | own / fed at the last step | training cost |",
+                  "|---|---|---|---|---|---|"]
+        for r in exposed:
+            fed, own = r["exposure"]["fed"], r["exposure"]["own"]
+            cost = r.get("train_cost_vs_teacher_forcing")
+            lines.append(f"| {r['steps']} | {r['model']} | {' / '.join(f'{v:.4f}' for v in fed)} | "
+                         f"{' / '.join(f'{v:.4f}' for v in own)} | {own[-1] / fed[-1]:.2f} | "
+                         f"{'-' if cost is None else f'{cost:.2f}x'} |")
     gated = [r for r in agg if "history_gate_max" in r]
     if gated:
         lines += ["", "Closed history start: the largest history gate after training (0 computes exactly the "
@@ -189,6 +253,29 @@ def plot(agg: list[dict], floors: dict, path: Path, teacher_steps: int) -> None:
     save_figure(fig, path, "sampling steps", "FID against the teacher's samples")
 
 
+def plot_exposure(agg: list[dict], path: Path) -> None:
+    """Per-step error against the teacher's trajectory, fed the teacher's states (dashed) and on the student's own
+    states (solid), one panel per S, one colour per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = sorted({r["steps"] for r in agg if "exposure" in r})
+    if not steps:
+        return
+    fig, axes = plt.subplots(1, len(steps), figsize=(5 * len(steps), 4), squeeze=False)
+    for ax, s in zip(axes[0], steps):
+        for i, r in enumerate(sorted((r for r in agg if r["steps"] == s and "exposure" in r), key=lambda r: r["model"])):
+            x = range(1, s + 1)
+            ax.plot(x, r["exposure"]["own"], marker="o", color=f"C{i % 10}", label=f"{r['model']} (own)")
+            ax.plot(x, r["exposure"]["fed"], marker="x", linestyle="--", color=f"C{i % 10}")
+        ax.set_title(f"S = {s} (dashed: fed the teacher's states)")
+        ax.set_yscale("log")
+        ax.set_xticks(list(range(1, s + 1)))
+    save_figure(fig, path, "student step s (error of x_{s})", "MSE to the teacher's state")
+
+
 def update_readme(table: str, name: str) -> None:
     """Replace the README's section between `<!-- name:start -->` and `<!-- name:end -->` (if it has one)."""
     readme = ROOT / "README.md"
@@ -212,6 +299,9 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=600, help="training iterations per student")
     parser.add_argument("--num-samples", type=int, default=2000, help="evaluation set size")
     parser.add_argument("--workers", type=int, default=2, help="students trained at once (one thread each)")
+    parser.add_argument("--train-only", action="store_true", help="train the students, evaluate nothing")
+    parser.add_argument("--noise-correction", action="store_true",
+                        help="also evaluate every student (and the undistilled teacher) with noise correction")
     parser.add_argument("--results", default="docs/results", help="where the report goes")
     parser.add_argument("--name", default="digits-benchmark",
                         help="report file stem and README section (<!-- NAME:start --> ... <!-- NAME:end -->)")
@@ -226,24 +316,33 @@ def main() -> None:
     jobs += [(v, args.knob_steps, seed) for v in args.knob_variants for seed in args.seeds]
     with ThreadPoolExecutor(args.workers) as pool:
         students = list(pool.map(lambda j: fit(work, store, *j, args.max_steps, 1), jobs))
+    if args.train_only:
+        return
 
     from ard.evaluate import evaluate
 
     rows, floors = [], {}
     for s in sorted({j[1] for j in jobs}):
-        named = {f"{v}-seed{seed}": str(d) for (v, steps, seed), d in zip(jobs, students) if steps == s}
-        out = work / "eval" / f"S{s}"
-        done = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else None
-        if not done or done["settings"]["students"] != named or done["settings"]["num_samples"] != args.num_samples:
-            evaluate(students=named, undistilled_steps=[s], num_samples=args.num_samples, out=str(out),
-                     cache_dir=str(work / "cache"), wandb=False)
-        report = json.loads((out / "report.json").read_text())
-        for r in report["rows"]:
-            if r["model"] in named:
-                r["history_gate"] = history_gate(Path(named[r["model"]]))
-        k = report["settings"]["teacher_steps"]  # the K-step teacher row: once, from the first evaluation
-        rows += [r for r in report["rows"] if not (rows and r["steps"] == k and r["model"].startswith("teacher"))]
-        floors = report["noise_floor"]
+        trained = [(v, seed, d) for (v, steps, seed), d in zip(jobs, students) if steps == s]
+        for nc in (False, True) if args.noise_correction else (False,):
+            named = {f"{v}{NC if nc else ''}-seed{seed}": str(d) for v, seed, d in trained}
+            out = work / "eval" / f"S{s}{'-nc' if nc else ''}"
+            done = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else None
+            if not done or done["settings"]["students"] != named or done["settings"]["num_samples"] != args.num_samples:
+                evaluate(students=named, undistilled_steps=[s], num_samples=args.num_samples, out=str(out),
+                         cache_dir=str(work / "cache"), wandb=False, noise_correction=nc)
+            report = json.loads((out / "report.json").read_text())
+            for r in report["rows"]:
+                if r["model"] in named:
+                    r["history_gate"] = history_gate(Path(named[r["model"]]))
+                    r["train_seconds"] = train_seconds(Path(named[r["model"]]))
+                    if not nc:
+                        r["exposure"] = exposure(Path(named[r["model"]]), store, s)
+                elif r["model"].startswith("teacher") and nc:
+                    r["model"] += NC
+            k = report["settings"]["teacher_steps"]  # the K-step teacher row: once, from the first evaluation
+            rows += [r for r in report["rows"] if not (rows and r["steps"] == k and r["model"].startswith("teacher"))]
+            floors = report["noise_floor"]
     settings = {**report["settings"], "max_steps": args.max_steps, "num_trajectories": args.num_trajectories,
                 "seeds": args.seeds, "invocation_seconds": time.time() - start}  # finished runs are reused
     agg = aggregate(rows)
@@ -255,6 +354,7 @@ def main() -> None:
         {"settings": settings, "noise_floor": floors, "aggregated": agg, "verdict": checks, "runs": rows}, indent=1))
     write_text_atomic(results / f"{stem}.md", table)
     plot(agg, floors, results / f"{stem}.png", settings["teacher_steps"])
+    plot_exposure(agg, results / f"{stem}_exposure.png")
     update_readme(table, args.name)
     print(json.dumps({"aggregated": agg, "verdict": checks}, indent=1))
 
