@@ -87,7 +87,8 @@ def run_sample(args) -> None:
         noise, y = trajectory_inputs(args.seed, idx, shape, n_classes,
                                      labels=labels[start:start + len(idx)] if labels is not None else None)
         with torch.no_grad(), autocast:
-            x = sample(student, noise.to(device), y.to(device), timesteps)[:, -1].float()  # (b, C, H, W)
+            x = sample(student, noise.to(device), y.to(device), timesteps,
+                       args.noise_correction)[:, -1].float()  # (b, C, H, W)
             images = decode_latents(vae, x, args.latent_scale) if vae is not None else x  # (b, 3|1, H', W')
         out.append(to_uint8(images.cpu()))
         all_labels.append(y)
@@ -128,6 +129,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
+    p.add_argument("--noise-correction", action="store_true",
+                   help="Imagine Flash's first-step noise correction (eps / x0 students; ARDStudent.step)")
     p.set_defaults(run=run_sample)
     e = sub.add_parser("export", help="write a checkpoint's EMA student as a standalone directory")
     e.add_argument("--checkpoint", required=True, help="Lightning checkpoint of `ard fit`")

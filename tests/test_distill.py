@@ -267,3 +267,6 @@ def test_sample_script_same_samples_from_checkpoint_export_and_final_student(tmp
     student, timesteps = load_exported(tmp_path / "export")
     assert timesteps == [ddim_grid(24)[i] for i in (0, 6, 12, 18, 24)]  # the store's grid at the boundaries
     assert not student.training
+    sample_student.main(["sample", *sources["export"], *common, "--noise-correction", "--out", str(tmp_path / "nc")])
+    with np.load(tmp_path / "nc" / "samples_6x8x8x3.npz") as z:
+        assert not np.array_equal(z["arr_0"], arrays["export"])  # the first step's direction term changed
