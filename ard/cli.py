@@ -3,7 +3,10 @@
 The LightningModule and LightningDataModule are chosen by `class_path` in the YAML. The resolved
 config is saved into every run's own directory (`<save_dir>/<name>/<version>/config.yaml`, the
 directory Lightning also puts that run's logger files in), so a second run never collides with the
-first. W&B runs offline unless the config or the command line sets `offline: false`.
+first, and only once the run is accepted (after the checkpoint is restored), so a rejected run writes
+nothing. Resuming loads the checkpoint weights-only and compares hyperparameters (`ard.checkpoints`;
+`--resume.override true` accepts changed ones). W&B runs offline unless the config or the command line
+sets `offline: false`.
 """
 from __future__ import annotations
 
