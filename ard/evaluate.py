@@ -24,6 +24,7 @@ import hashlib
 import json
 import re
 import time
+import zipfile
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
@@ -34,6 +35,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from ard.atomic import write_npz_atomic, write_text_atomic
+from ard.checks import check_at_least, check_finite_samples, check_step_counts, check_writable
 from ard.data.digits import to_uint8
 from ard.diffusion import TimestepSpacing, ddim_sample, trajectory_inputs
 from ard.latents import LATENT_SCALE, decode_latents, load_vae
@@ -121,12 +123,17 @@ def eval_set(teacher_path: str, teacher, num_samples: int, seed: int, steps: int
                                      clip_sample] + (["bf16"] if bf16 else [])).encode()).hexdigest()[:16]
     path = cache_dir / f"eval_set-{key}.npz"
     if path.exists():
-        with np.load(path, allow_pickle=False) as z:
-            return {k: torch.from_numpy(z[k]) for k in ("noise", "labels", "teacher")}
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return {k: torch.from_numpy(z[k]) for k in ("noise", "labels", "teacher")}
+        except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{path}: unreadable evaluation cache, truncated or corrupt ({e}); delete it to "
+                             "recompute") from None
     noise, labels = trajectory_inputs(seed, range(num_samples), (config.in_channels, config.sample_size,
                                                                   config.sample_size), num_classes(teacher))
     final, _ = run_batched(teacher_sampler(teacher, steps, guidance_scale, spacing, clip_sample), noise, labels,
                            batch_size, device, bf16)
+    check_finite_samples(final, f"teacher {teacher_path} ({steps} steps), evaluation set (not cached)")
     write_npz_atomic(path, noise=noise.numpy(), labels=labels.numpy(), teacher=final.numpy())
     return {"noise": noise, "labels": labels, "teacher": final}
 
@@ -219,6 +226,11 @@ def evaluate(
         wandb: log the table and the picture to W&B (offline).
     """
     out_dir, cache = Path(out), Path(cache_dir)
+    check_at_least(1, num_samples=num_samples, batch_size=batch_size, bootstrap=bootstrap, grid_samples=grid_samples)
+    check_step_counts("teacher_steps", [teacher_steps])
+    check_step_counts("undistilled_steps", undistilled_steps)
+    check_writable(out_dir, "out")
+    check_writable(cache, "cache_dir")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     features = make_extractor(extractor).to(dev)
     if reference == "digits" and not isinstance(features, DigitFeatures):
@@ -240,8 +252,10 @@ def evaluate(
         sampler, s = student_sampler(directory, dev)
         models.append((name, s, s, sampler))
 
+    image_size = tuple(decode(torch.zeros(1, teacher_model.config.in_channels, teacher_model.config.sample_size,
+                                          teacher_model.config.sample_size)).shape[2:])  # (H, W) of the samples
     real = (reference_from_images(digits_images("all"), features, cache) if reference == "digits"
-            else reference_from_adm_npz(reference, features, cache))
+            else reference_from_adm_npz(reference, features, cache, image_size=image_size))
     data = eval_set(teacher, teacher_model, num_samples, seed, teacher_steps, guidance_scale, spacing, clip_sample,
                     batch_size, cache, dev, bf16)
     noise, labels, teacher_final = data["noise"], data["labels"], data["teacher"]
@@ -256,6 +270,7 @@ def evaluate(
             _, sec = run_batched(sampler, noise[timing], labels[timing], batch_size, dev, bf16)
         else:
             final, sec = run_batched(sampler, noise, labels, batch_size, dev, bf16)
+            check_finite_samples(final, f"{name} ({steps} steps): nothing reported")
             images = decode(final)  # (N, 1|3, H, W) uint8
         gflops = gflops_per_image(sampler, noise[:1].to(dev), labels[:1].to(dev))
         rows.append(metric_row(name, steps, nfe, final, images, teacher_final, sec, gflops, real, teacher_ref,

@@ -171,6 +171,9 @@ def load_teacher(path: str | Path = DIGITS_TEACHER, size: str | None = None,
         _check_state_dict(state, model, str(path))
         model.load_state_dict(state)
         set_numerics(model, numerics or ("dit" if official else None))
+    from ard.checks import check_finite_weights  # (ard.checks imports ard.diffusion, which imports this module)
+
+    check_finite_weights(model.state_dict(), str(path))
     return disable_label_dropout(model).eval()
 
 

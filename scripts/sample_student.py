@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ard import checkpoints
+from ard.checks import check_finite_samples, check_writable
 from ard.data.digits import to_uint8
 from ard.diffusion import trajectory_inputs
 from ard.latents import LATENT_SCALE, decode_latents, load_vae
@@ -42,13 +44,19 @@ from ard.viz import image_grid, save_png
 
 def load_checkpoint(path: str | Path) -> ARDDistillation:
     """The distillation module of a Lightning checkpoint, with its `state_dict` weights: the EMA weights
-    when it was trained with EMAWeightAveraging (the raw weights are under `current_model_state`)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    module = ARDDistillation.load_from_checkpoint(path, map_location="cpu", weights_only=True)
-    if module.timesteps is None:
-        raise ValueError(f"{path}: no boundary timesteps in the checkpoint (not written by fitting ARDDistillation)")
+    when it was trained with EMAWeightAveraging (the raw weights are under `current_model_state`).
+    Read weights-only (ard.checkpoints); one-line errors for anything else."""
+    checkpoint = checkpoints.load_checkpoint(path)
+    if checkpoint.get("boundary_timesteps") is None or "state_dict" not in checkpoint:
+        raise ValueError(f"{path}: no boundary timesteps or state_dict in the checkpoint (not written by fitting "
+                         "ARDDistillation)")
+    hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
+    try:
+        module = ARDDistillation(**hparams)
+        module.load_state_dict(checkpoint["state_dict"])
+    except (TypeError, RuntimeError) as e:
+        raise ValueError(f"{path}: does not fit ARDDistillation ({str(e).strip().splitlines()[0][:200]})") from None
+    module.on_load_checkpoint(checkpoint)
     return module.eval()
 
 
@@ -60,6 +68,7 @@ def load_student(args) -> tuple[ARDStudent, list[int]]:
 
 
 def run_sample(args) -> None:
+    check_writable(args.out, "--out")
     student, timesteps = load_student(args)
     device = torch.device(args.device)
     student = student.to(device)
@@ -89,6 +98,7 @@ def run_sample(args) -> None:
         with torch.no_grad(), autocast:
             x = sample(student, noise.to(device), y.to(device), timesteps,
                        args.noise_correction)[:, -1].float()  # (b, C, H, W)
+            check_finite_samples(x, f"student samples {idx[0]}..{idx[-1]} (nothing written)")
             images = decode_latents(vae, x, args.latent_scale) if vae is not None else x  # (b, 3|1, H', W')
         out.append(to_uint8(images.cpu()))
         all_labels.append(y)
@@ -103,6 +113,7 @@ def run_sample(args) -> None:
 
 
 def run_export(args) -> None:
+    check_writable(Path(args.out).parent, "--out (its parent)")
     module = load_checkpoint(args.checkpoint)
     print(f"wrote {module.export_student(args.out)}")
 

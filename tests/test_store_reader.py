@@ -104,7 +104,7 @@ def test_bad_stores_fail_in_one_line(tmp_path, store):
     states.flush()
     data = TrajectoryDataModule(str(out), student_steps=4, batch_size=16, val_count=8)
     data.setup("fit")
-    with pytest.raises(fmt.StoreError, match="states of trajectory 3 holds NaN or inf"):
+    with pytest.raises(fmt.StoreError, match="states of trajectory 3 holds NaN, inf or a value beyond"):
         data.dataset[np.arange(0, 8)]
     shutil.rmtree(out / "shards/shard-000001")
     with pytest.raises(fmt.StoreError, match="shard-000001: missing .*re-run the precompute"):

@@ -50,15 +50,22 @@ class StudentBatches(Dataset):
     def __len__(self) -> int:
         return self.store.num_trajectories
 
+    def check_values(self, field: str, values: torch.Tensor, index: torch.Tensor) -> None:
+        """Every |value| within the bound recorded when the store was written (NaN compares False: caught too)."""
+        bound = self.store.max_abs[field]
+        low, high = torch.aminmax(values)
+        if not (-bound <= low and high <= bound):
+            rows = (values.abs() <= bound).flatten(1).all(dim=1)  # (B,) False for NaN, inf, too large
+            raise StoreError(f"{self.store.root}: {field} of trajectory {int(index[~rows][0])} holds NaN, inf or a "
+                             f"value beyond the |value| <= {bound:g} recorded when the store was written: the store "
+                             f"is damaged (run `ard-store verify {self.store.root}`)")
+
     def __getitem__(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
         batch = {"index": torch.from_numpy(np.asarray(indices, dtype=np.int64))}  # (B,)
         for field in ("states", "x0") if self.with_x0 else ("states",):
             batch[field] = to_float32(self.store.read(indices, self.positions, field), self.store.dtype)  # (B, S+1, C, H, W)
-            # (x * 0).sum() is NaN iff some element is NaN or inf (exact; 5x faster than isfinite().all())
-            if self.check_finite and not bool(torch.isfinite((batch[field] * 0).sum())):
-                bad = int(batch["index"][~torch.isfinite(batch[field]).flatten(1).all(dim=1)][0])
-                raise StoreError(f"{self.store.root}: {field} of trajectory {bad} holds NaN or inf "
-                                 f"(run `ard-store verify {self.store.root}`)")
+            if self.check_finite:
+                self.check_values(field, batch[field], batch["index"])
         batch["labels"] = torch.from_numpy(self.store.labels[indices])  # (B,)
         batch["timesteps"] = self.timesteps.expand(len(indices), -1).clone()  # (B, S+1)
         return batch
@@ -118,7 +125,8 @@ class TrajectoryDataModule(L.LightningDataModule):
             seed: seed of the training shuffle (a new permutation every epoch: (seed, epoch)).
             num_workers: DataLoader worker processes (each reads whole batches from the memory map).
             with_x0: also yield the teacher's x0-predictions ("x0"); the store must have them.
-            check_finite: raise when a batch holds NaN / inf (cheap; `ard-store verify` checks everything).
+            check_finite: raise when a batch holds NaN / inf or values beyond the bound the store recorded
+                when it was written (cheap; `ard-store verify` checks every byte).
         """
         super().__init__()
         self.save_hyperparameters()

@@ -104,11 +104,21 @@ def save_npz_images(path: str | Path, images: torch.Tensor, labels: torch.Tensor
 
 
 def reference_from_adm_npz(path: str | Path, extractor: FeatureExtractor, cache_dir: str | Path | None = None,
-                           use_file_stats: bool = True, batch_size: int = 500) -> Reference:
+                           use_file_stats: bool = True, batch_size: int = 500,
+                           image_size: tuple[int, int] | None = None) -> Reference:
     """Reference from an ADM reference batch: features of its arr_0 images; FID statistics from its
-    mu/sigma when present and `use_file_stats` (ADM protocol), else from those features."""
+    mu/sigma when present and `use_file_stats` (ADM protocol), else from those features.
+    image_size: (H, W) of the images it will be compared with (the evaluated samples); arr_0 must match."""
     path = Path(path)
-    reference = reference_from_images(load_npz_images(path), extractor, cache_dir, batch_size)
+    images = load_npz_images(path)  # (N, C, H, W)
+    if image_size is not None and tuple(images.shape[2:]) != tuple(image_size):
+        raise ValueError(f"{path}: arr_0 holds {images.shape[2]}x{images.shape[3]} images; the evaluated models "
+                         f"make {image_size[0]}x{image_size[1]} images: a reference batch of that size is needed")
+    try:
+        reference = reference_from_images(images, extractor, cache_dir, batch_size)
+    except ValueError as e:
+        raise ValueError(f"{path}: arr_0 of shape (N, H, W, C) {tuple(images.permute(0, 2, 3, 1).shape)} does not "
+                         f"suit {extractor.identity}: {e}") from None
     if not use_file_stats:
         return reference
     with np.load(path, allow_pickle=False) as z:

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from ard.atomic import atomic_directory
+from ard.checks import check_finite_weights, check_timesteps, stop_on_non_finite
 from ard.diffusion import ddim_grid
 from ard.modules.precompute import teacher_hashes
 from ard.metrics.exposure import exposure_errors
@@ -178,6 +179,7 @@ class ARDDistillation(L.LightningModule):
                                    None if paths is None else torch.tensor(paths), self.hparams.srl_shift)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        check_finite_weights(checkpoint["state_dict"], f"step {self.global_step}: checkpoint (not written)")
         checkpoint["boundary_timesteps"] = self.timesteps
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -216,7 +218,13 @@ class ARDDistillation(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         inputs, rollout = self.training_inputs(batch)  # (B, S, C, H, W), (B,)
         self.log("train/rollout_fraction", rollout.float().mean(), on_step=True, on_epoch=False)
-        return self._log_losses("train", self.step_losses(batch, inputs))
+        per_step = self.step_losses(batch, inputs)
+        stop_on_non_finite(self.trainer, "loss", {f"train/loss_step{s}": v for s, v in enumerate(per_step)})
+        return self._log_losses("train", per_step)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if getattr(self.trainer.precision_plugin, "scaler", None) is None:  # fp16's scaler skips inf steps itself
+            stop_on_non_finite(self.trainer, "gradient of", {n: p.grad for n, p in self.named_parameters()})
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         # Whatever the recipe, validation regresses the stored trajectory: comparable across recipes.
@@ -283,6 +291,7 @@ class ARDDistillation(L.LightningModule):
         plus `ard_sampling.json` with the boundary timesteps, so sampling needs neither teacher nor store."""
         if self.timesteps is None:
             raise ValueError("the boundary timesteps are unknown: fit on a store first, or load a checkpoint")
+        check_finite_weights(self.student.state_dict(), f"export to {directory} (not written)")
         with atomic_directory(directory) as tmp:  # readers never see a student without its timesteps
             self.student.save_pretrained(tmp)
             recipe = {k: self.hparams[k] for k in RECIPE_KNOBS}  # provenance: how the student was trained
@@ -298,7 +307,15 @@ class ARDDistillation(L.LightningModule):
 def load_exported(directory: str | Path) -> tuple[ARDStudent, list[int]]:
     """A standalone student directory (export_student) -> (student in eval mode, boundary timesteps)."""
     directory = Path(directory)
-    student = ARDStudent.from_pretrained(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"student directory not found: {directory}")
+    try:
+        student = ARDStudent.from_pretrained(directory)
+    except (OSError, RuntimeError) as e:  # diffusers: a weights file missing or unreadable
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(f"{directory}: student weights missing or unreadable ({str(e).strip().splitlines()[0]})") from None
+    check_finite_weights(student.state_dict(), str(directory))
     path = directory / SAMPLING_CONFIG
     if not path.exists():
         raise FileNotFoundError(f"{path}: not found (export the student with scripts/sample_student.py export)")
@@ -309,4 +326,4 @@ def load_exported(directory: str | Path) -> tuple[ARDStudent, list[int]]:
     if not isinstance(timesteps, list) or len(timesteps) != student.num_steps + 1:
         raise ValueError(f"{path}: 'timesteps' must list {student.num_steps + 1} integers for a "
                          f"{student.num_steps}-step student")
-    return student, [int(t) for t in timesteps]
+    return student, check_timesteps(timesteps, f"{path}: field 'timesteps'")

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ard.atomic import write_text_atomic
+from ard.checks import can_write
 
 FORMAT = "ard-trajectory-store"
 VERSION = 1
@@ -40,6 +41,7 @@ NUMPY_DTYPE: dict[str, str] = {"float16": "<f2", "bfloat16": "<u2", "float32": "
 TORCH_DTYPE: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 FINITE_CHUNK = 1024  # trajectories converted at a time when checking for NaN / inf
 STATE_FIELDS = ("states", "x0")  # (n, G, C, H, W) arrays of a shard; x0 only when the store has it
+MAX_ABS = "max_abs"  # sidecar field: {state field: max |value| in the shard}, recorded when it is written
 # Manifest fields that do not decide the store's contents (everything else does, and is hashed into store_id).
 INFO_FIELDS = ("store_id", "created", "config", "shards", "complete")
 INFO_SUBFIELDS = {"teacher": ("path",)}
@@ -207,6 +209,7 @@ def check_output(root: str | Path, manifest: dict) -> dict | None:
     path = root / MANIFEST
     if root.exists() and not root.is_dir():
         raise StoreError(f"{root}: output path exists and is not a directory")
+    existing = None
     if path.exists():
         existing = read_manifest(root)
         diff = _first_difference(identity(existing), identity(manifest))
@@ -214,16 +217,16 @@ def check_output(root: str | Path, manifest: dict) -> dict | None:
             field, old, new = diff
             raise StoreError(f"{path}: field {field!r} is {json.dumps(old)} in the existing store but this run "
                              f"has {json.dumps(new)}: a different store; choose another output directory")
-        return existing
-    if root.exists():
+    elif root.exists():
         others = [p.name for p in root.iterdir() if not p.name.startswith(f".{MANIFEST}.tmp")]
         if others:
             raise StoreError(f"{root}: output directory is not empty and holds no {MANIFEST} (found "
                              f"{sorted(others)[0]!r}); refusing to write a store into it")
-    probe = next(p for p in (root, *root.parents) if p.exists())
-    if not probe.is_dir() or not os.access(probe, os.W_OK):
-        raise StoreError(f"{root}: cannot write the store ({probe} is not a writable directory)")
-    return None
+    # a store being resumed needs DIR (manifest) and DIR/shards (new shards) writable, before any shard is computed
+    for probe in [p for p in (root, root / "shards") if p.exists()] or [next(p for p in root.parents if p.exists())]:
+        if not probe.is_dir() or not can_write(probe):
+            raise StoreError(f"{root}: cannot write the store ({probe} is not a writable directory)")
+    return existing
 
 
 def create_store(root: str | Path, manifest: dict) -> None:
@@ -253,6 +256,9 @@ def read_sidecar(root: str | Path, manifest: dict, shard: int) -> dict | None:
             raise StoreError(f"{path}: field {key!r} is {side.get(key)!r}, the manifest needs {want}")
     if not isinstance(side.get("files"), dict) or not {"states.npy", "labels.npy", "index.npy"} <= set(side["files"]):
         raise StoreError(f"{path}: field 'files' must list states.npy, labels.npy and index.npy")
+    bounds = side.get(MAX_ABS, {})  # absent in stores written before bounds were recorded
+    if not isinstance(bounds, dict) or not all(isinstance(v, (int, float)) and 0 <= v < math.inf for v in bounds.values()):
+        raise StoreError(f"{path}: field {MAX_ABS!r} must map state fields to finite numbers >= 0, got {bounds!r}")
     return side
 
 
@@ -302,7 +308,7 @@ def write_shard(root: str | Path, manifest: dict, shard: int, arrays: dict[str, 
     root = Path(root)
     final = shard_dir(root, shard)
     start, count = shard_span(manifest, shard)
-    check_shard_arrays(manifest, shard, arrays, f"{final} (to be written)")
+    bounds = check_shard_arrays(manifest, shard, arrays, f"{final} (to be written)")
     if (final / SIDECAR).exists():
         return read_sidecar(root, manifest, shard)
     tmp = final.with_name(f".{final.name}.tmp")  # one writer per shard: a leftover is a killed run's
@@ -320,7 +326,8 @@ def write_shard(root: str | Path, manifest: dict, shard: int, arrays: dict[str, 
             os.fsync(f.fileno())
         files[f"{name}.npy"] = {"sha256": hashing.sha.hexdigest(), "bytes": hashing.bytes,
                                 "shape": list(arrays[name].shape), "dtype": arrays[name].dtype.str}
-    sidecar = {"store_id": manifest["store_id"], "shard": shard, "start": start, "count": count, "files": files}
+    sidecar = {"store_id": manifest["store_id"], "shard": shard, "start": start, "count": count, "files": files,
+               MAX_ABS: bounds}
     write_json_atomic(tmp / SIDECAR, sidecar)
     if final.exists():  # a directory without a sidecar cannot come from us; keep it out of the way, not lost
         final.rename(final.with_name(f".{final.name}.stale-{os.getpid()}"))
@@ -330,9 +337,10 @@ def write_shard(root: str | Path, manifest: dict, shard: int, arrays: dict[str, 
 
 
 def check_shard_arrays(manifest: dict, shard: int, arrays: dict[str, np.ndarray], where: str,
-                       deep: bool = True) -> None:
+                       deep: bool = True) -> dict[str, float]:
     """A shard's arrays against the manifest: shapes, dtypes and index range; with `deep` (reads every
-    byte) also every index, the label range and finite states."""
+    byte) also every index, the label range and finite states. Returns {state field: max |value|} (deep)."""
+    bounds: dict[str, float] = {}
     start, count = shard_span(manifest, shard)
     state = manifest["state"]
     want = (count, len(manifest["grid"]["indices"]), *state["shape"])
@@ -352,6 +360,7 @@ def check_shard_arrays(manifest: dict, shard: int, arrays: dict[str, np.ndarray]
             if not finite.all():
                 raise StoreError(f"{where}: {name} of trajectory {start + a0 + int(np.flatnonzero(~finite)[0])} "
                                  "holds NaN or inf")
+            bounds[name] = max(bounds.get(name, 0.0), float(chunk.abs().max()))
     for name in ("labels", "index"):
         a = arrays.get(name)
         if a is None or a.shape != (count,) or a.dtype.str != "<i8":
@@ -362,8 +371,17 @@ def check_shard_arrays(manifest: dict, shard: int, arrays: dict[str, np.ndarray]
                   (deep and not np.array_equal(index, np.arange(start, start + count)))):
         raise StoreError(f"{where}: index is not {start}..{start + count - 1}")
     labels = arrays["labels"]
-    if deep and count and (labels.min() < 0 or labels.max() >= manifest["num_classes"]):
-        raise StoreError(f"{where}: labels outside [0, {manifest['num_classes']})")
+    if deep and count:
+        check_labels(labels, manifest["num_classes"], start, where)
+    return bounds
+
+
+def check_labels(labels: np.ndarray, num_classes: int, start: int, where: str) -> None:
+    """Labels of trajectories start.. lie in [0, num_classes): the null class (= num_classes) is CFG's, not data."""
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if len(bad):
+        raise StoreError(f"{where}: label {int(labels[bad[0]])} of trajectory {start + int(bad[0])} outside "
+                         f"[0, {num_classes}) ({num_classes} is the null class of classifier-free guidance)")
 
 
 def consolidate(root: str | Path) -> dict:
@@ -487,6 +505,10 @@ class TrajectoryStore:
             check_shard_arrays(m, k, load_shard(self.root, m, k), str(shard_dir(self.root, k)), deep=False)
         self.labels = np.concatenate([np.load(shard_dir(self.root, k) / "labels.npy")
                                       for k in range(m["num_shards"])])  # (N,) int64
+        check_labels(self.labels, m["num_classes"], 0, str(self.root / "shards"))
+        # |value| bound per state field over all shards (inf for stores written before bounds were recorded)
+        self.max_abs = {name: max(side.get(MAX_ABS, {}).get(name, math.inf) for side in done.values())
+                        for name in STATE_FIELDS}
 
     def _open(self) -> dict[str, list[np.ndarray]]:
         """Per state field, per shard: a plain (count * G, C*H*W) view of the memory map (np.memmap's own

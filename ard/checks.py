@@ -1,0 +1,101 @@
+"""Checks of input that every stage shares, each a one-line ValueError naming the file, field or value and
+what would be accepted: finite numbers, writable output locations, step counts and boundary timesteps.
+
+Stages call them before their expensive work (writability, counts, timesteps) and on what they are about to
+train on, write or report (finite values), so nothing is trained, exported, sampled or reported on NaN / inf.
+"""
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+
+CLEAN = -1  # timestep label of the final (clean) state (= ard.diffusion.CLEAN, which imports the teacher)
+NUM_TRAIN_TIMESTEPS = 1000  # the DiT schedule's timesteps: a state's timestep lies in [0, 1000)
+
+
+def first_non_finite(tensors: Mapping[str, torch.Tensor | None]) -> str | None:
+    """Name of the first floating-point tensor holding NaN or inf (None when all are finite); one device sync."""
+    floats = {name: t for name, t in tensors.items() if t is not None and t.is_floating_point()}
+    if not floats:
+        return None
+    flags = torch.stack([torch.isfinite(t).all().to(next(iter(floats.values())).device) for t in floats.values()])
+    return None if bool(flags.all()) else list(floats)[int((~flags).nonzero()[0])]
+
+
+def check_finite_weights(tensors: Mapping[str, torch.Tensor], where: str) -> None:
+    """Refuse weights (a state dict) holding NaN or inf: nothing is written, sampled or trained from them."""
+    bad = first_non_finite(tensors)
+    if bad is not None:
+        raise ValueError(f"{where}: weight {bad!r} holds NaN or inf (diverged training or a damaged file); "
+                         "finite weights are required")
+
+
+def check_finite_samples(samples: torch.Tensor, where: str) -> None:
+    """Refuse model outputs (N, ...) holding NaN or inf, naming the first bad sample."""
+    finite = torch.isfinite(samples.flatten(1)).all(dim=1)  # (N,)
+    if not bool(finite.all()):
+        first = int((~finite).nonzero()[0])
+        raise ValueError(f"{where}: sample {first} (and {int((~finite).sum()) - 1} more of {len(finite)}) holds "
+                         "NaN or inf: the model's outputs must be finite (diverged or damaged weights?)")
+
+
+def can_write(directory: Path) -> bool:
+    """Whether a file can be created in the existing `directory`, by trying (permission bits do not bind root;
+    read-only mounts do)."""
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            return True
+    except OSError:
+        return False
+
+
+def check_writable(path: str | Path, what: str) -> None:
+    """`path` is (or can be created as) a writable directory; checked before any work that would write there."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what}={path}: exists and is not a directory; a directory (new or writable) is needed")
+    probe = next(p for p in (path, *path.parents) if p.exists())
+    if not probe.is_dir() or not can_write(probe):
+        raise ValueError(f"{what}={path}: cannot write there ({probe} is not a writable directory)")
+
+
+def check_at_least(minimum: int, **values: int | None) -> None:
+    """Each named count (None: not given) is an integer >= minimum."""
+    for name, value in values.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+            raise ValueError(f"{name}={value!r}: must be an integer >= {minimum}")
+
+
+def check_step_counts(name: str, steps: Iterable[int] | None) -> None:
+    """A list of DDIM step counts: each an integer in [1, NUM_TRAIN_TIMESTEPS]."""
+    for s in steps or []:
+        if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= NUM_TRAIN_TIMESTEPS:
+            raise ValueError(f"{name}: step count {s!r} must be an integer in [1, {NUM_TRAIN_TIMESTEPS}]")
+
+
+def check_timesteps(timesteps: list, where: str) -> list[int]:
+    """Boundary timesteps tau_0 > ... > tau_S: integers in [0, 1000), strictly decreasing, the last CLEAN (-1)."""
+    accepted = (f"expected strictly decreasing integers in [0, {NUM_TRAIN_TIMESTEPS}) ending with {CLEAN} (clean), "
+                "e.g. [943, 451, -1]")
+    if (not isinstance(timesteps, list) or len(timesteps) < 2
+            or not all(isinstance(t, int) and not isinstance(t, bool) for t in timesteps)):
+        raise ValueError(f"{where}: timesteps {timesteps!r}: {accepted}")
+    bad = [t for t in timesteps[:-1] if not 0 <= t < NUM_TRAIN_TIMESTEPS]
+    if bad or timesteps[-1] != CLEAN:
+        raise ValueError(f"{where}: timestep {bad[0] if bad else timesteps[-1]} in {timesteps}: {accepted}")
+    if any(a <= b for a, b in zip(timesteps, timesteps[1:])):
+        raise ValueError(f"{where}: timesteps {timesteps} are not strictly decreasing: {accepted}")
+    return timesteps
+
+
+def stop_on_non_finite(trainer, what: str, values: Mapping[str, torch.Tensor]) -> None:
+    """Stop training (every process: a rank that stops alone would leave the others waiting) when some
+    process's named values (losses, gradients) hold NaN or inf; one line naming the step and the value."""
+    bad = first_non_finite(values)
+    if trainer.strategy.reduce_boolean_decision(bad is not None, all=False):
+        raise ValueError(f"step {trainer.global_step}: {what} {bad or '(on another process)'} is not finite (NaN or "
+                         "inf): training stopped before this update, nothing of it was saved; lower model.lr, "
+                         "check the store (ard-store verify), or resume from an earlier checkpoint")

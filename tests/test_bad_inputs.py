@@ -1,0 +1,489 @@
+"""Bad input and faults against every stage: each case must stop with exit status != 0 and exactly one line
+naming the file, field or value (no traceback), and leave everything already written as it was.
+
+Stages: precompute (`ard predict`), the store and its reader, training (`ard fit`, resume), sampling
+(scripts/sample_student.py), evaluation (`ard-eval`) and the converter (scripts/convert_dit_checkpoint.py).
+Every case goes through `expect_one_line`, whose failure messages start with TRACEBACK, SILENT or DAMAGE, so
+that `scripts/bench_bad_inputs.py` can count the outcomes.
+"""
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import ard.checks
+from ard.cli import main as ard_main
+from ard.evaluate import main as eval_main
+from ard.store import format as fmt
+from ard.store.cli import main as store_main
+from test_store import file_digests, precompute, tiny_teacher
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import convert_dit_checkpoint  # noqa: E402
+import sample_student  # noqa: E402
+
+sys.path.pop(0)
+UNWRITABLE = Path("/sys/ard-bad-inputs")  # sysfs refuses new files even to root (permission bits do not bind it)
+N, VAL = 32, 8
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    return tiny_teacher(tmp_path_factory.mktemp("teacher") / "digits", num_layers=1)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, teacher):
+    path = tmp_path_factory.mktemp("store") / "store"
+    precompute(teacher, path, n=N, shard_size=16)  # K = 24, states saved at 0, 6, 12, 18, 24
+    return path
+
+
+def fit_args(root, teacher, store, *extra):
+    """`ard fit` of the ARD preset on the tiny teacher and store, 2 steps, CSV logs, a checkpoint every step."""
+    logger = '{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "%s", "name": "csv"}}'
+    return ["fit", "-c", str(ROOT / "configs/digits/ard.yaml"), f"--model.init_args.teacher={teacher}",
+            "--model.init_args.history_blocks=1", "--model.init_args.samples_per_class=0",
+            f"--data.init_args.path={store}", f"--data.init_args.val_count={VAL}", "--data.init_args.batch_size=8",
+            f"--trainer.default_root_dir={root}", "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+            f"--trainer.logger={logger % root}", "--trainer.callbacks.init_args.every_n_train_steps=1", *extra]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, teacher, store):
+    """A finished 2-step run: checkpoints/last.ckpt, csv/version_0/config.yaml, student_ema/."""
+    root = tmp_path_factory.mktemp("run")
+    ard_main(fit_args(root, teacher, store))
+    return root
+
+
+def copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst) if src.is_dir() else shutil.copy(src, dst)
+    return dst
+
+
+class Crafted:
+    """Unpickling this calls open(path, "w"): it would create the file at `path`."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def crafted_checkpoint(path: Path, marker: Path) -> Path:
+    torch.save({"state_dict": {}, "global_step": 1, "payload": Crafted(marker)}, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- the check
+def expect_one_line(capsys, call, needles, unchanged=(), prefix="error"):
+    """Run `call()`: it must raise SystemExit != 0 with exactly one error line containing every needle, and
+    every path in `unchanged` must hold the same files with the same bytes afterwards."""
+    before = {str(p): file_digests(p) if p.is_dir() else fmt.sha256_file(p) for p in map(Path, unchanged)}
+    try:
+        call()
+    except SystemExit as e:
+        code, message = e.code, e.code if isinstance(e.code, str) else None
+    except Exception as e:  # noqa: BLE001
+        pytest.fail(f"TRACEBACK: {type(e).__name__}: {e}")
+    else:
+        pytest.fail("SILENT: exited normally")
+    err = capsys.readouterr().err
+    lines = [message] if message else [line for line in err.splitlines() if f"{prefix}:" in line]
+    assert code not in (0, None), f"SILENT: exit status {code}"
+    assert len(lines) == 1, f"TRACEBACK: {len(lines)} error lines: {err[-2000:]}"
+    assert "Traceback" not in err, f"TRACEBACK: {err[-2000:]}"
+    for needle in [needles] if isinstance(needles, str) else needles:
+        assert needle in lines[0], f"UNCLEAR: {needle!r} not in {lines[0]!r}"
+    for p, digest in before.items():
+        after = file_digests(Path(p)) if Path(p).is_dir() else fmt.sha256_file(Path(p))
+        assert after == digest, f"DAMAGE: {p} changed"
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------- precompute
+def predict_args(teacher, out, *extra, n=N):
+    return ["predict", "-c", str(ROOT / "configs/digits/trajectories.yaml"), f"--model.init_args.teacher={teacher}",
+            "--model.init_args.save_indices=[0, 6, 12, 18, 24]", "--model.init_args.micro_batch_size=8",
+            f"--data.init_args.path={out}", f"--data.init_args.num_trajectories={n}", "--data.init_args.shard_size=16",
+            f"--trainer.default_root_dir={out}.runs", *extra]
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--data.init_args.num_trajectories=0"], ["num_trajectories (0)", ">= 1"]),
+    (["--model.init_args.micro_batch_size=0"], "micro_batch_size must be at least 1, got 0"),
+    (["--model.init_args.save_indices=[0, 6]"], ["save_indices must", "include 0 (the noise) and 24"]),
+    (["--model.init_args.timestep_spacing=trailing"], "trailing"),
+    (["--data.init_args.dtype=float8"], ['key "data.dtype"', "float8", "float16"]),
+    (["--model.init_args.guidance_scale=3.0"], "field 'solver.guidance_scale' is 2.0 in the existing store"),
+])
+def test_precompute_bad_settings(tmp_path, capsys, teacher, store, extra, needles):
+    out = copy(store, tmp_path / "store")
+    expect_one_line(capsys, lambda: ard_main(predict_args(teacher, out, *extra)), needles, [out])
+
+
+def test_precompute_into_a_file_or_foreign_directory(tmp_path, capsys, teacher):
+    (tmp_path / "file").write_text("x")
+    expect_one_line(capsys, lambda: ard_main(predict_args(teacher, tmp_path / "file")),
+                    "output path exists and is not a directory", [tmp_path / "file"])
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    expect_one_line(capsys, lambda: ard_main(predict_args(teacher, tmp_path / "foreign")),
+                    "not empty and holds no manifest.json", [tmp_path / "foreign"])
+
+
+def test_resuming_a_precompute_into_a_read_only_store_computes_nothing(tmp_path, capsys, monkeypatch, teacher, store):
+    out = copy(store, tmp_path / "store")
+    shutil.rmtree(out / "shards" / "shard-000001")  # one shard left to compute
+    real = ard.checks.can_write  # as if the store were on a read-only mount (root ignores permission bits)
+    monkeypatch.setattr(fmt, "can_write", lambda d: not str(d).startswith(str(out)) and real(d))
+    expect_one_line(capsys, lambda: ard_main(predict_args(teacher, out)), ["cannot write the store", str(out)], [out])
+
+
+@pytest.mark.parametrize("case", ["missing", "nan"])
+def test_precompute_bad_teacher(tmp_path, capsys, store, case):
+    teacher = tmp_path / "teacher"
+    if case == "nan":
+        tiny_teacher(teacher, num_layers=1)
+        weights = load_file(teacher / "diffusion_pytorch_model.safetensors")
+        weights["proj_out_2.weight"][0, 0] = float("nan")
+        save_file(weights, teacher / "diffusion_pytorch_model.safetensors")
+    needle = "holds NaN or inf" if case == "nan" else "teacher checkpoint not found"
+    expect_one_line(capsys, lambda: ard_main(predict_args(teacher, tmp_path / "out")), needle)
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------- the ard CLI
+@pytest.mark.parametrize("extra, needles", [
+    (["--model.init_args.mask=foo"], ['key "model.mask"', "Got value: foo", "block_causal", "window"]),
+    (["--model.init_args.lr=abc"], ['key "model.lr"', "Got value: abc"]),
+    (["--model.init_args.lrr=1"], "lrr"),
+    (["--trainer.max_steps=x"], ['key "trainer.max_steps"', "Got value: x"]),
+    (["--model.init_args.history_blocks=-1"], "history_blocks=-1 must lie in [0, 1]"),
+])
+def test_cli_parse_errors_keep_the_reason(tmp_path, capsys, teacher, store, extra, needles):
+    expect_one_line(capsys, lambda: ard_main(fit_args(tmp_path, teacher, store, *extra)), needles)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_invalid_or_missing_yaml_names_the_file(tmp_path, capsys, teacher, store):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  init_args: [a\n")
+    expect_one_line(capsys, lambda: ard_main(fit_args(tmp_path, teacher, store, "-c", str(bad))),
+                    [str(bad), "invalid YAML at line"], [bad])
+    expect_one_line(capsys, lambda: ard_main(fit_args(tmp_path, teacher, store, "-c", str(tmp_path / "no.yaml"))),
+                    str(tmp_path / "no.yaml"))
+
+
+# ---------------------------------------------------------------------------------------------- store
+def rot(out: Path, field: str, value) -> None:
+    """Change one stored value in place (what disk rot or a careless edit does; the sha256 no longer fits)."""
+    a = np.load(out / "shards/shard-000000" / f"{field}.npy", mmap_mode="r+")
+    if field == "labels":
+        a[3] = value
+    else:
+        a[3, 2, 0, 0, 0] = value
+    a.flush()
+
+
+@pytest.mark.parametrize("field, value, needle", [
+    ("labels", 10, "label 10 of trajectory 3 outside [0, 10) (10 is the null class"),
+    ("labels", -1, "label -1 of trajectory 3 outside [0, 10)"),
+    ("states", 3e4, "states of trajectory 3 holds NaN, inf or a value beyond the |value| <="),
+    ("states", np.nan, "states of trajectory 3 holds NaN, inf or a value beyond"),
+])
+def test_training_on_a_rotten_store_stops(tmp_path, capsys, teacher, store, field, value, needle):
+    out = copy(store, tmp_path / "store")
+    rot(out, field, value)
+    root = tmp_path / "run"
+    expect_one_line(capsys, lambda: ard_main(fit_args(root, teacher, out, "--data.init_args.val_count=16",
+                                                      "--data.init_args.batch_size=16")), needle, [out])
+    assert not (root / "student_ema").exists() and not list(root.rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize("damage, needle", [
+    ("truncate", "bytes, shard.json says"),
+    ("missing_shard", "missing (store incomplete, 1 of 2 shards"),
+    ("edit_manifest", "field 'store_id' does not match"),
+    ("bad_bound", "field 'max_abs' must map state fields to finite numbers"),
+])
+def test_damaged_store_stops_training(tmp_path, capsys, teacher, store, damage, needle):
+    out = copy(store, tmp_path / "store")
+    shard = out / "shards/shard-000001"
+    if damage == "truncate":
+        (shard / "states.npy").write_bytes((shard / "states.npy").read_bytes()[:-64])
+    elif damage == "missing_shard":
+        shutil.rmtree(shard)
+    elif damage == "edit_manifest":
+        manifest = json.loads((out / "manifest.json").read_text())
+        (out / "manifest.json").write_text(json.dumps({**manifest, "seed": 5}))
+    else:
+        side = json.loads((shard / "shard.json").read_text())
+        (shard / "shard.json").write_text(json.dumps({**side, "max_abs": {"states": "big"}}))
+    expect_one_line(capsys, lambda: ard_main(fit_args(tmp_path / "run", teacher, out)), needle, [out])
+
+
+def test_store_records_the_bound_of_its_values(store):
+    manifest = fmt.read_manifest(store)
+    for k, entry in enumerate(manifest["shards"]):
+        states = fmt.load_shard(store, manifest, k)["states"]
+        assert entry["max_abs"] == {"states": float(np.abs(states).max())}  # recorded exactly, at write time
+
+
+def test_store_cli_bad_directory(tmp_path, capsys):
+    expect_one_line(capsys, lambda: store_main(["verify", str(tmp_path / "none")]), "not a directory")
+
+
+# ---------------------------------------------------------------------------------------------- training
+@pytest.mark.parametrize("extra, needles", [
+    (["--model.init_args.num_steps=2"], "data.student_steps=4 but model.num_steps=2"),
+    (["--data.init_args.batch_size=64"], "make no full batch of 64"),
+    (["--data.init_args.val_count=32"], "val_count=32 must be smaller"),
+    (["--model.init_args.step_weights=[1.0]"], "step_weights has 1 entries"),
+])
+def test_fit_bad_settings(tmp_path, capsys, teacher, store, extra, needles):
+    expect_one_line(capsys, lambda: ard_main(fit_args(tmp_path / "run", teacher, store, *extra)), needles, [store])
+    assert not list((tmp_path / "run").rglob("*.ckpt"))
+
+
+def test_fit_on_another_teachers_store(tmp_path, capsys, store):
+    other = tiny_teacher(tmp_path / "other", num_layers=2)
+    expect_one_line(capsys, lambda: ard_main(fit_args(tmp_path / "run", other, store)),
+                    "field 'teacher.weights_sha256' differs", [store])
+
+
+def test_default_root_dir_that_is_a_file(tmp_path, capsys, teacher, store):
+    (tmp_path / "root").write_text("x")
+    expect_one_line(capsys, lambda: ard_main(fit_args(tmp_path / "root", teacher, store)),
+                    ["trainer.default_root_dir=", "exists and is not a directory"], [tmp_path / "root"])
+
+
+def test_diverging_training_stops_and_exports_nothing(tmp_path, capsys, teacher, store):
+    root = tmp_path / "run"
+    line = expect_one_line(capsys, lambda: ard_main(fit_args(root, teacher, store, "--model.init_args.lr=1e6",
+                                                             "--trainer.max_steps=6")), ["step ", "is not finite"])
+    assert "loss train/loss_step" in line or "gradient of" in line, line
+    assert not (root / "student_ema").exists()
+    for ckpt in root.rglob("*.ckpt"):  # what was saved before it diverged holds finite weights
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values())
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--model.init_args.lr=5e-4"], ["last.ckpt: model.lr is 0.0002 in the checkpoint but 0.0005", "--resume.override"]),
+    (["--model.init_args.history_blocks=0"], "model.history_blocks is 1 in the checkpoint but 0"),
+    (["--model.init_args.mask=window"], "model.mask is 'block_causal' in the checkpoint but 'window'"),
+    (["--data.init_args.batch_size=4"], "data.batch_size is 8 in the checkpoint but 4"),
+    (["--model.init_args.heads=per_step", "--resume.override=true"], "the checkpoint's weights do not fit this model"),
+])
+def test_resume_with_other_hyperparameters_is_refused_and_changes_nothing(tmp_path, capsys, teacher, store, run,
+                                                                          extra, needles):
+    root = copy(run, tmp_path / "run")
+    expect_one_line(capsys, lambda: ard_main(fit_args(root, teacher, store, "--trainer.max_steps=3", *extra)),
+                    needles, [root])
+
+
+def test_resume_override_takes_the_new_value(tmp_path, teacher, store, run):
+    root = copy(run, tmp_path / "run")
+    ard_main(fit_args(root, teacher, store, "--trainer.max_steps=3", "--model.init_args.lr=5e-4",
+                      "--resume.override=true"))
+    newest = max((root / "checkpoints").glob("last*.ckpt"), key=lambda p: p.stat().st_mtime_ns)  # (copied run: last-v1)
+    ckpt = torch.load(newest, map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 3 and ckpt["hyper_parameters"]["lr"] == 5e-4
+
+
+@pytest.mark.parametrize("damage, needle", [
+    ("truncate", "last.ckpt: not a readable checkpoint, truncated or corrupt"),
+    ("crafted", "last.ckpt: refused: holds objects other than tensors and plain containers"),
+    ("crafted_forced", "last.ckpt: refused: holds objects other than tensors and plain containers"),
+])
+def test_resume_from_a_bad_last_ckpt(tmp_path, capsys, monkeypatch, teacher, store, run, damage, needle):
+    root = copy(run, tmp_path / "run")
+    ckpt, marker = root / "checkpoints" / "last.ckpt", tmp_path / "pwned"
+    if damage == "truncate":
+        ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    else:
+        crafted_checkpoint(ckpt, marker)
+    if damage == "crafted_forced":  # the torch setting that restores the old unsafe default
+        monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    expect_one_line(capsys, lambda: ard_main(fit_args(root, teacher, store, "--trainer.max_steps=3")), needle, [root])
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+def student_copy(run, tmp_path, edit=None) -> Path:
+    student = copy(run / "student_ema", tmp_path / "student")
+    if edit == "no_weights":
+        (student / "diffusion_pytorch_model.safetensors").unlink()
+    elif edit in ("nan", "huge"):
+        path = student / "diffusion_pytorch_model.safetensors"
+        weights = load_file(path)
+        weights["proj_out_2.bias"][:] = float("nan") if edit == "nan" else 3e38
+        weights["proj_out_2.weight"][:] = 0 if edit == "nan" else 3e38
+        save_file(weights, path)
+    elif edit is not None:
+        (student / "ard_sampling.json").write_text(json.dumps({"timesteps": edit}))
+    return student
+
+
+SAMPLE = ["--labels", "1", "2", "--per-label", "2"]
+
+
+@pytest.mark.parametrize("edit, needles", [
+    ("no_weights", "student weights missing or unreadable"),
+    ("nan", ["weight 'transformer.proj_out_2.bias' holds NaN or inf"]),
+    ("huge", ["sample 0", "holds NaN or inf", "nothing written"]),
+    ([-1, 205, 451, 697, 943], ["ard_sampling.json: field 'timesteps'", "strictly decreasing"]),
+    ([5000, 697, 451, 205, -1], ["timestep 5000", "in [0, 1000)"]),
+    ([943, 697, 451, 205, 0], ["timestep 0", "ending with -1"]),
+])
+def test_sampling_a_bad_student(tmp_path, capsys, run, edit, needles):
+    student = student_copy(run, tmp_path, edit)
+    out = tmp_path / "samples"
+    expect_one_line(capsys, lambda: sample_student.main(["sample", "--student", str(student), *SAMPLE,
+                                                         "--out", str(out)]), needles, [student])
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--student", "{missing}", *SAMPLE], "student directory not found"),
+    (["--student", "{student}", "--labels", "10"], "--labels: class 10 out of range [0, 10)"),
+    (["--student", "{student}", "--num-samples", "0"], "--num-samples must be >= 1, got 0"),
+    (["--student", "{student}", *SAMPLE, "--out", str(UNWRITABLE / "x")], "--out=/sys/ard-bad-inputs/x: cannot write"),
+])
+def test_sample_script_bad_arguments(tmp_path, capsys, run, args, needle):
+    args = [a.format(missing=tmp_path / "none", student=run / "student_ema") for a in args]
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "samples")]
+    expect_one_line(capsys, lambda: sample_student.main(["sample", *args]), needle, [run / "student_ema"])
+    assert not (tmp_path / "samples").exists()
+
+
+@pytest.mark.parametrize("damage, needle", [
+    ("truncate", "not a readable checkpoint, truncated or corrupt"),
+    ("crafted", "refused: holds objects other than tensors"),
+    ("nan", "export to"),
+])
+def test_export_or_sample_from_a_bad_checkpoint(tmp_path, capsys, run, damage, needle):
+    ckpt, marker = tmp_path / "last.ckpt", tmp_path / "pwned"
+    if damage == "truncate":
+        ckpt.write_bytes((run / "checkpoints" / "last.ckpt").read_bytes()[:5000])
+    elif damage == "crafted":
+        crafted_checkpoint(ckpt, marker)
+    else:
+        state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+        next(iter(state["state_dict"].values()))[:] = float("nan")
+        torch.save(state, ckpt)
+    export = copy(run / "student_ema", tmp_path / "export")  # an earlier export: must survive a failed one
+    expect_one_line(capsys, lambda: sample_student.main(["export", "--checkpoint", str(ckpt), "--out", str(export)]),
+                    [needle], [export, ckpt])
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def eval_args(tmp_path, teacher, *extra):
+    return ["--teacher", str(teacher), "--teacher_steps", "2", "--num_samples", "8", "--batch_size", "8",
+            "--bootstrap", "2", "--grid_samples", "2", "--wandb", "false", "--out", str(tmp_path / "out"),
+            "--cache_dir", str(tmp_path / "cache"), *extra]
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--out", str(UNWRITABLE / "eval")], "out=/sys/ard-bad-inputs/eval: cannot write there"),
+    (["--cache_dir", str(UNWRITABLE / "cache")], "cache_dir=/sys/ard-bad-inputs/cache: cannot write there"),
+    (["--undistilled_steps", "[0]"], "undistilled_steps: step count 0 must be an integer in [1, 1000]"),
+    (["--teacher_steps", "5000"], "teacher_steps: step count 5000"),
+    (["--num_samples", "0"], "num_samples=0: must be an integer >= 1"),
+    (["--batch_size", "0"], "batch_size=0: must be an integer >= 1"),
+    (["--students", '{"ard": "{missing}"}'], "student directory not found"),
+])
+def test_evaluate_bad_arguments_stop_before_any_work(tmp_path, capsys, teacher, extra, needle):
+    extra = [a.replace("{missing}", str(tmp_path / "none")) for a in extra]
+    expect_one_line(capsys, lambda: eval_main(eval_args(tmp_path, teacher, *extra)), needle)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("edit, needle", [
+    ("huge", "ard (4 steps): nothing reported: sample 0"),
+    ([943, 451, 697, 205, -1], "strictly decreasing"),
+])
+def test_evaluate_refuses_a_bad_student(tmp_path, capsys, teacher, run, edit, needle):
+    student = student_copy(run, tmp_path, edit)
+    args = eval_args(tmp_path, teacher, "--students", json.dumps({"ard": str(student)}))
+    expect_one_line(capsys, lambda: eval_main(args), needle)
+    assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_evaluate_truncated_cache(tmp_path, capsys, teacher):
+    eval_main(eval_args(tmp_path, teacher))
+    report = tmp_path / "out" / "report.json"
+    cache = next((tmp_path / "cache").glob("eval_set-*.npz"))
+    cache.write_bytes(cache.read_bytes()[:200])
+    expect_one_line(capsys, lambda: eval_main(eval_args(tmp_path, teacher)),
+                    [cache.name, "unreadable evaluation cache", "delete it to recompute"], [report])
+
+
+@pytest.mark.parametrize("shape, needle", [
+    ((4, 16, 16, 3), "arr_0 holds 16x16 images; the evaluated models make 8x8 images"),
+    ((4, 8, 8, 2), "arr_0 must be uint8 (N, H, W, 1|3)"),
+])
+def test_evaluate_reference_of_the_wrong_size(tmp_path, capsys, teacher, shape, needle):
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, arr_0=np.zeros(shape, np.uint8))
+    expect_one_line(capsys, lambda: eval_main(eval_args(tmp_path, teacher, "--reference", str(ref))),
+                    [str(ref), needle], [ref])
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------- converter
+def official(path: Path) -> Path:
+    """An official-DiT-style state dict of 1 block (the key names; the shapes are not reached)."""
+    from ard.convert import official_keys
+
+    torch.save({key: torch.zeros(4) for key in official_keys(1)}, path)
+    return path
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("missing", "teacher checkpoint not found"),
+    ("truncate", "not a readable weights-only torch checkpoint"),
+    ("crafted", "not a readable weights-only torch checkpoint"),
+    ("wrong_size", "missing key"),
+])
+def test_converter_bad_checkpoints(tmp_path, capsys, case, needle):
+    ckpt, out, marker = tmp_path / "DiT.pt", tmp_path / "out", tmp_path / "pwned"
+    if case == "truncate":
+        official(ckpt)
+        ckpt.write_bytes(ckpt.read_bytes()[:300])
+    elif case == "crafted":
+        crafted_checkpoint(ckpt, marker)
+    elif case == "wrong_size":
+        official(ckpt)
+    size = "DiT-S/2" if case == "wrong_size" else "digits"
+    expect_one_line(capsys, lambda: convert_dit_checkpoint.main([str(ckpt), "--size", size, "--out", str(out)]), needle)
+    assert not out.exists() and not marker.exists()
+
+
+def test_converter_refuses_nan_weights(tmp_path, capsys):
+    """A NaN in otherwise convertible weights: the check runs on the loaded model, before anything is written."""
+    from ard.teacher import build_dit
+
+    model = build_dit("digits")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["proj_out_2.bias"][0] = float("nan")
+    save_file(state, tmp_path / "teacher.safetensors")
+    out = tmp_path / "out"
+    expect_one_line(capsys, lambda: convert_dit_checkpoint.main([str(tmp_path / "teacher.safetensors"), "--size",
+                                                                 "digits", "--out", str(out)]),
+                    "weight 'proj_out_2.bias' holds NaN or inf")
+    assert not out.exists()
