@@ -9,8 +9,10 @@ import pytest
 from diffusers import AutoencoderKL
 
 from ard.data.digits import to_uint8
-from ard.evaluate import REPORT_KEYS, evaluate, gflops_per_image, make_decoder, student_sampler
-from ard.metrics import load_npz_images
+from ard.diffusion import ddim_grid, ddim_sample_at
+from ard.evaluate import REPORT_KEYS, evaluate, gflops_per_image, make_decoder, student_sampler, undistilled_timesteps
+from ard.metrics import (DigitFeatures, compute_metrics, digits_images, extract, fid_from_features, load_npz_images,
+                         reference_from_images)
 from ard.student import ARDStudent
 from ard.teacher import build_dit
 
@@ -46,16 +48,53 @@ def test_evaluate_tiny_run_writes_full_report(tmp_path):
         grid = np.asarray(picture)
     assert grid.shape[0] == 3 * 33 and grid.shape[1] > 4 * 33  # the left margin holds the row names
     assert (grid[:, : grid.shape[1] - 4 * 33] < 128).any()  # some label text is drawn there
-    assert list((tmp_path / "cache").glob("eval_set-*.npz"))  # the teacher's samples are cached
+    cache = next((tmp_path / "cache").glob("eval_set-*"))  # the teacher's samples are cached, memory-mappable
+    cached, labels, noise = (np.load(cache / f"{k}.npy", allow_pickle=False) for k in ("teacher", "labels", "noise"))
     # ADM batches of exactly the evaluated samples: the teacher's are its cached samples, with their labels
-    with np.load(next((tmp_path / "cache").glob("eval_set-*.npz")), allow_pickle=False) as z:
-        cached, labels = torch.from_numpy(z["teacher"]), z["labels"]
     exported = sorted(p.name for p in (tmp_path / "out" / "npz").iterdir())
     assert exported == ["ard-2steps.npz", "teacher_DDIM_w_2-2steps.npz", "teacher_DDIM_w_2-4steps.npz"]
-    teacher_npz = tmp_path / "out" / "npz" / "teacher_DDIM_w_2-4steps.npz"
-    assert torch.equal(load_npz_images(teacher_npz)[:, :1], to_uint8(cached))
-    with np.load(teacher_npz, allow_pickle=False) as z:
+    npz = {name: load_npz_images(tmp_path / "out" / "npz" / name)[:, :1] for name in exported}
+    assert torch.equal(npz["teacher_DDIM_w_2-4steps.npz"], to_uint8(torch.from_numpy(cached)))
+    with np.load(tmp_path / "out" / "npz" / "teacher_DDIM_w_2-4steps.npz", allow_pickle=False) as z:
         assert np.array_equal(z["arr_1"], labels)
+
+    # The undistilled 2-step teacher samples at exactly the 2-step student's boundaries (943, 451), not at the
+    # 2-step DDIM grid (500, 0): its samples are the teacher's DDIM jumps over those timesteps.
+    assert two_step["timesteps"] == student["timesteps"] == [943, 451, -1]
+    assert teacher_row["timesteps"] == ddim_grid(4)
+    expected = ddim_sample_at(teacher, torch.from_numpy(noise), torch.from_numpy(labels), [943, 451, -1], 2.0, True)
+    assert torch.equal(npz["teacher_DDIM_w_2-2steps.npz"], to_uint8(expected))
+    assert "samples at the students' boundary timesteps 943, 451" in table
+
+    # Streaming (features once per row, batch by batch) gives what the whole-set metric functions give.
+    extractor = DigitFeatures()
+    real = reference_from_images(digits_images("all"), extractor)
+    teacher_features, _ = extract(npz["teacher_DDIM_w_2-4steps.npz"], extractor)
+    for row, name in zip(rows, ["teacher_DDIM_w_2-4steps.npz", "teacher_DDIM_w_2-2steps.npz", "ard-2steps.npz"]):
+        whole = compute_metrics(npz[name], real, extractor, bootstrap=3)
+        for key in ("fid", "fid_sd", "is", "precision", "recall"):
+            assert row[key] == pytest.approx(whole[key], rel=1e-6, abs=1e-6), (name, key)
+        features, _ = extract(npz[name], extractor)
+        assert row["fid_vs_teacher"] == pytest.approx(fid_from_features(features, teacher_features), rel=1e-6, abs=1e-6)
+
+    # The FID-vs-teacher floor: the teacher's N samples against N more from independent noises, N vs N.
+    floor = np.load(cache / "floor_teacher.npy", allow_pickle=False)
+    assert floor.shape == cached.shape and not np.allclose(floor, cached)
+    floor_features, _ = extract(to_uint8(torch.from_numpy(floor)), extractor)
+    assert report["noise_floor"]["teacher"] == pytest.approx(fid_from_features(floor_features, teacher_features),
+                                                             rel=1e-6)
+    assert "N vs N" in report["noise_floor_method"]["teacher"]
+
+
+def test_undistilled_timesteps_are_the_students_boundaries():
+    solver = dict(num_steps=24, timestep_spacing="leading")
+    assert undistilled_timesteps(2, {}, solver) == [943, 451, -1]  # grid indices 0, 12, 24 of K = 24
+    assert undistilled_timesteps(4, {}, solver) == [943, 697, 451, 205, -1]
+    assert undistilled_timesteps(2, {"a": [900, 400, -1], "b": [943, 697, 451, 205, -1]}, solver) == [900, 400, -1]
+    with pytest.raises(ValueError, match="different boundary timesteps"):
+        undistilled_timesteps(2, {"a": [900, 400, -1], "b": [943, 451, -1]}, solver)
+    with pytest.raises(ValueError, match="undistilled_steps 5: student_steps=5 must divide the teacher's K=24"):
+        undistilled_timesteps(5, {}, solver)
 
 
 def tiny_vae(path):
