@@ -188,15 +188,16 @@ def eval_set(teacher, identity: dict, solver: dict, num_samples: int, seed: int,
             def array(name, dtype, item_shape=()):
                 return np.lib.format.open_memmap(tmp / f"{name}.npy", "w+", dtype, (num_samples, *item_shape))
 
-            noise, labels, final, floor = (array("noise", np.float32, shape), array("labels", np.int64),
-                                           array("teacher", np.float32, shape), array("floor_teacher", np.float32, shape))
+            noise, labels = array("noise", np.float32, shape), array("labels", np.int64)
+            final, floor = array("teacher", np.float32, shape), array("floor_teacher", np.float32, shape)
             for a in range(0, num_samples, batch_size):
                 b = min(a + batch_size, num_samples)
                 for first, out in ((0, final), (num_samples, floor)):
                     n, y = trajectory_inputs(seed, range(first + a, first + b), shape, num_classes(teacher))
                     if first == 0:
                         noise[a:b], labels[a:b] = n.numpy(), y.numpy()
-                    out[a:b] = next(sample_batches(sampler, n.numpy(), y.numpy(), b - a, device, solver["precision"]))[1]
+                    batches = sample_batches(sampler, n.numpy(), y.numpy(), b - a, device, solver["precision"])
+                    out[a:b] = next(batches)[1]  # (b - a, C, H, W)
             for mm in (noise, labels, final, floor):
                 mm.flush()
             del noise, labels, final, floor
@@ -238,7 +239,8 @@ def _npz_writer(out_dir: Path, export: bool, name: str, steps: int, count: int, 
     if not export:
         return nullcontext(None)
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
-    return adm_npz_writer(out_dir / "npz" / f"{slug}-{steps}steps.npz", count, size, torch.from_numpy(np.asarray(labels)))
+    labels = torch.from_numpy(np.asarray(labels))  # (N,)
+    return adm_npz_writer(out_dir / "npz" / f"{slug}-{steps}steps.npz", count, size, labels)
 
 
 def markdown_table(rows: list[dict], floors: dict[str, float]) -> str:

@@ -98,12 +98,12 @@ def check_teacher(recorded: dict, ours: dict, where: str, what: str) -> None:
     was recorded separately counts as "diffusers" numerics (its config hash then only matches a teacher
     loaded without recorded numerics)."""
     recorded = {"numerics": "diffusers", **recorded}
-    for field in ("weights_sha256", "config_sha256", "numerics"):
+    for field in ("weights_sha256", "numerics", "config_sha256"):  # numerics first: they change the config too
         if recorded.get(field) != ours[field]:
+            source = f" ({recorded['path']})" if recorded.get("path") else ""
             hint = f"; load it with numerics={recorded['numerics']!r}" if field == "numerics" else ""
             raise ValueError(f"{where}: field 'teacher.{field}' is {str(recorded.get(field))[:16]!r}, {what} has "
-                             f"{ours[field][:16]!r}: not the teacher the store was made with ({recorded.get('path')})"
-                             f"{hint}")
+                             f"{ours[field][:16]!r}: not the teacher the store was made with{source}{hint}")
 
 
 def disable_label_dropout(model: DiTTransformer2DModel) -> DiTTransformer2DModel:

@@ -144,3 +144,52 @@ def test_flops_count_the_history_attention(tmp_path):
     tokens = (config.sample_size // config.patch_size) ** 2  # L
     width = config.num_attention_heads * config.attention_head_dim  # D
     assert flops[history_blocks] - flops[0] == 2 * history_blocks * tokens ** 2 * width * steps * (steps - 1)
+
+
+def store_manifest(path, teacher_model, **solver):
+    """A store's manifest (no shards needed: the evaluation reads only the teacher and solver fields)."""
+    from ard.diffusion import solver_identity
+    from ard.store import format as fmt
+    from ard.teacher import teacher_identity
+
+    settings = dict(num_steps=4, timestep_spacing="leading", guidance_scale=1.5, clip_sample=True,
+                    cfg_channels="all", precision="fp32") | solver
+    manifest = fmt.new_manifest(teacher={"path": "made-elsewhere", **teacher_identity(teacher_model)},
+                                solver=solver_identity(**settings), grid_indices=[0, 2, 4],
+                                grid_timesteps=[750, 250, -1], state_shape=(1, 8, 8), dtype="float32", with_x0=False,
+                                num_classes=10, num_trajectories=8, shard_size=8, seed=0, micro_batch_size=8)
+    fmt.create_store(path, manifest)
+    return path
+
+
+def test_evaluation_takes_the_stores_teacher_settings_and_refuses_others(tmp_path, capsys):
+    from ard.evaluate import main
+
+    torch.manual_seed(0)
+    teacher = build_dit("digits", num_layers=1).eval()
+    teacher.save_pretrained(tmp_path / "snapshot" / "transformer")  # a pipeline snapshot (it used to fail here)
+    store = store_manifest(tmp_path / "store", teacher)
+    common = dict(teacher=str(tmp_path / "snapshot"), store=str(store), num_samples=8, bootstrap=2, batch_size=8,
+                  cache_dir=str(tmp_path / "cache"), grid_samples=2, wandb=False)
+    evaluate(out=str(tmp_path / "out"), **common)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["settings"]["solver"]["guidance_scale"] == 1.5 and report["settings"]["teacher_steps"] == 4
+    assert report["rows"][0]["model"] == "teacher (DDIM, w=1.5)"
+    # the same teacher through its transformer/ subfolder is the same evaluation set (one cache entry)
+    evaluate(out=str(tmp_path / "out2"), **{**common, "teacher": str(tmp_path / "snapshot" / "transformer")})
+    assert len(list((tmp_path / "cache").glob("eval_set-*"))) == 1
+
+    heads = build_dit("digits", num_layers=1, num_attention_heads=8, attention_head_dim=16)
+    heads.load_state_dict(teacher.state_dict())  # the same weights, another config
+    heads.save_pretrained(tmp_path / "heads")
+    for args, needle in (
+            (["--guidance_scale", "2.0"], "field 'solver.guidance_scale' is 1.5, the evaluation has 2.0"),
+            (["--cfg_channels", "dit"], "field 'solver.cfg_channels' is 'all', the evaluation has 'dit'"),
+            (["--teacher", str(tmp_path / "heads")], "field 'teacher.config_sha256' is")):
+        with pytest.raises(SystemExit) as e:
+            main(["--teacher", common["teacher"], "--store", str(store), "--num_samples", "8", "--wandb", "false",
+                  "--out", str(tmp_path / "refused"), "--cache_dir", str(tmp_path / "cache"), *args])
+        assert str(e.value).startswith(f"ard-eval: error: {store / 'manifest.json'}: ") and needle in str(e.value)
+        assert "\n" not in str(e.value) and not (tmp_path / "refused").exists()
+    evaluate(out=str(tmp_path / "out3"), **{**common, "guidance_scale": 2.0, "allow_store_mismatch": True})
+    assert json.loads((tmp_path / "out3" / "report.json").read_text())["settings"]["guidance_scale"] == 2.0

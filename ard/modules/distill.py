@@ -129,8 +129,8 @@ class ARDDistillation(L.LightningModule):
                              f"(ard.data.trajectories.TrajectoryDataModule); got {type(datamodule).__name__}")
         datamodule.check_compatible(self.state_shape, self.num_classes)
         # the student must start from the store's teacher: weights, config and numerics
-        check_teacher(datamodule.manifest["teacher"], self.teacher_identity, str(Path(datamodule.path) / "manifest.json"),
-                      f"model.teacher={self.hparams.teacher}")
+        check_teacher(datamodule.manifest["teacher"], self.teacher_identity,
+                      str(Path(datamodule.path) / "manifest.json"), f"model.teacher={self.hparams.teacher}")
         if datamodule.student_steps != self.hparams.num_steps:
             raise ValueError(f"data.student_steps={datamodule.student_steps} but model.num_steps="
                              f"{self.hparams.num_steps}: set both to the same S")
