@@ -4,9 +4,9 @@ Each measurement is a fresh process that evaluates the shipped digits teacher at
 K), the undistilled teacher at 2 and 4 steps and two untrained 2-step students made from the teacher (5 rows),
 with the npz export and the picture on, and reports its peak RSS (getrusage) and its RSS just before `evaluate`
 (imports, models). The growth between two sample counts at the same rows is what the evaluation holds per sample;
-the same count with 2 rows shows whether it grows with rows. The extrapolation to the paper's protocol adds what a
+the same count with 2 rows shows whether it grows with rows. The extrapolation to the paper's protocol counts what a
 50,000-sample ImageNet-256 row holds by construction (features and logits of one row, fp32; the metrics' float64
-copies of the features) to the fixed part.
+copies of the features; the reference; the k-NN distance block of precision/recall, on the metrics device).
 
     python scripts/bench_eval_memory.py [--samples 1000 4000] [--out docs/results/eval_memory.json]
 """
@@ -70,17 +70,20 @@ def measure(num_samples: int, rows: int) -> dict:
 
 
 def extrapolate(per_sample_mb: float, fixed_mb: float) -> dict:
-    """Peak host memory of 5 rows x 50,000 samples at 256x256 (Inception pool_3 2048-d, 1008 logits)."""
-    n, features, logits = 50_000, 2048, 1008
+    """Peak memory of 5 rows x 50,000 samples at 256x256 (Inception pool_3 2048-d, 1008 logits)."""
+    n, features, logits, block = 50_000, 2048, 1008, 10_000
     row = n * (features + logits) * 4 / 2**20  # one row's features and logits, fp32: the floor
     float64 = 2 * n * features * 8 / 2**20  # FID / bootstrap: the features in float64 and one resample of them
     reference = 10_000 * features * 4 / 2**20 + 2 * features**2 * 8 / 2**20  # ADM reference features, two covariances
+    knn = 2 * min(block, n) * n * 4 / 2**20  # precision/recall: one block of k-NN distances (and kthvalue's copy)
     return {"per_row_features_and_logits_mb": row, "metric_float64_transients_mb": float64,
-            "reference_and_statistics_mb": reference,
-            "peak_mb_beyond_models": row + float64 + reference,
+            "reference_and_statistics_mb": reference, "host_peak_mb_beyond_models": row + float64 + reference,
+            "knn_distance_block_mb_on_metrics_device": knn,
             "digits_measured_per_sample_kb": per_sample_mb * 1024, "digits_fixed_mb": fixed_mb,
             "note": "independent of the number of rows: one row's features are alive at a time; samples, images and "
-                    "the npz export stream batch by batch, the evaluation set is memory-mapped. Before this change "
+                    "the npz export stream batch by batch, the evaluation set is memory-mapped. The digits slope is "
+                    "mostly the k-NN distance block of precision/recall (N x min(N, 10,000) fp32, on the metrics "
+                    "device: the GPU in the ImageNet preset), which grows with N, not with rows. Before this change "
                     "every row's uint8 images stayed alive (the picture held views of them): 50,000 x 256 x 256 x 3 "
                     "bytes = 9.2 GiB per row, 46 GiB for 5 rows, plus features extracted twice per row."}
 
