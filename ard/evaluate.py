@@ -158,12 +158,17 @@ def resolve_teacher(teacher: str, teacher_size: str | None, store: str | None, n
     return model, identity, solver
 
 
+def tensor(array: np.ndarray) -> torch.Tensor:
+    """A slice of the memory-mapped (read-only) evaluation set as a tensor of its own (a copy)."""
+    return torch.from_numpy(np.array(array))
+
+
 def sample_batches(sampler: Sampler, noise: np.ndarray, labels: np.ndarray, batch_size: int, device: torch.device,
                    precision: Precision) -> Iterator[tuple[int, torch.Tensor, float]]:
     """Run `sampler` on `device` over batches of (noise, labels); yields (first index, final samples (b, C, h, w)
     fp32 on CPU, sampling seconds; the device is synchronised before the clock stops)."""
     for a in range(0, len(noise), batch_size):
-        n, y = torch.from_numpy(noise[a:a + batch_size]), torch.from_numpy(labels[a:a + batch_size])
+        n, y = tensor(noise[a:a + batch_size]), tensor(labels[a:a + batch_size])
         start = time.perf_counter()
         with torch.no_grad(), autocast(device, precision):
             final = sampler(n.to(device), y.to(device)).float()  # (b, C, h, w)
@@ -239,7 +244,7 @@ def _npz_writer(out_dir: Path, export: bool, name: str, steps: int, count: int, 
     if not export:
         return nullcontext(None)
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
-    labels = torch.from_numpy(np.asarray(labels))  # (N,)
+    labels = tensor(labels)  # (N,)
     return adm_npz_writer(out_dir / "npz" / f"{slug}-{steps}steps.npz", count, size, labels)
 
 
@@ -365,7 +370,7 @@ def evaluate(
             else reference_from_adm_npz(reference, features, cache))
     data = eval_set(teacher_model, identity, solver, num_samples, seed, batch_size, cache, dev)
     noise, labels, teacher_final = data["noise"], data["labels"], data["teacher"]
-    size = tuple(decode(torch.from_numpy(teacher_final[:1])).shape[2:])  # (H, W) of the images
+    size = tuple(decode(tensor(teacher_final[:1])).shape[2:])  # (H, W) of the images
 
     rows, grid, floors = [], [], {"real": fid_noise_floor(real.features)}
     teacher_stats = None
@@ -375,14 +380,14 @@ def evaluate(
         with _npz_writer(out_dir, export_npz, row_name, steps, num_samples, size, labels) as write:
             if i == 0:  # the teacher's samples are cached: stream them, and time one batch of sampling
                 for a in range(0, num_samples, batch_size):
-                    row.add(torch.from_numpy(teacher_final[a:a + batch_size]), None, write)
+                    row.add(tensor(teacher_final[a:a + batch_size]), None, write)
                 timed = min(batch_size, num_samples)
                 seconds = sum(t for _, _, t in sample_batches(sampler, noise[:timed], labels[:timed], timed, dev, prec))
                 sec = seconds / timed
             else:
                 seconds = 0.0
                 for a, final, t in sample_batches(sampler, noise, labels, batch_size, dev, prec):
-                    row.add(final, torch.from_numpy(teacher_final[a:a + len(final)]), write)
+                    row.add(final, tensor(teacher_final[a:a + len(final)]), write)
                     seconds += t
                 sec = seconds / num_samples
         feats, logits = row.gathered()  # (N, D), (N, K)
@@ -390,12 +395,12 @@ def evaluate(
             teacher_stats = FeatureStats.of(feats)
             floor = Row(decode, features, 0)
             for a in range(0, num_samples, batch_size):
-                floor.add(torch.from_numpy(data["floor_teacher"][a:a + batch_size]))
+                floor.add(tensor(data["floor_teacher"][a:a + batch_size]))
             floors["teacher"] = fid_from_features(floor.gathered()[0], teacher_stats, dev)
             del floor
         vs_real = metrics_of_features(feats, logits, real, bootstrap=bootstrap, device=dev)
         sq = torch.zeros(num_samples, dtype=torch.float64) if i == 0 else torch.cat(row.sq)  # (N,)
-        gflops = gflops_per_image(sampler, torch.from_numpy(noise[:1]).to(dev), torch.from_numpy(labels[:1]).to(dev))
+        gflops = gflops_per_image(sampler, tensor(noise[:1]).to(dev), tensor(labels[:1]).to(dev))
         rows.append({"model": row_name, "steps": steps, "nfe": nfe, "fid": vs_real["fid"], "fid_sd": vs_real["fid_sd"],
                      "fid_vs_teacher": fid_from_features(feats, teacher_stats, dev),
                      "fid_vs_teacher_sd": float(bootstrap_fid(feats, teacher_stats, bootstrap, 0, dev).std()),
