@@ -1,4 +1,4 @@
-"""Atomic writes of whole directories: readers see the old directory or the complete new one, never a part."""
+"""Atomic writes of files and whole directories: readers see the old one or the complete new one, never a part."""
 from __future__ import annotations
 
 import os
@@ -7,6 +7,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 
 @contextmanager
@@ -34,21 +35,29 @@ def atomic_directory(directory: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
-def write_atomic(path: str | Path, write) -> Path:
-    """Write through `write(file)` into a temporary file beside `path`, fsync, then rename onto `path`."""
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
+    """Yield a binary file open on a temporary name beside `path`; when the block ends without error, fsync it
+    and rename it onto `path`. On error it is removed and `path` is left as it was (streamed writes too)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            write(f)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
-    return path
+
+
+def write_atomic(path: str | Path, write) -> Path:
+    """Write through `write(file)` into a temporary file beside `path`, fsync, then rename onto `path`."""
+    with atomic_file(path) as f:
+        write(f)
+    return Path(path)
 
 
 def write_npz_atomic(path: str | Path, **arrays) -> Path:

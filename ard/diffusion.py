@@ -18,8 +18,9 @@ timestep 957 for a state the scheduler put at 958, so `ddim_grid` refuses it. Ou
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal, Sequence, get_args
 
 import numpy as np
 import torch
@@ -29,6 +30,16 @@ from ard.teacher import check_labels, eps_from_output, null_class
 
 TimestepSpacing = Literal["leading", "trailing"]
 CLEAN = -1  # timestep label of the final (clean) state
+# Which epsilon channels CFG guides: "all" (ard's default) or "dit", facebookresearch/DiT's forward_with_cfg,
+# which guides only the first 3 channels and keeps the conditional epsilon elsewhere (4-channel latents: the
+# fourth channel is unguided).
+CfgChannels = Literal["all", "dit"]
+DIT_GUIDED_CHANNELS = 3  # DiT models.py forward_with_cfg: `eps, rest = model_out[:, :3], model_out[:, 3:]`
+# Autocast dtype of the teacher's forward passes: part of what the teacher computes, so recorded in the store.
+Precision = Literal["fp32", "bf16", "fp16"]
+AUTOCAST_DTYPE: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Lightning's trainer precisions that are an autocast of fp32 weights (what older manifests recorded).
+TRAINER_PRECISION: dict[str, str] = {"32-true": "fp32", "32": "fp32", "bf16-mixed": "bf16", "16-mixed": "fp16"}
 
 
 def make_scheduler(spacing: TimestepSpacing = "leading", clip_sample: bool = False,
@@ -55,6 +66,14 @@ def ddim_grid(num_steps: int, spacing: TimestepSpacing = "leading", num_train_ti
                              f"{a - ratio} but its grid continues at {b}; use 'leading' or a K dividing "
                              f"{num_train_timesteps}")
     return timesteps + [CLEAN]
+
+
+def student_grid_indices(num_steps: int, student_steps: int) -> list[int]:
+    """Grid indices s * K / S (s = 0..S) of an S-step student's boundaries on the teacher's K-step grid (K = 24,
+    S = 4: 0, 6, 12, 18, 24; leading spacing: timesteps 943, 697, 451, 205, clean)."""
+    if student_steps < 1 or num_steps % student_steps:
+        raise ValueError(f"student_steps={student_steps} must divide the teacher's K={num_steps}")
+    return [s * num_steps // student_steps for s in range(student_steps + 1)]
 
 
 def alpha_bar(scheduler: DDIMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
@@ -86,8 +105,10 @@ def ddim_jump(x: torch.Tensor, eps: torch.Tensor, ab_from: torch.Tensor, ab_to: 
     return b.sqrt() * x0 + (1 - b).sqrt() * (eps if direction is None else direction)  # (B, C, H, W)
 
 
-def guided_eps(model, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-    """Classifier-free guided epsilon (Ho & Salimans 2022, eq. 6): eps_u + w (eps_c - eps_u).
+def guided_eps(model, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, guidance_scale: float,
+               cfg_channels: CfgChannels = "all") -> torch.Tensor:
+    """Classifier-free guided epsilon (Ho & Salimans 2022, eq. 6): eps_u + w (eps_c - eps_u), on every channel
+    ("all") or, like facebookresearch/DiT ("dit"), on the first 3 channels only, eps_c on the others.
 
     x: (B, C, H, W); t: (B,) ints; labels: (B,). One batched forward over [cond, uncond].
     """
@@ -96,31 +117,81 @@ def guided_eps(model, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, gu
     null = torch.full_like(labels, null_class(model))  # (B,)
     out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).sample  # (2B, C', H, W)
     eps_c, eps_u = eps_from_output(model, out).chunk(2)  # (B, C, H, W) each
-    return eps_u + guidance_scale * (eps_c - eps_u)
+    guided = eps_u + guidance_scale * (eps_c - eps_u)  # (B, C, H, W)
+    if cfg_channels == "all":
+        return guided
+    if cfg_channels != "dit":
+        raise ValueError(f"cfg_channels must be one of {get_args(CfgChannels)}, got {cfg_channels!r}")
+    return torch.cat([guided[:, :DIT_GUIDED_CHANNELS], eps_c[:, DIT_GUIDED_CHANNELS:]], dim=1)  # (B, C, H, W)
+
+
+def autocast(device: torch.device, precision: Precision):
+    """The autocast context of a teacher precision ("fp32": none)."""
+    if precision not in AUTOCAST_DTYPE:
+        raise ValueError(f"precision must be one of {get_args(Precision)}, got {precision!r}")
+    dtype = AUTOCAST_DTYPE[precision]
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def precision_of_trainer(trainer_precision: str, where: str = "trainer.precision") -> Precision:
+    """A Lightning precision ("16-mixed", ...) as the teacher precision it runs with; one-line error for the
+    ones that are not an autocast of fp32 weights."""
+    if str(trainer_precision) not in TRAINER_PRECISION:
+        raise ValueError(f"{where} is {trainer_precision!r}; the teacher runs fp32 weights under autocast: use one "
+                         f"of {sorted(TRAINER_PRECISION)}")
+    return TRAINER_PRECISION[str(trainer_precision)]
+
+
+def solver_identity(num_steps: int, timestep_spacing: TimestepSpacing, guidance_scale: float, clip_sample: bool,
+                    cfg_channels: CfgChannels, precision: Precision) -> dict:
+    """The teacher's sampling settings as the store's manifest records them (its `solver` field) and the
+    evaluation compares them: with `ard.teacher.teacher_identity`, what decides the teacher's samples."""
+    if cfg_channels not in get_args(CfgChannels):
+        raise ValueError(f"cfg_channels must be one of {get_args(CfgChannels)}, got {cfg_channels!r}")
+    if precision not in AUTOCAST_DTYPE:
+        raise ValueError(f"precision must be one of {get_args(Precision)}, got {precision!r}")
+    scheduler = make_scheduler(timestep_spacing, clip_sample=clip_sample).config
+    return {"name": "ddim", "eta": 0.0, "num_steps": int(num_steps), "timestep_spacing": timestep_spacing,
+            "guidance_scale": float(guidance_scale), "clip_sample": bool(clip_sample), "cfg_channels": cfg_channels,
+            "prediction_type": scheduler.prediction_type, "num_train_timesteps": scheduler.num_train_timesteps,
+            "beta_schedule": scheduler.beta_schedule, "beta_start": scheduler.beta_start,
+            "beta_end": scheduler.beta_end, "precision": precision}
+
+
+def recorded_solver(solver: dict, where: str) -> dict:
+    """A manifest's `solver` field in today's terms: manifests written before cfg_channels was recorded guided
+    all channels, and recorded Lightning's precision string."""
+    precision = solver.get("precision", "fp32")
+    if precision not in AUTOCAST_DTYPE:
+        precision = precision_of_trainer(precision, f"{where}: field 'solver.precision'")
+    return {**solver, "cfg_channels": solver.get("cfg_channels", "all"), "precision": precision}
 
 
 @torch.no_grad()
 def ddim_path(model, x: torch.Tensor, labels: torch.Tensor, timesteps: torch.Tensor, guidance_scale: float,
-              clip_sample: bool = False) -> torch.Tensor:
+              clip_sample: bool = False, cfg_channels: CfgChannels = "all",
+              noise_correction: bool = False) -> torch.Tensor:
     """The teacher's guided DDIM (eta = 0) from x along `timesteps` (B, m+1) (any decreasing timesteps, the
     last may be CLEAN): m jumps x_{t_0} -> x_{t_1} -> ... -> x_{t_m}; returns x_{t_m} (B, C, H, W).
 
     Along the teacher's own grid this is `ddim_sample`'s step (Song et al. 2021, eq. 12): Imagine Flash's
     backward distillation runs it from the student's own state to the student's next boundary.
+    noise_correction (Imagine Flash, sec. 3.4; x must then be the pure noise x_T): the first jump's direction
+    term uses x itself instead of the guided epsilon, as `ard.student.model.ARDStudent.step` does.
     """
     scheduler = make_scheduler()
     for i in range(timesteps.shape[1] - 1):
-        eps = guided_eps(model, x, timesteps[:, i], labels, guidance_scale)  # (B, C, H, W)
+        eps = guided_eps(model, x, timesteps[:, i], labels, guidance_scale, cfg_channels)  # (B, C, H, W)
         x = ddim_jump(x, eps, alpha_bar(scheduler, timesteps[:, i]), alpha_bar(scheduler, timesteps[:, i + 1]),
-                      clip_x0=clip_sample)  # (B, C, H, W)
+                      clip_x0=clip_sample, direction=x if noise_correction and i == 0 else None)  # (B, C, H, W)
     return x
 
 
 @torch.no_grad()
 def guided_x0(model, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, guidance_scale: float,
-              clip_sample: bool = False) -> torch.Tensor:
+              clip_sample: bool = False, cfg_channels: CfgChannels = "all") -> torch.Tensor:
     """The teacher's guided x0-estimate of x (B, C, H, W) at timesteps t (B,) (Imagine Flash's SRL target)."""
-    eps = guided_eps(model, x, t, labels, guidance_scale)  # (B, C, H, W)
+    eps = guided_eps(model, x, t, labels, guidance_scale, cfg_channels)  # (B, C, H, W)
     return predict_x0(x, eps, alpha_bar(make_scheduler(), t), clip_sample)  # (B, C, H, W)
 
 
@@ -136,7 +207,7 @@ class Trajectory:
 def ddim_sample(model, noise: torch.Tensor, labels: torch.Tensor, num_steps: int = 24,
                 guidance_scale: float = 1.5, spacing: TimestepSpacing = "leading",
                 save_indices: Sequence[int] | None = None, return_x0: bool = False,
-                clip_sample: bool = False, progress: bool = False) -> Trajectory:
+                clip_sample: bool = False, progress: bool = False, cfg_channels: CfgChannels = "all") -> Trajectory:
     """Run the teacher's K-step DDIM (eta = 0) with CFG from `noise`, saving a subset of grid states.
 
     noise: (B, C, H, W) x_T; labels: (B,) class indices. save_indices: indices into the K + 1 grid
@@ -161,7 +232,7 @@ def ddim_sample(model, noise: torch.Tensor, labels: torch.Tensor, num_steps: int
         if i in save:
             states[i] = x
         t = torch.full((x.shape[0],), grid[i], device=x.device, dtype=torch.long)  # (B,)
-        eps = guided_eps(model, x, t, labels, guidance_scale)  # (B, C, H, W)
+        eps = guided_eps(model, x, t, labels, guidance_scale, cfg_channels)  # (B, C, H, W)
         out = scheduler.step(eps, grid[i], x, eta=0.0)
         if i in save:
             x0s[i] = out.pred_original_sample
@@ -173,6 +244,22 @@ def ddim_sample(model, noise: torch.Tensor, labels: torch.Tensor, num_steps: int
         timesteps=[grid[i] for i in save],
         x0=torch.stack([x0s[i] for i in save], dim=1) if return_x0 else None,
     )
+
+
+@torch.no_grad()
+def ddim_sample_at(model, noise: torch.Tensor, labels: torch.Tensor, timesteps: Sequence[int],
+                   guidance_scale: float = 1.5, clip_sample: bool = False,
+                   cfg_channels: CfgChannels = "all", noise_correction: bool = False) -> torch.Tensor:
+    """The teacher's DDIM (eta = 0) + CFG over given boundary timesteps tau_0 > ... > tau_S = CLEAN (e.g. an
+    S-step student's, a subset of the K-step grid), one `ddim_jump` per step: the undistilled teacher at S
+    steps on exactly the students' footing. noise: (B, C, H, W); returns the final sample (B, C, H, W).
+    On the full K-step grid it equals `ddim_sample` to float rounding. noise_correction: see `ddim_path`."""
+    timesteps = [int(t) for t in timesteps]
+    if len(timesteps) < 2 or timesteps[-1] != CLEAN or any(a <= b for a, b in zip(timesteps[:-1], timesteps[1:])):
+        raise ValueError(f"timesteps must decrease and end at {CLEAN} (clean), got {timesteps}")
+    check_labels(model, labels)
+    path = torch.tensor(timesteps, device=noise.device).expand(noise.shape[0], -1)  # (B, S+1)
+    return ddim_path(model, noise, labels, path, guidance_scale, clip_sample, cfg_channels, noise_correction)
 
 
 def trajectory_seed(seed: int, index: int) -> int:

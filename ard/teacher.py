@@ -16,6 +16,7 @@ Quirks of diffusers' DiT (see ../shared/STACK_NOTES.md), handled here and only h
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Literal, get_args
@@ -68,6 +69,41 @@ def set_numerics(model: DiTTransformer2DModel, numerics: Numerics | None = None)
         block.norm3.eps = eps
     model.register_to_config(norm_eps=eps, **{NUMERICS_KEY: numerics})
     return model
+
+
+def numerics_of(model: DiTTransformer2DModel) -> Numerics:
+    """The numerics a loaded DiT computes with (nothing recorded: "diffusers")."""
+    return model.config.get(NUMERICS_KEY) or "diffusers"
+
+
+def teacher_identity(model: DiTTransformer2DModel) -> dict[str, str]:
+    """What a teacher computes, whatever it was loaded from (a pipeline snapshot, its transformer/ subfolder,
+    an official .pt): sha256 of its weights (state dict: names, dtypes, shapes, bytes, in name order), of its
+    config (the diffusers config without private keys: the path it came from, versions, the numerics flag),
+    and its numerics. The store's manifest records it, and distillation and evaluation compare against it."""
+    weights = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        weights.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        weights.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
+    config_bytes = json.dumps(config, sort_keys=True, default=str).encode()
+    return {"weights_sha256": weights.hexdigest(), "config_sha256": hashlib.sha256(config_bytes).hexdigest(),
+            "numerics": numerics_of(model)}
+
+
+def check_teacher(recorded: dict, ours: dict, where: str, what: str) -> None:
+    """One-line ValueError unless the `teacher_identity` `ours` is the one `recorded` (a manifest's `teacher`
+    field, read at `where`; `what` names our teacher in the message). A manifest written before `numerics`
+    was recorded separately counts as "diffusers" numerics (its config hash then only matches a teacher
+    loaded without recorded numerics)."""
+    recorded = {"numerics": "diffusers", **recorded}
+    for field in ("weights_sha256", "numerics", "config_sha256"):  # numerics first: they change the config too
+        if recorded.get(field) != ours[field]:
+            source = f" ({recorded['path']})" if recorded.get("path") else ""
+            hint = f"; load it with numerics={recorded['numerics']!r}" if field == "numerics" else ""
+            raise ValueError(f"{where}: field 'teacher.{field}' is {str(recorded.get(field))[:16]!r}, {what} has "
+                             f"{ours[field][:16]!r}: not the teacher the store was made with{source}{hint}")
 
 
 def disable_label_dropout(model: DiTTransformer2DModel) -> DiTTransformer2DModel:

@@ -178,13 +178,24 @@ def verdict(agg: list[dict], teacher_steps: int) -> list[dict]:
     return out
 
 
+def repo_relative(settings: dict) -> dict:
+    """The report's settings with the paths under the repository written relative to it (committed results)."""
+    def rel(path):
+        return os.path.relpath(path, ROOT) if path and Path(path).resolve().is_relative_to(ROOT) else path
+
+    return {**settings, "teacher": rel(settings["teacher"]), "store": rel(settings["store"]),
+            "students": {name: rel(path) for name, path in settings["students"].items()}}
+
+
 def markdown(agg: list[dict], checks: list[dict], floors: dict, settings: dict) -> str:
     lines = [f"Digits, teacher K = {settings['teacher_steps']} DDIM steps with CFG {settings['guidance_scale']}; "
              f"{settings['num_samples']} samples per model on the same noises and labels; students trained "
              f"{settings['max_steps']} iterations on {settings['num_trajectories']} trajectories; mean ± sd over "
              "training seeds (the teacher rows: one run), and in brackets the bootstrap sd of one run's FID. "
-             "Same-noise MSE is per pixel in [-1, 1] units. Reference noise floors (FID between random halves): "
-             f"real digits {floors['real']:.2f}, teacher samples {floors['teacher']:.2f}.", "",
+             "Same-noise MSE is per pixel in [-1, 1] units. Noise floors: FID vs teacher "
+             f"{floors['teacher']:.2f} (the teacher's {settings['num_samples']} samples against as many from independent "
+             f"noises and labels, the rows' footing), FID vs real {floors['real']:.2f} (two random halves of the real "
+             "digits). The undistilled teacher at S steps samples at the students' boundary timesteps.", "",
              "| model | steps | seeds | FID vs real | FID vs teacher | same-noise MSE | IS | precision | recall | s / image |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(agg, key=lambda r: (r["steps"] != settings["teacher_steps"], r["steps"], r["model"])):
@@ -247,7 +258,7 @@ def plot(agg: list[dict], floors: dict, path: Path, teacher_steps: int) -> None:
         if rs:
             ax.errorbar([r["steps"] for r in rs], [r["fid_vs_teacher"] for r in rs],
                         yerr=[r["fid_vs_teacher_spread"] for r in rs], marker="o", capsize=3, label=model)
-    ax.axhline(floors["teacher"], color="grey", linestyle=":", label="teacher samples, half vs half")
+    ax.axhline(floors["teacher"], color="grey", linestyle=":", label="teacher samples, N vs N")
     ax.set_yscale("log")  # the undistilled teacher's few-step FIDs are 10x the students'
     ax.set_xticks(sorted({r["steps"] for r in agg if r["steps"] != teacher_steps}))
     save_figure(fig, path, "sampling steps", "FID against the teacher's samples")
@@ -329,8 +340,8 @@ def main() -> None:
             out = work / "eval" / f"S{s}{'-nc' if nc else ''}"
             done = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else None
             if not done or done["settings"]["students"] != named or done["settings"]["num_samples"] != args.num_samples:
-                evaluate(students=named, undistilled_steps=[s], num_samples=args.num_samples, out=str(out),
-                         cache_dir=str(work / "cache"), wandb=False, noise_correction=nc)
+                evaluate(students=named, store=str(store), undistilled_steps=[s], num_samples=args.num_samples,
+                         out=str(out), cache_dir=str(work / "cache"), wandb=False, noise_correction=nc)
             report = json.loads((out / "report.json").read_text())
             for r in report["rows"]:
                 if r["model"] in named:
@@ -343,7 +354,7 @@ def main() -> None:
             k = report["settings"]["teacher_steps"]  # the K-step teacher row: once, from the first evaluation
             rows += [r for r in report["rows"] if not (rows and r["steps"] == k and r["model"].startswith("teacher"))]
             floors = report["noise_floor"]
-    settings = {**report["settings"], "max_steps": args.max_steps, "num_trajectories": args.num_trajectories,
+    settings = {**repo_relative(report["settings"]), "max_steps": args.max_steps, "num_trajectories": args.num_trajectories,
                 "seeds": args.seeds, "invocation_seconds": time.time() - start}  # finished runs are reused
     agg = aggregate(rows)
     checks = verdict(agg, settings["teacher_steps"])

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -17,6 +19,8 @@ from ard.diffusion import ddim_sample, trajectory_inputs
 from ard.metrics.classifier import load_digit_classifier
 from ard.teacher import DIGITS_TEACHER, load_teacher
 from ard.viz import image_grid, save_png
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def class_agreement(teacher, classifier, num_samples: int, guidance: float, steps: int, seed: int,
@@ -51,7 +55,9 @@ def main() -> None:
     parser_grid = [args.grid] + [None] * (len(args.guidance) - 1)
     rows = [class_agreement(teacher, classifier, args.num_samples, w, args.steps, args.seed, g)
             for w, g in zip(args.guidance, parser_grid)]
-    print(json.dumps({"teacher": args.teacher, "classifier_val_accuracy": config.get("val_accuracy"),
+    teacher_path = Path(args.teacher).resolve()  # committed results name files relative to the repository
+    shown = os.path.relpath(teacher_path, ROOT) if teacher_path.is_relative_to(ROOT) else args.teacher
+    print(json.dumps({"teacher": shown, "classifier_val_accuracy": config.get("val_accuracy"),
                       "results": rows}, indent=1))
 
 

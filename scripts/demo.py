@@ -103,8 +103,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from ard.evaluate import evaluate
 
-    evaluate(students={name: str(d / "student_ema") for name, d in runs.items()}, undistilled_steps=[args.steps],
-             num_samples=args.num_samples, out=str(out), cache_dir=str(out / "cache"))
+    evaluate(students={name: str(d / "student_ema") for name, d in runs.items()}, store=str(out / "store"),
+             undistilled_steps=[args.steps], num_samples=args.num_samples, out=str(out), cache_dir=str(out / "cache"))
 
     stage("4/4 training curves")
     print(f"wrote {plot_curves(out, runs)}")

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from ard.diffusion import (CLEAN, alpha_bar, ddim_grid, ddim_jump, ddim_sample, make_scheduler,
-                           trajectory_inputs)
+from ard.diffusion import (CLEAN, alpha_bar, ddim_grid, ddim_jump, ddim_sample, ddim_sample_at, guided_eps,
+                           make_scheduler, precision_of_trainer, recorded_solver, solver_identity, trajectory_inputs)
 from ard.teacher import build_dit
 
 
@@ -90,3 +90,45 @@ def test_label_out_of_range_is_refused(teacher):
     noise = torch.randn(2, 1, 8, 8)
     with pytest.raises(ValueError, match="class label 10 out of range"):
         ddim_sample(teacher, noise, torch.tensor([3, 10]), 4, 1.5)
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_sampling_at_given_timesteps_on_the_full_grid_is_the_ddim_sampler(teacher, clip):
+    x, labels = torch.randn(6, 1, 8, 8), torch.arange(6) % 10
+    grid = ddim_grid(8)
+    at = ddim_sample_at(teacher, x, labels, grid, 2.0, clip)
+    torch.testing.assert_close(at, ddim_sample(teacher, x, labels, 8, 2.0, clip_sample=clip).states[:, -1],
+                               atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="must decrease and end at -1"):
+        ddim_sample_at(teacher, x, labels, [451, 943, CLEAN])
+
+
+def test_dit_cfg_guides_only_the_first_three_channels():
+    """facebookresearch/DiT forward_with_cfg: eps[:, :3] guided, the rest the conditional output."""
+    torch.manual_seed(0)
+    model = build_dit("digits", num_layers=1, in_channels=4, out_channels=8).eval()
+    for p in model.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([900, 500, 100]), torch.tensor([1, 2, 3])
+    with torch.no_grad():
+        eps_c = model(x, t, y).sample[:, :4]
+        eps_u = model(x, t, torch.full_like(y, 10)).sample[:, :4]
+        every = guided_eps(model, x, t, y, 4.0, "all")
+        dit = guided_eps(model, x, t, y, 4.0, "dit")
+    guided = eps_u + 4.0 * (eps_c - eps_u)
+    torch.testing.assert_close(every, guided, atol=1e-5, rtol=0)
+    torch.testing.assert_close(dit[:, :3], guided[:, :3], atol=1e-5, rtol=0)
+    torch.testing.assert_close(dit[:, 3], eps_c[:, 3], atol=1e-5, rtol=0)
+    assert (dit[:, 3] - every[:, 3]).abs().max() > 1e-3  # the fourth channel differs between the two
+
+
+def test_solver_identity_and_older_manifests():
+    solver = solver_identity(24, "leading", 1.5, False, "dit", "fp16")
+    assert solver["cfg_channels"] == "dit" and solver["precision"] == "fp16" and solver["num_steps"] == 24
+    older = {k: v for k, v in solver_identity(24, "leading", 1.5, False, "all", "fp16").items() if k != "cfg_channels"}
+    assert recorded_solver({**older, "precision": "16-mixed"}, "m.json") == {**older, "cfg_channels": "all",
+                                                                          "precision": "fp16"}
+    with pytest.raises(ValueError, match="m.json: field 'solver.precision' is 'bf16-true'"):
+        recorded_solver({**older, "precision": "bf16-true"}, "m.json")
+    with pytest.raises(ValueError, match="trainer.precision is '16-true'"):
+        precision_of_trainer("16-true")

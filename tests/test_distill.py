@@ -208,12 +208,16 @@ def test_a_store_or_config_that_does_not_fit_fails_in_one_line(tmp_path, teacher
 
 @pytest.mark.parametrize("overrides, needle", [
     (dict(sample_size=16), "field 'state.shape' is [1, 8, 8], the student needs [1, 16, 16]"),
-    (dict(num_layers=3), "field 'teacher.weights_sha256' differs from the weights of model.teacher="),
+    (dict(num_layers=3), "field 'teacher.weights_sha256' is"),
+    # the same weights (same shapes, same seed) as 8 heads of 16 instead of 4 of 32: another teacher
+    (dict(num_attention_heads=8, attention_head_dim=16), "field 'teacher.config_sha256' is"),
+    (dict(extra=["--model.init_args.numerics=dit"]), "field 'teacher.numerics' is 'diffusers', model.teacher="),
 ])
 def test_store_of_another_teacher_fails_in_one_line(tmp_path, store, capsys, overrides, needle):
+    extra = overrides.pop("extra", [])
     other = tiny_teacher(tmp_path / "other", **{"num_layers": 2, **overrides})
     with pytest.raises(SystemExit):
-        ard_main(args_for(tmp_path, other, store))
+        ard_main(args_for(tmp_path, other, store, *extra))
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ard: error:")]
     assert len(err) == 1 and needle in err[0], err
     assert not (tmp_path / "checkpoints").exists()

@@ -10,8 +10,8 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 
 from ard.data.digits import load_digits_split, to_uint8
-from ard.metrics import (DigitFeatures, FeatureStats, InceptionFeatures, bootstrap_fid, compute_metrics,
-                         digits_images, extract, fid_between, fid_from_features, fid_noise_floor, inception_score,
+from ard.metrics import (DigitFeatures, FeatureStats, InceptionFeatures, adm_npz_writer, bootstrap_fid,
+                         compute_metrics, digits_images, extract, fid_between, fid_from_features, fid_noise_floor, inception_score,
                          load_npz_images, nhwc_to_nchw, precision_recall, reference_from_adm_npz,
                          reference_from_images, save_npz_images)
 from ard.metrics.classifier import uint8_to_float
@@ -232,6 +232,17 @@ def test_adm_sample_batch_round_trip(tmp_path, digits):
     with pytest.raises(TypeError, match="bad.npz"):
         save_npz_images(tmp_path / "bad.npz", digits[:5].float())
     assert not (tmp_path / "bad.npz").exists()
+    # Streamed batch by batch: the same file as in one piece; an unfinished stream leaves the old file alone.
+    with adm_npz_writer(tmp_path / "streamed.npz", 50, (8, 8), labels) as write:
+        for batch in digits[:50].split(7):
+            write(batch)
+    assert (tmp_path / "streamed.npz").read_bytes() == path.read_bytes()
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="samples.npz: 14 of 50 images written"):
+        with adm_npz_writer(path, 50, (8, 8), labels) as write:
+            write(digits[:7])
+            write(digits[7:14])
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["samples.npz", "streamed.npz"]
 
 
 # ---------------------------------------------------------------- bootstrap, noise floor, the suite

@@ -73,6 +73,8 @@ def test_store_holds_the_samplers_trajectories_bit_for_bit(store, teacher):
     assert m["solver"]["guidance_scale"] == 2.0 and m["solver"]["clip_sample"] is True
     assert m["state"] == {"shape": [1, 8, 8], "dtype": "float32", "numpy_dtype": "<f4", "x0": True}
     assert m["teacher"]["path"] == str(teacher) and len(m["teacher"]["weights_sha256"]) == 64
+    assert m["teacher"]["numerics"] == "diffusers"  # the teacher's identity: ard.teacher.teacher_identity
+    assert m["solver"]["cfg_channels"] == "all" and m["solver"]["precision"] == "fp32"  # the trainer's 32-true
     assert m["store_id"] == fmt.store_id(m)
     # Trajectories 24..31 are one micro-batch of shard 1: the same batch through the sampler gives the same bits.
     from ard.teacher import load_teacher
@@ -175,6 +177,8 @@ def test_rerunning_a_complete_store_writes_nothing(tmp_path, teacher, store, cap
     (dict(seed=1), "seed"),
     (dict(n=41), "num_trajectories"),
     (dict(dtype="float16"), "state.dtype"),
+    (dict(cfg_channels="dit"), "solver.cfg_channels"),
+    (dict(numerics="dit"), "teacher.config_sha256"),  # official numerics: LayerNorm eps 1e-6 in the config
 ])
 def test_a_different_store_in_the_output_directory_is_refused(tmp_path, teacher, store, change, field):
     out = tmp_path / "s"

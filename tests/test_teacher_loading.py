@@ -4,8 +4,8 @@ import torch
 from diffusers import DiTTransformer2DModel
 from safetensors.torch import save_file
 
-from ard.teacher import (DIT_SIZES, NUMERICS_KEY, build_dit, check_labels, eps_from_output, load_teacher,
-                         null_class, set_numerics)
+from ard.teacher import (DIT_SIZES, NUMERICS_KEY, build_dit, check_labels, check_teacher, eps_from_output,
+                         load_teacher, null_class, set_numerics, teacher_identity)
 from test_convert import official_state_dict
 
 
@@ -123,3 +123,41 @@ def test_eps_from_output_takes_the_first_channels_of_learned_sigma():
     plain = build_dit("digits", num_layers=1)  # 1 channel in, 1 out
     out = plain.eval()(*inputs(plain, batch=2)).sample  # (2, 1, 8, 8)
     assert torch.equal(eps_from_output(plain, out), out)  # no learned sigma: the whole output
+
+
+@torch.no_grad()
+def test_snapshot_subfolder_and_official_checkpoint_are_one_teacher(tmp_path):
+    """A hub-style pipeline snapshot of official weights (no numerics recorded), its transformer/ subfolder and
+    the official .pt are one teacher (weights, config, numerics); another config or numerics is another one."""
+    torch.save(official_state_dict(num_layers=6, width=128, in_channels=1, out_channels=1), tmp_path / "dit.pt")
+    official = load_teacher(tmp_path / "dit.pt", "digits")  # converted, "dit" numerics
+    plain = build_dit("digits")
+    plain.load_state_dict(official.state_dict())
+    plain.save_pretrained(tmp_path / "snapshot" / "transformer")  # as on the hub: diffusers' numerics
+    (tmp_path / "snapshot" / "model_index.json").write_text('{"_class_name": "DiTPipeline"}')
+    identity = teacher_identity(official)
+    assert identity["numerics"] == "dit" and len(identity["weights_sha256"]) == 64
+    for path in (tmp_path / "snapshot", tmp_path / "snapshot" / "transformer"):
+        assert teacher_identity(load_teacher(path, numerics="dit")) == identity
+    as_diffusers = teacher_identity(load_teacher(tmp_path / "snapshot"))
+    assert as_diffusers["numerics"] == "diffusers" and as_diffusers["weights_sha256"] == identity["weights_sha256"]
+    with pytest.raises(ValueError, match="m.json: field 'teacher.numerics' is 'dit', t has 'diffusers'.*"
+                                         "load it with numerics='dit'"):
+        check_teacher(identity, as_diffusers, "m.json", "t")
+    # Same weights (same shapes), 8 heads of 16 instead of 4 of 32: another teacher.
+    heads = DiTTransformer2DModel(**{**DIT_SIZES["digits"], "num_attention_heads": 8, "attention_head_dim": 16})
+    heads.load_state_dict(official.state_dict())
+    other = teacher_identity(set_numerics(heads, "dit"))
+    assert other["weights_sha256"] == identity["weights_sha256"] and other["config_sha256"] != identity["config_sha256"]
+    with pytest.raises(ValueError, match="field 'teacher.config_sha256' is"):
+        check_teacher(identity, other, "m.json", "t")
+    check_teacher({**identity, "path": "elsewhere"}, identity, "m.json", "t")  # the path is information only
+
+
+def test_manifests_without_numerics_read_as_diffusers_numerics():
+    model = perturbed(build_dit("digits", num_layers=1))
+    identity = teacher_identity(model)
+    older = {k: v for k, v in identity.items() if k != "numerics"}
+    check_teacher(older, identity, "m.json", "t")
+    with pytest.raises(ValueError, match="field 'teacher.numerics' is 'diffusers'"):
+        check_teacher(older, teacher_identity(set_numerics(model, "dit")), "m.json", "t")

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from ard.diffusion import student_grid_indices
 from ard.store.format import MANIFEST, StoreError, TrajectoryStore, to_float32
 
 
@@ -31,7 +32,7 @@ def student_boundaries(store: TrajectoryStore, student_steps: int) -> list[int]:
     k = store.manifest["solver"]["num_steps"]
     if student_steps < 1 or k % student_steps:
         raise StoreError(f"{path}: field 'solver.num_steps' is K={k}; student_steps={student_steps} must divide it")
-    boundaries = [s * k // student_steps for s in range(student_steps + 1)]
+    boundaries = student_grid_indices(k, student_steps)
     missing = [b for b in boundaries if b not in store.grid_indices]
     if missing:
         raise StoreError(f"{path}: field 'grid.indices' {store.grid_indices} lacks {missing}, needed by a "

@@ -2,6 +2,7 @@
 
 The extractor runs once over the samples; its features feed FID, the bootstrap and
 precision/recall, its logits the Inception Score. Statistics are computed on the extractor's device.
+`metrics_of_features` is the same suite on features extracted elsewhere (batch by batch while sampling).
 """
 from __future__ import annotations
 
@@ -38,18 +39,29 @@ def compute_metrics(samples: torch.Tensor, reference: Reference, extractor: Feat
     """
     if not reference.identity.startswith(f"{extractor.identity}/"):
         raise ValueError(f"reference {reference.identity} was not built with extractor {extractor.identity}")
-    device = _device(extractor)
     features, logits = extract(samples, extractor, batch_size)  # (N, D), (N, K)
-    precision, recall = precision_recall(reference.features, features, k, device=device)
+    return {**metrics_of_features(features, logits, reference, k, bootstrap, seed, is_split_size, _device(extractor)),
+            "extractor": extractor.identity}
+
+
+def metrics_of_features(features: torch.Tensor, logits: torch.Tensor, reference: Reference, k: int = 3,
+                        bootstrap: int = 10, seed: int = 0, is_split_size: int = 5000,
+                        device: str | torch.device = "cpu") -> dict:
+    """`compute_metrics` of samples whose features (N, D) and logits (N, K) are already extracted (e.g. batch
+    by batch while sampling); the reference's k-NN radii are computed once per reference.
+
+    Returns: dict(fid, fid_sd, is, precision, recall, num_samples, num_reference).
+    """
+    precision, recall = precision_recall(reference.features, features, k, device=device,
+                                         real_radii=reference.radii(k, device))
     return {
         "fid": fid_from_features(features, reference.stats, device),
         "fid_sd": float(bootstrap_fid(features, reference.stats, bootstrap, seed, device).std()),
         "is": inception_score(logits, is_split_size, seed)[0],
         "precision": precision,
         "recall": recall,
-        "num_samples": len(samples),
+        "num_samples": len(features),
         "num_reference": reference.stats.n,
-        "extractor": extractor.identity,
     }
 
 

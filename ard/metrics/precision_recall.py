@@ -35,12 +35,15 @@ def inside_manifold(points: torch.Tensor, centers: torch.Tensor, radii: torch.Te
 
 
 def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3, batch_size: int = 10000,
-                     device: str | torch.device = "cpu") -> tuple[float, float]:
-    """(precision, recall) of generated features `fake` (n, D) against real features `real` (m, D)."""
+                     device: str | torch.device = "cpu", real_radii: torch.Tensor | None = None) -> tuple[float, float]:
+    """(precision, recall) of generated features `fake` (n, D) against real features `real` (m, D);
+    `real_radii` (m,): the real set's k-NN radii when already computed (ard.metrics.Reference.radii)."""
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
         raise ValueError(f"expected real (m, D) and fake (n, D) features, got {tuple(real.shape)} and "
                          f"{tuple(fake.shape)}")
     real, fake = real.to(device, torch.float32), fake.to(device, torch.float32)
-    precision = inside_manifold(fake, real, manifold_radii(real, k, batch_size), batch_size)  # (n,)
+    if real_radii is None:
+        real_radii = manifold_radii(real, k, batch_size)  # (m,)
+    precision = inside_manifold(fake, real, real_radii.to(device), batch_size)  # (n,)
     recall = inside_manifold(real, fake, manifold_radii(fake, k, batch_size), batch_size)  # (m,)
     return precision.double().mean().item(), recall.double().mean().item()

@@ -17,16 +17,19 @@ from __future__ import annotations
 
 import hashlib
 import zipfile
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ard.atomic import write_npz_atomic
+from ard.atomic import atomic_file, write_npz_atomic
 from ard.data.digits import load_digits_split, to_uint8
 from ard.metrics.features import FeatureExtractor, check_images, extract, nhwc_to_nchw
 from ard.metrics.fid import FeatureStats
+from ard.metrics.precision_recall import manifold_radii
 
 CACHE_FORMAT = 1
 
@@ -38,6 +41,14 @@ class Reference:
     stats: FeatureStats  # mean/covariance for FID
     features: torch.Tensor  # (n, D) float32, for precision/recall
     identity: str  # "<extractor identity>/<sha256 prefix of the images>"
+    _radii: dict = field(default_factory=dict, compare=False, repr=False)  # k -> k-NN radii, computed once
+
+    def radii(self, k: int, device: str | torch.device = "cpu") -> torch.Tensor:
+        """Distance of each reference feature to its k-th nearest neighbour (n,): the balls of precision,
+        computed on first use and reused by every model scored against this reference."""
+        if k not in self._radii:
+            self._radii[k] = manifold_radii(self.features.to(device, torch.float32), k)
+        return self._radii[k].to(device)
 
 
 def images_digest(images: torch.Tensor) -> str:
@@ -92,15 +103,48 @@ def load_npz_images(path: str | Path) -> torch.Tensor:
     return nhwc_to_nchw(arr)
 
 
+@contextmanager
+def adm_npz_writer(path: str | Path, count: int, size: tuple[int, int],
+                   labels: torch.Tensor | None = None) -> Iterator[Callable[[torch.Tensor], None]]:
+    """An ADM-evaluator sample batch written batch by batch, atomically (ard.atomic.atomic_file): arr_0 uint8
+    (N, H, W, 3) (grey repeated to RGB, as the TF evaluator expects) streamed into the zip as the batches come,
+    then arr_1 the labels (N,) int64 when given; only the current batch is held in memory. The file appears
+    when all `count` images are written; an error leaves no file (and an older one as it was).
+
+        with adm_npz_writer(path, count, (H, W), labels) as write:
+            for images in batches:      # uint8 NCHW
+                write(images)
+    """
+    path, written = Path(path), 0
+
+    def write(images: torch.Tensor) -> None:
+        nonlocal written
+        check_images(images, (1, 3), str(path))
+        if tuple(images.shape[2:]) != tuple(size) or written + len(images) > count:
+            raise ValueError(f"{path}: images {tuple(images.shape)} after {written} of {count} of size {tuple(size)}")
+        rgb = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images  # (b, 3, H, W)
+        member.write(rgb.permute(0, 2, 3, 1).contiguous().numpy().tobytes())  # (b, H, W, 3), C order
+        written += len(images)
+
+    with atomic_file(path) as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as npz:
+        with npz.open("arr_0.npy", "w", force_zip64=True) as member:
+            header = {"descr": "|u1", "fortran_order": False, "shape": (int(count), *map(int, size), 3)}
+            np.lib.format.write_array_header_1_0(member, header)
+            yield write
+            if written != count:
+                raise ValueError(f"{path}: {written} of {count} images written")
+        if labels is not None:
+            with npz.open("arr_1.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, labels.to(torch.int64).numpy(), allow_pickle=False)  # (N,)
+
+
 def save_npz_images(path: str | Path, images: torch.Tensor, labels: torch.Tensor | None = None) -> Path:
     """Write uint8 NCHW `images` as an ADM-evaluator sample batch (atomically): arr_0 uint8 (N, H, W, 3)
     (grey repeated to RGB, as the TF evaluator expects), and arr_1 the labels (N,) int64 when given."""
     check_images(images, (1, 3), str(path))
-    rgb = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images  # (N, 3, H, W)
-    arrays = {"arr_0": rgb.permute(0, 2, 3, 1).contiguous().numpy()}  # (N, H, W, 3)
-    if labels is not None:
-        arrays["arr_1"] = labels.to(torch.int64).numpy()  # (N,)
-    return write_npz_atomic(path, **arrays)
+    with adm_npz_writer(path, len(images), tuple(images.shape[2:]), labels) as write:
+        write(images)
+    return Path(path)
 
 
 def reference_from_adm_npz(path: str | Path, extractor: FeatureExtractor, cache_dir: str | Path | None = None,

@@ -38,13 +38,12 @@ import torch
 
 from ard.atomic import atomic_directory
 from ard.checks import check_finite_weights, check_timesteps, stop_on_non_finite
-from ard.diffusion import ddim_grid
-from ard.modules.precompute import teacher_hashes
+from ard.diffusion import ddim_grid, recorded_solver
 from ard.metrics.exposure import exposure_errors
 from ard.student import ARDStudent, HeadKind, HistoryStart, MaskKind, OutputKind, StepMSELoss, sample
 from ard.student.attention import check_choice
 from ard.student.recipe import InputKind, TargetKind, rollout_probability, student_inputs, substep_paths
-from ard.teacher import DIGITS_TEACHER, load_teacher, num_classes
+from ard.teacher import DIGITS_TEACHER, Numerics, check_teacher, load_teacher, num_classes, teacher_identity
 from ard.viz import image_grid, log_image, save_png
 
 # The student's knobs are declared once, in ARDStudent.__init__; this module forwards them and takes
@@ -61,6 +60,7 @@ class ARDDistillation(L.LightningModule):
         self,
         teacher: str = str(DIGITS_TEACHER),
         teacher_size: str | None = None,
+        numerics: Numerics | None = None,
         num_steps: int = 4,
         history_blocks: int = _STUDENT["history_blocks"].default,
         mask: MaskKind = _STUDENT["mask"].default,
@@ -91,6 +91,8 @@ class ARDDistillation(L.LightningModule):
             teacher: the teacher DiT the student is initialised from (a diffusers directory or an official
                 DiT checkpoint, see `ard.teacher.load_teacher`); the store must hold its trajectories.
             teacher_size: key of ard.teacher.DIT_SIZES; required for single-file checkpoints.
+            numerics: the teacher's numerics ("dit" | "diffusers"; None: the checkpoint's own); must be the
+                store's (its manifest's `teacher.numerics`).
             num_steps: S, student steps; must equal the data's `student_steps`.
             history_blocks: N, lowest blocks with history attention (0 = the step-distillation baseline).
             mask: which earlier steps each step sees in those blocks (ARDStudent).
@@ -129,18 +131,18 @@ class ARDDistillation(L.LightningModule):
         if step_weights != "uniform" and len(step_weights) != num_steps:
             raise ValueError(f"step_weights has {len(step_weights)} entries; num_steps={num_steps} needs {num_steps}")
         self.step_weights = [1.0 / num_steps] * num_steps if step_weights == "uniform" else list(step_weights)
-        teacher_model = load_teacher(teacher, teacher_size)
+        teacher_model = load_teacher(teacher, teacher_size, numerics)
         self.student = ARDStudent(teacher_model, num_steps, history_blocks=history_blocks, mask=mask,
                                   window=window, heads=heads, output=output, history_start=history_start,
                                   clip_x0=clip_x0).train()  # the teacher was loaded in eval mode
         self.state_shape = (teacher_model.config.in_channels, teacher_model.config.sample_size,
                             teacher_model.config.sample_size)  # (C, H, W) of one state
         self.num_classes = num_classes(teacher_model)
-        self.teacher_sha256 = teacher_hashes(teacher_model)["weights_sha256"]  # checked against the store's
+        self.teacher_identity = teacher_identity(teacher_model)  # checked against the store's in setup
+        del teacher_model
         if samples_per_class and self.state_shape[0] not in (1, 3) and vae is None:
             raise ValueError(f"teacher {teacher}: {self.state_shape[0]}-channel (latent) states need `vae` to "
                              "draw sample grids (or samples_per_class: 0)")
-        del teacher_model
         self.inputs = check_choice("inputs", inputs, InputKind)
         self.targets = check_choice("targets", targets, TargetKind)
         if not 0 <= rollout_prob <= 1 or rollout_ramp_steps < 0:
@@ -162,21 +164,20 @@ class ARDDistillation(L.LightningModule):
             raise ValueError(f"{type(self).__name__} needs a trajectory store as data "
                              f"(ard.data.trajectories.TrajectoryDataModule); got {type(datamodule).__name__}")
         datamodule.check_compatible(self.state_shape, self.num_classes)
-        stored = datamodule.manifest["teacher"]
-        if stored["weights_sha256"] != self.teacher_sha256:
-            raise ValueError(f"{Path(datamodule.path) / 'manifest.json'}: field 'teacher.weights_sha256' differs from "
-                             f"the weights of model.teacher={self.hparams.teacher} (the store was made by "
-                             f"{stored.get('path')}): the student must start from the store's teacher")
+        # the student must start from the store's teacher: weights, config and numerics
+        check_teacher(datamodule.manifest["teacher"], self.teacher_identity,
+                      str(Path(datamodule.path) / "manifest.json"), f"model.teacher={self.hparams.teacher}")
         if datamodule.student_steps != self.hparams.num_steps:
             raise ValueError(f"data.student_steps={datamodule.student_steps} but model.num_steps="
                              f"{self.hparams.num_steps}: set both to the same S")
         self.timesteps = [int(t) for t in datamodule.timesteps]
-        solver = datamodule.manifest["solver"]
+        solver = recorded_solver(datamodule.manifest["solver"], str(Path(datamodule.path) / "manifest.json"))
         grid = ddim_grid(solver["num_steps"], solver["timestep_spacing"])  # the teacher's K + 1 grid timesteps
         substeps = self.hparams.target_substeps or (solver["num_steps"] // self.hparams.num_steps)
         paths = substep_paths(grid, datamodule.boundaries, substeps) if self.targets == "teacher_from_state" else None
         self.loss_fn = StepMSELoss(self.targets, solver["guidance_scale"], solver["clip_sample"],
-                                   None if paths is None else torch.tensor(paths), self.hparams.srl_shift)
+                                   None if paths is None else torch.tensor(paths), self.hparams.srl_shift,
+                                   solver["cfg_channels"])
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         check_finite_weights(checkpoint["state_dict"], f"step {self.global_step}: checkpoint (not written)")
@@ -283,7 +284,8 @@ class ARDDistillation(L.LightningModule):
         Loaded on first use and kept outside the module's submodules: not in the optimiser, the EMA,
         the checkpoint or the DDP wrapper."""
         if "teacher" not in self._frozen:
-            self._frozen["teacher"] = load_teacher(self.hparams.teacher, self.hparams.teacher_size).requires_grad_(False)
+            self._frozen["teacher"] = load_teacher(self.hparams.teacher, self.hparams.teacher_size,
+                                                   self.hparams.numerics).requires_grad_(False)
         return self._frozen["teacher"].to(self.device)
 
     def export_student(self, directory: str | Path) -> Path:

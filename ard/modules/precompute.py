@@ -11,27 +11,12 @@ and software) for any DDP world size and any sequence of interruptions.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-
 import lightning as L
 import torch
 
-from ard.diffusion import TimestepSpacing, ddim_grid, ddim_sample, make_scheduler, trajectory_inputs
-from ard.teacher import DIGITS_TEACHER, NUMERICS_KEY, load_teacher, num_classes
-
-
-def teacher_hashes(model: torch.nn.Module) -> dict[str, str]:
-    """sha256 of the teacher's weights (state dict: names, dtypes, shapes, bytes, in name order) and of its
-    config (diffusers config without private keys such as the path it was loaded from)."""
-    weights = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        weights.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        weights.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    config = {k: v for k, v in dict(model.config).items() if not k.startswith("_") or k == NUMERICS_KEY}
-    config_bytes = json.dumps(config, sort_keys=True, default=str).encode()
-    return {"weights_sha256": weights.hexdigest(), "config_sha256": hashlib.sha256(config_bytes).hexdigest()}
+from ard.diffusion import (CfgChannels, TimestepSpacing, ddim_grid, ddim_sample, precision_of_trainer,
+                           solver_identity, trajectory_inputs)
+from ard.teacher import DIGITS_TEACHER, Numerics, load_teacher, num_classes, teacher_identity
 
 
 class PrecomputeTrajectories(L.LightningModule):
@@ -40,7 +25,8 @@ class PrecomputeTrajectories(L.LightningModule):
     def __init__(self, teacher: str = str(DIGITS_TEACHER), teacher_size: str | None = None, num_steps: int = 24,
                  timestep_spacing: TimestepSpacing = "leading", guidance_scale: float = 2.0,
                  clip_sample: bool = False, save_indices: list[int] | None = None, with_x0: bool = False,
-                 seed: int = 0, micro_batch_size: int = 256):
+                 seed: int = 0, micro_batch_size: int = 256, numerics: Numerics | None = None,
+                 cfg_channels: CfgChannels = "all"):
         """
         Args:
             teacher: the teacher DiT (a diffusers directory or an official DiT checkpoint, see
@@ -56,6 +42,11 @@ class PrecomputeTrajectories(L.LightningModule):
             seed: trajectory i's noise and label depend only on (seed, i).
             micro_batch_size: trajectories per teacher forward (x2 with CFG). Part of the store's identity:
                 float results depend on batch composition.
+            numerics: compute like the official DiT ("dit") or diffusers' port ("diffusers"); None: the
+                checkpoint's own (ard.teacher.load_teacher). Recorded in the manifest's `teacher` field.
+            cfg_channels: "all" guides every epsilon channel; "dit" only the first 3, as facebookresearch/DiT's
+                sample.py (ard.diffusion.guided_eps). The autocast precision is the trainer's `precision`
+                (32-true, bf16-mixed or 16-mixed); both are recorded in the manifest's `solver` field.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -66,23 +57,19 @@ class PrecomputeTrajectories(L.LightningModule):
                              f"(the final sample); got {save_indices}")
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be at least 1, got {micro_batch_size}")
-        self.teacher = load_teacher(teacher, teacher_size)
+        self.teacher = load_teacher(teacher, teacher_size, numerics)
         self.teacher.requires_grad_(False)
-        self.hashes = teacher_hashes(self.teacher)
+        self.identity = teacher_identity(self.teacher)
         cfg = self.teacher.config
         self.state_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)  # (C, H, W)
 
     def store_identity(self) -> dict:
         """The manifest fields this module decides (see ard.store.format.new_manifest)."""
         hp = self.hparams
-        scheduler = make_scheduler(hp.timestep_spacing, clip_sample=hp.clip_sample).config
         return dict(
-            teacher={"path": hp.teacher, **self.hashes},
-            solver={"name": "ddim", "eta": 0.0, "num_steps": hp.num_steps, "timestep_spacing": hp.timestep_spacing,
-                    "guidance_scale": hp.guidance_scale, "clip_sample": hp.clip_sample,
-                    "prediction_type": scheduler.prediction_type, "num_train_timesteps": scheduler.num_train_timesteps,
-                    "beta_schedule": scheduler.beta_schedule, "beta_start": scheduler.beta_start,
-                    "beta_end": scheduler.beta_end, "precision": str(self.trainer.precision)},
+            teacher={"path": hp.teacher, **self.identity},
+            solver=solver_identity(hp.num_steps, hp.timestep_spacing, hp.guidance_scale, hp.clip_sample,
+                                   hp.cfg_channels, precision_of_trainer(self.trainer.precision)),
             grid_indices=self.save_indices,
             grid_timesteps=[self.grid[i] for i in self.save_indices],
             state_shape=self.state_shape,
@@ -121,7 +108,7 @@ class PrecomputeTrajectories(L.LightningModule):
             noise, y = trajectory_inputs(hp.seed, idx, self.state_shape, num_classes(self.teacher))  # (m, C, H, W), (m,)
             traj = ddim_sample(self.teacher, noise.to(self.device), y.to(self.device), hp.num_steps,
                                hp.guidance_scale, hp.timestep_spacing, self.save_indices, return_x0=hp.with_x0,
-                               clip_sample=hp.clip_sample)
+                               clip_sample=hp.clip_sample, cfg_channels=hp.cfg_channels)
             states.append(traj.states.float().cpu())  # (m, G, C, H, W)
             if hp.with_x0:
                 x0s.append(traj.x0.float().cpu())  # (m, G, C, H, W)

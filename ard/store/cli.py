@@ -35,12 +35,13 @@ def describe(root: str, manifest: dict) -> list[str]:
     teacher = m["teacher"]
     lines += [
         f"teacher:   {teacher.get('path')} (weights sha256 {teacher.get('weights_sha256', '?')[:16]}..., config "
-        f"sha256 {teacher.get('config_sha256', '?')[:16]}...)",
+        f"sha256 {teacher.get('config_sha256', '?')[:16]}..., {teacher.get('numerics', 'diffusers')} numerics)",
         f"solver:    {solver.get('name', '?').upper()} eta {solver.get('eta')}, K = {solver.get('num_steps')} steps, "
         f"{solver.get('timestep_spacing')} spacing, guidance scale {solver.get('guidance_scale')}, clip_sample "
         f"{'on' if solver.get('clip_sample') else 'off'}, {solver.get('prediction_type')} prediction, "
         f"{solver.get('beta_schedule')} betas {solver.get('beta_start')}..{solver.get('beta_end')} over "
-        f"{solver.get('num_train_timesteps')}, precision {solver.get('precision')}",
+        f"{solver.get('num_train_timesteps')}, precision {solver.get('precision')}, CFG on "
+        f"{solver.get('cfg_channels', 'all')} channels",
         f"saved:     {len(m['grid']['indices'])} grid states, indices {m['grid']['indices']}, timesteps "
         f"{[t if t >= 0 else 'clean' for t in m['grid']['timesteps']]}",
         f"serves:    students with S = {', '.join(map(str, student_steps_served(m))) or 'none'} steps",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from ard.diffusion import CfgChannels
 from ard.student.model import ARDStudent
 from ard.student.recipe import TargetKind, shifted_reconstruction, teacher_from_state
 
@@ -23,12 +24,13 @@ class StepMSELoss:
     """
 
     def __init__(self, targets: TargetKind = "trajectory", guidance_scale: float = 1.0, clip_sample: bool = False,
-                 substep_paths: torch.Tensor | None = None, srl_shift: float = 1.0):
+                 substep_paths: torch.Tensor | None = None, srl_shift: float = 1.0, cfg_channels: CfgChannels = "all"):
         self.targets = targets  # a TargetKind, checked by the caller
         self.guidance_scale = guidance_scale  # the teacher's CFG scale (the store's)
         self.clip_sample = clip_sample  # the teacher's x0 clipping (the store's)
         self.substep_paths = substep_paths  # (S, m+1) sub-step timesteps (teacher_from_state)
         self.srl_shift = srl_shift  # gamma of recipe.shift_timesteps (shifted_reconstruction)
+        self.cfg_channels = cfg_channels  # which channels the teacher's CFG guides (the store's)
 
     def __call__(self, student: ARDStudent, trajectory: torch.Tensor, timesteps: torch.Tensor,
                  labels: torch.Tensor, inputs: torch.Tensor | None = None, teacher=None,
@@ -37,9 +39,11 @@ class StepMSELoss:
         if self.targets == "shifted_reconstruction":
             _, pred = student(inputs, timesteps, labels, return_x0=True)  # (B, S, C, H, W) x0-predictions
             target = shifted_reconstruction(teacher, pred.detach().float(), timesteps[:, :-1], labels,
-                                            self.guidance_scale, self.clip_sample, self.srl_shift, generator)
+                                            self.guidance_scale, self.clip_sample, self.srl_shift, generator,
+                                            self.cfg_channels)
         else:
             pred = student(inputs, timesteps, labels)  # (B, S, C, H, W) next states
             target = trajectory[:, 1:] if self.targets == "trajectory" else teacher_from_state(
-                teacher, inputs.float(), self.substep_paths, labels, self.guidance_scale, self.clip_sample)
+                teacher, inputs.float(), self.substep_paths, labels, self.guidance_scale, self.clip_sample,
+                self.cfg_channels)
         return (pred.float() - target.float()).square().flatten(2).mean(dim=2)  # (B, S)

@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 from einops import rearrange
 
-from ard.diffusion import alpha_bar, ddim_path, guided_x0, make_scheduler
+from ard.diffusion import CfgChannels, alpha_bar, ddim_path, guided_x0, make_scheduler
 from ard.student.model import ARDStudent
 from ard.student.sampling import sample
 
@@ -85,7 +85,7 @@ def substep_paths(grid_timesteps: list[int], boundaries: list[int], substeps: in
 
 @torch.no_grad()
 def teacher_from_state(teacher, inputs: torch.Tensor, paths: torch.Tensor, labels: torch.Tensor,
-                       guidance_scale: float, clip_sample: bool) -> torch.Tensor:
+                       guidance_scale: float, clip_sample: bool, cfg_channels: CfgChannels = "all") -> torch.Tensor:
     """Backward-distillation targets: the teacher's guided DDIM from each input state along its step's path.
 
     inputs (B, S, C, H, W); paths (S, m+1) timesteps of each student step's sub-steps; labels (B,).
@@ -95,7 +95,7 @@ def teacher_from_state(teacher, inputs: torch.Tensor, paths: torch.Tensor, label
     x = rearrange(inputs, "b s c h w -> (b s) c h w")  # (B*S, C, H, W)
     t = paths.to(inputs.device).repeat(batch, 1)  # (B*S, m+1) rows ordered (b, s)
     y = labels.repeat_interleave(steps)  # (B*S,)
-    out = ddim_path(teacher, x, y, t, guidance_scale, clip_sample)  # (B*S, C, H, W)
+    out = ddim_path(teacher, x, y, t, guidance_scale, clip_sample, cfg_channels)  # (B*S, C, H, W)
     return rearrange(out, "(b s) c h w -> b s c h w", b=batch)  # (B, S, C, H, W)
 
 
@@ -110,7 +110,7 @@ def shift_timesteps(t: torch.Tensor, shift: float, num_train_timesteps: int = 10
 @torch.no_grad()
 def shifted_reconstruction(teacher, x0: torch.Tensor, t_from: torch.Tensor, labels: torch.Tensor,
                            guidance_scale: float, clip_sample: bool, shift: float,
-                           generator: torch.Generator | None = None) -> torch.Tensor:
+                           generator: torch.Generator | None = None, cfg_channels: CfgChannels = "all") -> torch.Tensor:
     """SRL targets: x0 (B, S, C, H, W) the student's (detached) x0-predictions at its input timesteps t_from
     (B, S); each is re-noised to tau' = shift_timesteps(t_from) with fresh noise (q(x_tau' | x0), Ho et al.
     2020, eq. 4) and the teacher's guided x0-estimate of it is returned (B, S, C, H, W)."""
@@ -120,5 +120,6 @@ def shifted_reconstruction(teacher, x0: torch.Tensor, t_from: torch.Tensor, labe
     a = alpha_bar(make_scheduler(), t).to(x0.dtype).view(-1, 1, 1, 1)  # (B*S, 1, 1, 1)
     noise = torch.randn(x0.shape, generator=generator).to(x0)  # (B*S, C, H, W)
     x = a.sqrt() * x0 + (1 - a).sqrt() * noise  # (B*S, C, H, W)
-    target = guided_x0(teacher, x, t, labels.repeat_interleave(steps), guidance_scale, clip_sample)  # (B*S, C, H, W)
+    target = guided_x0(teacher, x, t, labels.repeat_interleave(steps), guidance_scale, clip_sample,
+                       cfg_channels)  # (B*S, C, H, W)
     return rearrange(target, "(b s) c h w -> b s c h w", b=batch)  # (B, S, C, H, W)
