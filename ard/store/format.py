@@ -513,7 +513,7 @@ class TrajectoryStore:
 
     def open_shards(self, field: str = "states") -> int:
         """How many shards of `field` this process holds mapped now (at most max_open_shards between reads)."""
-        return self._maps[field].mapped() if field in self._maps else 0
+        return self._maps[field].num_mapped if field in self._maps else 0
 
     def __getstate__(self):
         return {**self.__dict__, "_maps": {}}

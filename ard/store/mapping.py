@@ -13,7 +13,7 @@ worker, and a batch that touches m shards costs m numpy calls. Here:
   array and a gather over any number of files is one `np.take`;
 - at most `capacity` files stay mapped: the least recently read is unmapped first (its slot is reserved
   PROT_NONE again). Files a read touches stay mapped until that read is done.
-POSIX only (Linux, macOS).
+POSIX only (Linux, macOS). The reservation counts against `ulimit -v` like mapping every file would.
 """
 from __future__ import annotations
 
@@ -81,11 +81,8 @@ class MappedFiles:
         self.file_rows = np.zeros(count, dtype=np.int64)  # (count,) rows of each mapped file, 0 if unmapped
         self.last_read = np.zeros(count, dtype=np.int64)  # (count,) the read that last touched each file
         self.reads = 0
+        self.num_mapped = 0  # files mapped now
         self.lock = threading.Lock()  # a read's files must stay mapped until its take is done
-
-    def mapped(self) -> int:
-        """How many files are mapped now."""
-        return int(np.count_nonzero(self.file_rows))
 
     def _map(self, k: int) -> None:
         path = self.paths[k]
@@ -102,32 +99,33 @@ class MappedFiles:
             _mmap(self.base + k * self.slot_bytes, offset + elems * dtype.itemsize, mmap.PROT_READ,
                   mmap.MAP_SHARED | MAP_FIXED, f.fileno())
         self.file_rows[k] = rows
+        self.num_mapped += 1
 
     def _unmap(self, k: int) -> None:
         _mmap(self.base + k * self.slot_bytes, self.slot_bytes, PROT_NONE,
               mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_FIXED, -1)
         self.file_rows[k] = 0
+        self.num_mapped -= 1
 
     def take(self, files: np.ndarray, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
         """out[i, j] = row rows[i, j] of file files[i]: files (n,) int64, rows (n, P) int64, out (n, P, row_elems)
         preallocated. IndexError when a file or row does not exist."""
         if len(files) == 0:
             return out
-        touched = np.unique(files)  # (m,) sorted
-        if touched[0] < 0 or touched[-1] >= len(self.paths):
+        if files.min() < 0 or files.max() >= len(self.paths):
             raise IndexError(f"file index out of range [0, {len(self.paths)})")
         with self.lock:
             self.reads += 1
-            self.last_read[touched] = self.reads
-            for k in touched[self.file_rows[touched] == 0].tolist():
+            self.last_read[files] = self.reads
+            missing = files[self.file_rows[files] == 0]  # (m,) usually empty
+            for k in np.unique(missing).tolist():
                 self._map(k)
-            if rows.min() < 0 or (rows >= self.file_rows[files][:, None]).any():
+            if rows.min() < 0 or (rows.max(axis=1) >= self.file_rows[files]).any():
                 raise IndexError("row index out of range of its file")
-            excess = self.mapped() - self.capacity
-            if excess > 0:  # unmap the least recently read files, never one this read needs
+            if self.num_mapped > self.capacity:  # unmap the least recently read files, never one this read needs
                 idle = np.flatnonzero((self.file_rows > 0) & (self.last_read < self.reads))
-                for k in idle[np.argsort(self.last_read[idle], kind="stable")][:excess].tolist():
-                    self._unmap(k)
+                for k in idle[np.argsort(self.last_read[idle], kind="stable")][:self.num_mapped - self.capacity]:
+                    self._unmap(int(k))
             flat = (files * self.slot_rows)[:, None] + rows  # (n, P) rows of self.array
             # mode="clip" is unbuffered (mode="raise" copies through a buffer); every row was checked above.
             return self.array.take(flat, axis=0, out=out, mode="clip")  # (n, P, row_elems)
