@@ -117,10 +117,12 @@ class MappedFiles:
         with self.lock:
             self.reads += 1
             self.last_read[files] = self.reads
-            missing = files[self.file_rows[files] == 0]  # (m,) usually empty
-            for k in np.unique(missing).tolist():
-                self._map(k)
-            if rows.min() < 0 or (rows.max(axis=1) >= self.file_rows[files]).any():
+            file_rows = self.file_rows[files]  # (n,) 0 where a file is not mapped yet
+            if not file_rows.all():
+                for k in np.unique(files[file_rows == 0]).tolist():
+                    self._map(k)
+                file_rows = self.file_rows[files]
+            if rows.min() < 0 or (rows.max(axis=1) >= file_rows).any():
                 raise IndexError("row index out of range of its file")
             if self.num_mapped > self.capacity:  # unmap the least recently read files, never one this read needs
                 idle = np.flatnonzero((self.file_rows > 0) & (self.last_read < self.reads))
