@@ -180,3 +180,13 @@ def test_at_most_max_open_shards_stay_mapped(many_shard_store):
     assert store.open_shards() == 4
     with pytest.raises(fmt.StoreError, match="max_open_shards=0 must be at least 1"):
         fmt.TrajectoryStore(root, max_open_shards=0)
+
+
+def test_a_shard_file_changed_after_opening_fails_in_one_line(tmp_path, store):
+    out = tmp_path / "s"
+    shutil.copytree(store, out)
+    reader = fmt.TrajectoryStore(out)
+    np.save(out / "shards/shard-000001/states.npy", np.zeros((16, 5, 1, 8, 4), np.float32))  # rows half as wide
+    assert reader.read(np.arange(0, 4)).shape == (4, 5, 1, 8, 8)  # shard 0 is untouched
+    with pytest.raises(fmt.StoreError, match=r"shard-000001/states.npy: float32 \(16, 5, 1, 8, 4\) .*expected 80 rows"):
+        reader.read(np.arange(14, 18))

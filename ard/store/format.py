@@ -505,8 +505,8 @@ class TrajectoryStore:
                 raise KeyError(f"{self.root}: no field {field!r} in this store")
             paths = [shard_dir(self.root, k) / f"{field}.npy" for k in range(self.manifest["num_shards"])]
             try:
-                self._maps[field] = MappedFiles(paths, self.shard_size * len(self.grid_indices),
-                                                int(np.prod(self.state_shape)), self.max_open_shards)
+                rows = [shard_span(self.manifest, k)[1] * len(self.grid_indices) for k in range(len(paths))]
+                self._maps[field] = MappedFiles(paths, rows, int(np.prod(self.state_shape)), self.max_open_shards)
             except (OSError, ValueError) as e:
                 raise StoreError(f"{paths[0]}: cannot be mapped ({e})") from None
         return self._maps[field]
@@ -535,7 +535,7 @@ class TrajectoryStore:
         pos = self._positions(positions)
         n, p = len(idx), len(pos)
         out = np.empty((n, p, *self.state_shape), dtype=NUMPY_DTYPE[self.dtype])
-        if n and (idx.min() < 0 or idx.max() >= self.num_trajectories):
+        if n and (idx.min() < 0 or idx.max() >= self.num_trajectories):  # then every shard and row exists
             raise IndexError(f"trajectory index out of range [0, {self.num_trajectories}) of {self.root}")
         shard, row = np.divmod(idx, self.shard_size)  # (n,), (n,)
         rows = (row * len(self.grid_indices))[:, None] + pos  # (n, P) rows of a shard's (count * G, C*H*W) view

@@ -57,18 +57,17 @@ def npy_header(path: str | Path) -> tuple[tuple[int, ...], np.dtype, int]:
 
 
 class MappedFiles:
-    """.npy files of one dtype whose arrays are (n_k, ...) with n_k * prod(...) = rows_k * row_elems,
-    rows_k <= `rows`, read as rows of `row_elems` elements (`take`). Files are checked when mapped:
-    ValueError naming the file when one does not fit the layout of `paths[0]`."""
+    """.npy files of one dtype and header size, file k holding `rows[k]` rows of `row_elems` elements, read as rows
+    (`take`). A file is checked when it is mapped: ValueError naming it when it does not hold exactly that."""
 
-    def __init__(self, paths: Sequence[str | Path], rows: int, row_elems: int, capacity: int):
+    def __init__(self, paths: Sequence[str | Path], rows: Sequence[int], row_elems: int, capacity: int):
         if capacity < 1:
             raise ValueError(f"capacity={capacity} must be at least 1")
-        self.paths, self.rows, self.capacity = [Path(p) for p in paths], rows, capacity
+        self.paths, self.rows, self.row_elems, self.capacity = [Path(p) for p in paths], list(rows), row_elems, capacity
         _, self.dtype, self.offset = npy_header(self.paths[0])  # every file must have this header size
         row_bytes = row_elems * self.dtype.itemsize
         unit = math.lcm(mmap.PAGESIZE, row_bytes)  # slots start on pages and on row boundaries
-        self.slot_bytes = unit * -(-(self.offset + rows * row_bytes) // unit)
+        self.slot_bytes = unit * -(-(self.offset + max(self.rows) * row_bytes) // unit)
         self.slot_rows = self.slot_bytes // row_bytes
         count = len(self.paths)
         self.base = _mmap(None, count * self.slot_bytes, PROT_NONE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1)
@@ -78,56 +77,47 @@ class MappedFiles:
         total_rows = (count * self.slot_bytes - self.offset) // row_bytes
         self.array = np.frombuffer(buffer, self.dtype, total_rows * row_elems, self.offset).reshape(total_rows, -1)
         self.array.flags.writeable = False
-        self.file_rows = np.zeros(count, dtype=np.int64)  # (count,) rows of each mapped file, 0 if unmapped
+        self.is_mapped = np.zeros(count, dtype=bool)  # (count,)
+        self.num_mapped = 0
         self.last_read = np.zeros(count, dtype=np.int64)  # (count,) the read that last touched each file
         self.reads = 0
-        self.num_mapped = 0  # files mapped now
         self.lock = threading.Lock()  # a read's files must stay mapped until its take is done
 
     def _map(self, k: int) -> None:
         path = self.paths[k]
         shape, dtype, offset = npy_header(path)
-        elems = int(np.prod(shape))
-        rows, rest = divmod(elems, self.array.shape[1])
-        if dtype != self.dtype or offset != self.offset or rest or not 0 < rows <= self.rows:
-            raise ValueError(f"{path}: {dtype} {shape} with a {offset}-byte header does not fit the layout of "
-                             f"{self.paths[0]} ({self.dtype}, at most {self.rows} rows of {self.array.shape[1]}, "
-                             f"{self.offset}-byte header)")
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        if dtype != self.dtype or offset != self.offset or nbytes != self.rows[k] * self.row_elems * dtype.itemsize:
+            raise ValueError(f"{path}: {dtype} {shape} with a {offset}-byte header; expected {self.rows[k]} rows of "
+                             f"{self.row_elems} {self.dtype} after a {self.offset}-byte header")
         with open(path, "rb") as f:
-            if os.fstat(f.fileno()).st_size < offset + elems * dtype.itemsize:
+            if os.fstat(f.fileno()).st_size < offset + nbytes:
                 raise ValueError(f"{path}: shorter than its header says (truncated)")
-            _mmap(self.base + k * self.slot_bytes, offset + elems * dtype.itemsize, mmap.PROT_READ,
-                  mmap.MAP_SHARED | MAP_FIXED, f.fileno())
-        self.file_rows[k] = rows
+            _mmap(self.base + k * self.slot_bytes, offset + nbytes, mmap.PROT_READ, mmap.MAP_SHARED | MAP_FIXED,
+                  f.fileno())
+        self.is_mapped[k] = True
         self.num_mapped += 1
 
     def _unmap(self, k: int) -> None:
         _mmap(self.base + k * self.slot_bytes, self.slot_bytes, PROT_NONE,
               mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_FIXED, -1)
-        self.file_rows[k] = 0
+        self.is_mapped[k] = False
         self.num_mapped -= 1
 
     def take(self, files: np.ndarray, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
         """out[i, j] = row rows[i, j] of file files[i]: files (n,) int64, rows (n, P) int64, out (n, P, row_elems)
-        preallocated. IndexError when a file or row does not exist."""
-        if len(files) == 0:
-            return out
-        if files.min() < 0 or files.max() >= len(self.paths):
-            raise IndexError(f"file index out of range [0, {len(self.paths)})")
+        preallocated. Unchecked, for speed: every file must lie in [0, len(paths)) and each row in [0, rows[file])
+        (TrajectoryStore.read checks its indices); another row reads unmapped memory."""
         with self.lock:
             self.reads += 1
             self.last_read[files] = self.reads
-            file_rows = self.file_rows[files]  # (n,) 0 where a file is not mapped yet
-            if not file_rows.all():
-                for k in np.unique(files[file_rows == 0]).tolist():
+            if not self.is_mapped[files].all():
+                for k in np.unique(files[~self.is_mapped[files]]).tolist():
                     self._map(k)
-                file_rows = self.file_rows[files]
-            if rows.min() < 0 or (rows.max(axis=1) >= file_rows).any():
-                raise IndexError("row index out of range of its file")
             if self.num_mapped > self.capacity:  # unmap the least recently read files, never one this read needs
-                idle = np.flatnonzero((self.file_rows > 0) & (self.last_read < self.reads))
+                idle = np.flatnonzero(self.is_mapped & (self.last_read < self.reads))
                 for k in idle[np.argsort(self.last_read[idle], kind="stable")][:self.num_mapped - self.capacity]:
                     self._unmap(int(k))
             flat = (files * self.slot_rows)[:, None] + rows  # (n, P) rows of self.array
-            # mode="clip" is unbuffered (mode="raise" copies through a buffer); every row was checked above.
+            # mode="clip" is unbuffered (mode="raise" copies through a buffer); the caller checked every row.
             return self.array.take(flat, axis=0, out=out, mode="clip")  # (n, P, row_elems)
