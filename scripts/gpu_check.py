@@ -186,7 +186,8 @@ def check_training(teacher, device: torch.device, trajectories: int, repeats: in
     labels = torch.randint(0, 1000, (trajectories,), generator=g).to(device)
     loss_fn = StepMSELoss()
     out = {"trajectories": trajectories, "rows": trajectories * STEPS, "precision": "bf16 autocast, fp32 weights",
-           "peak_memory_includes_teacher_gib": sum(p.numel() * p.element_size() for p in teacher.parameters()) / 2 ** 30}
+           "peak_memory_includes_teacher_gib": sum(p.numel() * p.element_size() for p in teacher.parameters())
+           / 2 ** 30}
     for name, n in (("ard", HISTORY_BLOCKS), ("baseline", 0)):
         for checkpointing in (False, True):
             key = f"{name}{'_checkpointing' if checkpointing else ''}"
