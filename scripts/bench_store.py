@@ -7,7 +7,8 @@ read:   random-batch read throughput (batches of 256, indices sorted within a ba
         states read) and of ImageNet-shaped stores (16384 x 5 states of 4x32x32 fp16; shards of 4096, and shards
         of 64 so that a batch touches about as many shards as in the full 2.5M store) against a raw numpy
         memmap of the same bytes (one .npy: the store's own gather, one np.take, and plain fancy indexing) and
-        the public ARD code's layout (one .npz per sample per timestep). Methods are timed in turns.
+        the public ARD code's layout (one .npz per sample per timestep). Methods are timed in turns, by wall and
+        by CPU time; the DataModule's float32 batches are timed on their own (see bench_read_one).
 writer: share of precompute wall time spent outside the teacher's forward passes (digits-size DiT, random
         weights; the time inside the forward calls is measured with forward hooks).
 kill:   SIGKILLs at random moments during a digits precompute (scripts/precompute_trajectories.py; uniform
@@ -59,16 +60,24 @@ def synthetic_store(root: Path, n: int, saved: int, shape: tuple, dtype: str, sh
 
 def compare(methods: dict, batches: list[np.ndarray], rounds: int) -> dict:
     """Batches per second of each method. The methods take turns batch by batch (so the load of a shared machine
-    hits all alike); a round is one pass over the batches; median and best round of `rounds` after a warm-up."""
-    times = {name: np.zeros(rounds + 1) for name in methods}
+    hits all alike), each at its own offset in the batch list, so that no method reads the batch the previous one
+    just pulled into the CPU caches; a round is one pass over the batches; median and best round of `rounds` after
+    a warm-up, by wall time and by this thread's CPU time (which waiting for a busy core does not inflate)."""
+    wall = {name: np.zeros(rounds + 1) for name in methods}
+    cpu = {name: np.zeros(rounds + 1) for name in methods}
+    offset = max(1, len(batches) // len(methods))
     for r in range(rounds + 1):
-        for b in batches:
-            for name, fn in methods.items():
-                start = time.perf_counter()
+        for i in range(len(batches)):
+            for m, (name, fn) in enumerate(methods.items()):
+                b = batches[(i + m * offset) % len(batches)]
+                start, start_cpu = time.perf_counter(), time.thread_time()
                 fn(b)
-                times[name][r] += time.perf_counter() - start
-    return {name: {"batches_per_s_median": round(len(batches) / float(np.median(t[1:])), 1),
-                   "batches_per_s_best": round(len(batches) / float(t[1:].min()), 1)} for name, t in times.items()}
+                cpu[name][r] += time.thread_time() - start_cpu
+                wall[name][r] += time.perf_counter() - start
+    return {name: {"batches_per_s_median": round(len(batches) / float(np.median(wall[name][1:])), 1),
+                   "batches_per_s_best": round(len(batches) / float(wall[name][1:].min()), 1),
+                   "batches_per_cpu_s_median": round(len(batches) / float(np.median(cpu[name][1:])), 1)}
+            for name in methods}
 
 
 def bench_read_one(work: Path, name: str, n: int, saved: int, read: list[int], shape: tuple, dtype: str,
@@ -100,8 +109,10 @@ def bench_read_one(work: Path, name: str, n: int, saved: int, read: list[int], s
            "mean_shards_per_batch": round(float(np.mean([len(np.unique(b // shard_size)) for b in batches])), 1),
            "batch_bytes": BATCH * len(read) * int(np.prod(shape)) * np.dtype(fmt.NUMPY_DTYPE[dtype]).itemsize}
     out.update(compare({"store": lambda b: store.read(b, read), "raw_memmap_take": read_raw,
-                        "raw_memmap_fancy_index": lambda b: raw[b[:, None], pos[None, :]],
-                        "datamodule_batch_float32": lambda b: dataset[b]}, batches, rounds))
+                        "raw_memmap_fancy_index": lambda b: raw[b[:, None], pos[None, :]]}, batches, rounds))
+    # Timed on its own: its float32 copies (twice the bytes) leave the allocator handing the next method fresh,
+    # unfaulted pages, which slowed whichever method came next by up to 2.8x
+    out.update(compare({"datamodule_batch_float32": lambda b: dataset[b]}, batches, rounds))
     # The public ARD code's layout: one .npz per sample per timestep (only the states a student reads here).
     npz_dir = root / "npz"
     npz_dir.mkdir()
@@ -120,6 +131,8 @@ def bench_read_one(work: Path, name: str, n: int, saved: int, read: list[int], s
     med = "batches_per_s_median"
     out["store_vs_raw_memmap_take"] = round(out["store"][med] / out["raw_memmap_take"][med], 3)
     out["store_vs_raw_memmap_fancy_index"] = round(out["store"][med] / out["raw_memmap_fancy_index"][med], 3)
+    cpu = "batches_per_cpu_s_median"
+    out["store_vs_raw_memmap_take_cpu"] = round(out["store"][cpu] / out["raw_memmap_take"][cpu], 3)
     out["store_vs_npz"] = round(both["store"][med] / both["npz"][med], 1)
     shutil.rmtree(root)
     return out
@@ -266,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", default="read,writer,kill,ddp")
     parser.add_argument("--work", default=None, help="scratch directory (default: a temporary one, removed)")
-    parser.add_argument("--rounds", type=int, default=15, help="timed rounds of 32 batches per read method")
+    parser.add_argument("--rounds", type=int, default=60, help="timed rounds of 32 batches per read method")
     parser.add_argument("--writer-trajectories", type=int, default=1024)
     parser.add_argument("--kills", type=int, default=10)
     parser.add_argument("--kill-trajectories", type=int, default=4096)
@@ -279,7 +292,9 @@ def main(argv: list[str] | None = None) -> None:
     result = {"torch_threads": torch.get_num_threads(), "batch": BATCH}
     try:
         if "read" in sections:
+            result["read_load_average_before"] = [round(x, 2) for x in os.getloadavg()]  # 1, 5, 15 min
             result["read"] = bench_read(work, args.rounds)
+            result["read_load_average_after"] = [round(x, 2) for x in os.getloadavg()]
         if "writer" in sections:
             result["writer"] = bench_writer(work, args.writer_trajectories)
         if "kill" in sections:

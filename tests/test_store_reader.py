@@ -1,5 +1,9 @@
 """TrajectoryDataModule: the batch contract, S-step subsets of one store, splits, DDP sharding, bad stores."""
+import os
 import shutil
+import subprocess
+import sys
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -109,3 +113,80 @@ def test_bad_stores_fail_in_one_line(tmp_path, store):
     shutil.rmtree(out / "shards/shard-000001")
     with pytest.raises(fmt.StoreError, match="shard-000001: missing .*re-run the precompute"):
         TrajectoryDataModule(str(out), student_steps=4, batch_size=4, val_count=4)
+
+
+MANY_SHARDS, PER_SHARD = 300, 2  # more shards than the 256 file descriptors of the ulimit test
+
+
+@pytest.fixture(scope="module")
+def many_shard_store(tmp_path_factory) -> tuple[str, np.ndarray]:
+    """A store of random fp16 states (600 trajectories x 3 states of 1x2x2) in 300 shards, and its states."""
+    root = tmp_path_factory.mktemp("many") / "store"
+    m = fmt.new_manifest(teacher={}, solver={"num_steps": 2}, grid_indices=[0, 1, 2], grid_timesteps=[999, 499, -1],
+                         state_shape=(1, 2, 2), dtype="float16", with_x0=False, num_classes=10,
+                         num_trajectories=MANY_SHARDS * PER_SHARD, shard_size=PER_SHARD, seed=0, micro_batch_size=1)
+    states = np.random.default_rng(0).standard_normal((MANY_SHARDS * PER_SHARD, 3, 1, 2, 2)).astype(np.float16)
+    with mock.patch("os.fsync"):  # a scratch store: durability is not what this tests (saves seconds)
+        fmt.create_store(root, m)
+        for k in range(MANY_SHARDS):
+            rows = np.arange(k * PER_SHARD, (k + 1) * PER_SHARD)
+            fmt.write_shard(root, m, k, {"states": states[rows], "labels": rows % 10, "index": rows})
+        fmt.consolidate(root)
+    return str(root), states
+
+
+READ_UNDER_ULIMIT = """
+import resource, sys
+import numpy as np
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+from ard.data.trajectories import TrajectoryDataModule
+from ard.store import format as fmt
+root, out = sys.argv[1], sys.argv[2]
+m = fmt.read_manifest(root)
+try:  # the limit bites: one np.memmap per shard (the reader before issue 12) runs out of descriptors
+    maps = [fmt.load_shard(root, m, k)["states"] for k in range(m["num_shards"])]
+    sys.exit("np.load(mmap_mode='r') of every shard did not exceed the descriptor limit")
+except fmt.StoreError as e:
+    assert "Too many open files" in str(e), e
+data = TrajectoryDataModule(root, student_steps=2, batch_size=50, val_count=100, num_workers=2, max_open_shards=64)
+data.setup("fit")
+batches = list(data.train_dataloader()) + list(data.val_dataloader())
+np.save(out + "_index.npy", np.concatenate([b["index"].numpy() for b in batches]))
+np.save(out + "_states.npy", np.concatenate([b["states"].numpy() for b in batches]))
+"""
+
+
+def test_a_many_shard_store_reads_under_ulimit_256(tmp_path, many_shard_store):
+    root, states = many_shard_store
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", READ_UNDER_ULIMIT, root, str(tmp_path / "read")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    index = np.load(tmp_path / "read_index.npy")
+    assert sorted(index.tolist()) == list(range(len(states)))  # 500 training + 100 validation: every trajectory
+    assert np.array_equal(np.load(tmp_path / "read_states.npy"), states[index].astype(np.float32))
+
+
+def test_at_most_max_open_shards_stay_mapped(many_shard_store):
+    root, states = many_shard_store
+    store = fmt.TrajectoryStore(root, max_open_shards=4)
+    rng = np.random.default_rng(0)
+    for size in (1, 3, 40, 2, 7, 1):  # reads touching fewer and more shards than the bound
+        for _ in range(5):
+            idx = rng.choice(len(states), size, replace=False)  # unsorted
+            assert np.array_equal(store.read(idx, [2, 0]), states[idx][:, [2, 0]])
+            touched = len(np.unique(idx // PER_SHARD))
+            assert store.open_shards() <= max(4, touched)  # a read maps all it touches, then trims to the bound
+    assert store.open_shards() == 4
+    with pytest.raises(fmt.StoreError, match="max_open_shards=0 must be at least 1"):
+        fmt.TrajectoryStore(root, max_open_shards=0)
+
+
+def test_a_shard_file_changed_after_opening_fails_in_one_line(tmp_path, store):
+    out = tmp_path / "s"
+    shutil.copytree(store, out)
+    reader = fmt.TrajectoryStore(out)
+    np.save(out / "shards/shard-000001/states.npy", np.zeros((16, 5, 1, 8, 4), np.float32))  # rows half as wide
+    assert reader.read(np.arange(0, 4)).shape == (4, 5, 1, 8, 8)  # shard 0 is untouched
+    with pytest.raises(fmt.StoreError, match=r"shard-000001/states.npy: float32 \(16, 5, 1, 8, 4\) .*expected 80 rows"):
+        reader.read(np.arange(14, 18))

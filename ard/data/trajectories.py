@@ -10,7 +10,8 @@ A batch is a dict:
 The boundaries are the teacher grid indices s * K / S, s = 0..S; each must be a saved grid index of the store.
 
 Whole batches are gathered from the memory-mapped shards: a sampler yields sorted index arrays (one per
-batch) and the dataset reads each array with one fancy-index per touched shard. Split: the last `val_count`
+batch) and the dataset reads each array with one `take` per touched shard (at most `max_open_shards` shards
+stay mapped per process; the maps hold no file descriptors). Split: the last `val_count`
 trajectories are validation, the rest training. DDP: every rank draws the same seeded permutation per epoch
 and takes every world_size-th batch of it (training batches are all full; the tail that does not fill a
 global batch is left out that epoch); validation is split into equal contiguous parts.
@@ -23,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ard.diffusion import student_grid_indices
-from ard.store.format import MANIFEST, StoreError, TrajectoryStore, to_float32
+from ard.store.format import MANIFEST, MAX_OPEN_SHARDS, StoreError, TrajectoryStore, to_float32
 
 
 def student_boundaries(store: TrajectoryStore, student_steps: int) -> list[int]:
@@ -116,7 +117,8 @@ class TrajectoryDataModule(L.LightningDataModule):
     """A trajectory store (ard.store) as batches of an S-step student; checks the store when opened."""
 
     def __init__(self, path: str, student_steps: int, batch_size: int = 64, val_count: int = 512, seed: int = 0,
-                 num_workers: int = 0, with_x0: bool = False, check_finite: bool = True):
+                 num_workers: int = 0, with_x0: bool = False, check_finite: bool = True,
+                 max_open_shards: int = MAX_OPEN_SHARDS):
         """
         Args:
             path: the store directory (written by `ard predict -c configs/<setting>/trajectories.yaml`).
@@ -128,12 +130,14 @@ class TrajectoryDataModule(L.LightningDataModule):
             with_x0: also yield the teacher's x0-predictions ("x0"); the store must have them.
             check_finite: raise when a batch holds NaN / inf or values beyond the bound the store recorded
                 when it was written (cheap; `ard-store verify` checks every byte).
+            max_open_shards: shards kept memory-mapped per process and state field (an LRU). The maps hold no
+                file descriptor, so this bounds address space and map count, not `ulimit -n`.
         """
         super().__init__()
         self.save_hyperparameters()
         self.path = path
         self.student_steps = student_steps
-        self.store = TrajectoryStore(path)
+        self.store = TrajectoryStore(path, max_open_shards)
         self.manifest = self.store.manifest
         self.boundaries = student_boundaries(self.store, student_steps)  # grid indices tau_0..tau_S
         self.timesteps = [self.store.grid_timesteps[self.store.grid_indices.index(b)] for b in self.boundaries]

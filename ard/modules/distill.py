@@ -85,6 +85,7 @@ class ARDDistillation(L.LightningModule):
         sample_seed: int = 0,
         vae: str | None = None,
         latent_scale: float = 0.18215,
+        gradient_checkpointing: bool = False,
     ):
         """
         Args:
@@ -125,6 +126,9 @@ class ARDDistillation(L.LightningModule):
             sample_seed: seed of the grid's noise (the same noise every time, so grids are comparable).
             vae: diffusers AutoencoderKL directory decoding latent states for the grid (latent teachers).
             latent_scale: latents = scale * VAE latents (0.18215 for sd-vae-ft-ema).
+            gradient_checkpointing: recompute each transformer block's activations in the backward pass
+                (diffusers' gradient checkpointing): the same loss and gradients in less memory, for one more
+                forward pass of compute.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -135,6 +139,8 @@ class ARDDistillation(L.LightningModule):
         self.student = ARDStudent(teacher_model, num_steps, history_blocks=history_blocks, mask=mask,
                                   window=window, heads=heads, output=output, history_start=history_start,
                                   clip_x0=clip_x0).train()  # the teacher was loaded in eval mode
+        if gradient_checkpointing:
+            self.student.transformer.enable_gradient_checkpointing()
         self.state_shape = (teacher_model.config.in_channels, teacher_model.config.sample_size,
                             teacher_model.config.sample_size)  # (C, H, W) of one state
         self.num_classes = num_classes(teacher_model)

@@ -31,6 +31,7 @@ import torch
 
 from ard.atomic import write_text_atomic
 from ard.checks import can_write
+from ard.store.mapping import MappedFiles
 
 FORMAT = "ard-trajectory-store"
 VERSION = 1
@@ -470,15 +471,25 @@ def verify(root: str | Path, progress: bool = False) -> tuple[dict, list[str]]:
 
 
 # ---------------------------------------------------------------------------------------------- reading
+MAX_OPEN_SHARDS = 1024  # default of TrajectoryStore.max_open_shards: every shard of a 2.5M-trajectory store
+
+
 class TrajectoryStore:
     """Read-only access to a complete store: memory-mapped shards, labels in memory, whole-batch gathers.
 
     Opening checks the manifest and, per shard, the sidecar, the npy headers and file sizes (O(shards), not
-    O(bytes): `verify` reads every byte). Picklable: the memory maps are reopened in DataLoader workers.
+    O(bytes): `verify` reads every byte). Shards are mapped on first use; at most `max_open_shards` stay
+    mapped per state field and process, the least recently read unmapped first. The maps hold no file
+    descriptor and sit side by side in one reserved stretch of address space, so a batch is one `np.take`
+    whatever the number of shards it touches, and any store fits under a small `ulimit -n`
+    (`ard.store.mapping`). Picklable: DataLoader workers map their own shards.
     """
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, max_open_shards: int = MAX_OPEN_SHARDS):
         self.root = Path(root)
+        if max_open_shards < 1:
+            raise StoreError(f"{self.root}: max_open_shards={max_open_shards} must be at least 1")
+        self.max_open_shards = max_open_shards
         self.manifest = m = read_manifest(self.root)
         done = completed_shards(self.root, m)
         if len(done) < m["num_shards"]:
@@ -492,9 +503,8 @@ class TrajectoryStore:
         self.grid_indices: list[int] = m["grid"]["indices"]
         self.grid_timesteps: list[int] = m["grid"]["timesteps"]
         self.state_shape = tuple(m["state"]["shape"])
-        self._flat: dict[str, list[np.ndarray]] | None = None
+        self._maps: dict[str, MappedFiles] = {}  # field -> its shard files, mapped on demand
         self._checked_positions: dict[tuple | None, np.ndarray] = {}
-        self._last_count = shard_span(m, m["num_shards"] - 1)[1]
         for k, side in done.items():
             d = shard_dir(self.root, k)
             for name, meta in side["files"].items():
@@ -510,17 +520,25 @@ class TrajectoryStore:
         self.max_abs = {name: max(side.get(MAX_ABS, {}).get(name, math.inf) for side in done.values())
                         for name in STATE_FIELDS}
 
-    def _open(self) -> dict[str, list[np.ndarray]]:
-        """Per state field, per shard: a plain (count * G, C*H*W) view of the memory map (np.memmap's own
-        indexing costs microseconds per call)."""
-        if self._flat is None:
-            shards = [load_shard(self.root, self.manifest, k) for k in range(self.manifest["num_shards"])]
-            self._flat = {name: [np.asarray(a[name]).reshape(-1, int(np.prod(self.state_shape))) for a in shards]
-                          for name in STATE_FIELDS if name in shards[0]}
-        return self._flat
+    def _files(self, field: str) -> MappedFiles:
+        """The shards' `field` files as rows of C*H*W values (opened on first use in each process)."""
+        if field not in self._maps:
+            if field not in STATE_FIELDS or (field == "x0" and not self.has_x0):
+                raise KeyError(f"{self.root}: no field {field!r} in this store")
+            paths = [shard_dir(self.root, k) / f"{field}.npy" for k in range(self.manifest["num_shards"])]
+            try:
+                rows = [shard_span(self.manifest, k)[1] * len(self.grid_indices) for k in range(len(paths))]
+                self._maps[field] = MappedFiles(paths, rows, int(np.prod(self.state_shape)), self.max_open_shards)
+            except (OSError, ValueError) as e:
+                raise StoreError(f"{paths[0]}: cannot be mapped ({e})") from None
+        return self._maps[field]
+
+    def open_shards(self, field: str = "states") -> int:
+        """How many shards of `field` this process holds mapped now (at most max_open_shards between reads)."""
+        return self._maps[field].num_mapped if field in self._maps else 0
 
     def __getstate__(self):
-        return {**self.__dict__, "_flat": None}
+        return {**self.__dict__, "_maps": {}}
 
     def _positions(self, positions: Sequence[int] | None) -> np.ndarray:
         key = None if positions is None else tuple(int(p) for p in positions)
@@ -532,25 +550,19 @@ class TrajectoryStore:
         return self._checked_positions[key]
 
     def read(self, indices: np.ndarray, positions: Sequence[int] | None = None, field: str = "states") -> np.ndarray:
-        """Gather (n, len(positions), C, H, W) from `field` for trajectory `indices`, in the stored numpy dtype;
-        positions index the saved grid (default: all). One `take` per run of indices in one shard: sort the
-        indices (the DataModule does) so that there is one per touched shard."""
-        files = self._open()[field]
+        """Gather (n, len(positions), C, H, W) from `field` for trajectory `indices` (any order), in the stored
+        numpy dtype; positions index the saved grid (default: all). One `np.take` over all shards."""
+        files = self._files(field)
         idx = np.asarray(indices, dtype=np.int64)
         pos = self._positions(positions)
         n, p = len(idx), len(pos)
         out = np.empty((n, p, *self.state_shape), dtype=NUMPY_DTYPE[self.dtype])
-        if n == 0:
-            return out
-        out3 = out.reshape(n, p, -1)  # (n, P, C*H*W), a view of out
+        if n and (idx.min() < 0 or idx.max() >= self.num_trajectories):  # then every shard and row exists
+            raise IndexError(f"trajectory index out of range [0, {self.num_trajectories}) of {self.root}")
         shard, row = np.divmod(idx, self.shard_size)  # (n,), (n,)
-        rows = (row * len(self.grid_indices))[:, None] + pos  # (n, P) rows of the (count * G, C*H*W) file views
-        starts = (np.flatnonzero(shard[1:] != shard[:-1]) + 1).tolist()  # where a run of one shard's indices starts
-        shards = shard.tolist()
-        for a, b in zip([0, *starts], [*starts, n]):
-            k = shards[a]
-            if not 0 <= k < len(files) or (k == len(files) - 1 and row[a:b].max() >= self._last_count):
-                raise IndexError(f"trajectory index out of range [0, {self.num_trajectories}) of {self.root}")
-            # mode="clip" is unbuffered (mode="raise" copies through a buffer); every row was checked above.
-            files[k].take(rows[a:b], axis=0, out=out3[a:b], mode="clip")  # (m, P, C*H*W)
+        rows = (row * len(self.grid_indices))[:, None] + pos  # (n, P) rows of a shard's (count * G, C*H*W) view
+        try:
+            files.take(shard, rows, out.reshape(n, p, -1))  # (n, P, C*H*W), a view of out
+        except (OSError, ValueError) as e:  # a shard file missing, or not fitting the manifest (named in e)
+            raise StoreError(f"{self.root}: {e}") from None
         return out
