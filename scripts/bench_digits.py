@@ -183,7 +183,7 @@ def repo_relative(settings: dict) -> dict:
     def rel(path):
         return os.path.relpath(path, ROOT) if path and Path(path).resolve().is_relative_to(ROOT) else path
 
-    return {**settings, "teacher": rel(settings["teacher"]), "store": rel(settings["store"]),
+    return {**settings, "teacher": rel(settings["teacher"]), "store": rel(settings.get("store")),
             "students": {name: rel(path) for name, path in settings["students"].items()}}
 
 
@@ -313,12 +313,16 @@ def main() -> None:
     parser.add_argument("--train-only", action="store_true", help="train the students, evaluate nothing")
     parser.add_argument("--noise-correction", action="store_true",
                         help="also evaluate every student (and the undistilled teacher) with noise correction")
+    parser.add_argument("--refresh-teacher-rows", action="store_true",
+                        help="re-evaluate only the teacher rows and floors of the committed report --name, keep the rest")
     parser.add_argument("--results", default="docs/results", help="where the report goes")
     parser.add_argument("--name", default="digits-benchmark",
                         help="report file stem and README section (<!-- NAME:start --> ... <!-- NAME:end -->)")
     args = parser.parse_args()
 
     work = (ROOT / args.work).resolve()
+    if args.refresh_teacher_rows:
+        return refresh_teacher_rows(args.results, args.name, work)
     store = work / "store"
     start = time.time()
     run([sys.executable, "scripts/precompute_trajectories.py", "-c", "configs/digits/trajectories.yaml",
@@ -356,17 +360,43 @@ def main() -> None:
             floors = report["noise_floor"]
     settings = {**repo_relative(report["settings"]), "max_steps": args.max_steps, "num_trajectories": args.num_trajectories,
                 "seeds": args.seeds, "invocation_seconds": time.time() - start}  # finished runs are reused
+    write_report(rows, floors, settings, args.results, args.name)
+
+
+def refresh_teacher_rows(results: str, name: str, work: Path) -> None:
+    """Re-evaluate only the teacher rows (the K-step teacher, the undistilled teacher at each S) and the noise
+    floors of a committed report with today's evaluator, on the same evaluation set (seed and size), and rewrite
+    the report. The student rows are kept: their samples, the teacher's samples they are compared with and the
+    metrics are unchanged by what a refresh is for (the undistilled rows' timesteps, the teacher floor)."""
+    from ard.evaluate import evaluate
+
+    stem = name.replace("-", "_")
+    old = json.loads((ROOT / results / f"{stem}.json").read_text())
+    settings = old["settings"]
+    steps = sorted({r["steps"] for r in old["runs"]} - {settings["teacher_steps"]})
+    out = work / "eval" / f"{stem}-teacher"
+    evaluate(undistilled_steps=steps, num_samples=settings["num_samples"], seed=settings["seed"],
+             teacher_steps=settings["teacher_steps"], guidance_scale=settings["guidance_scale"],
+             out=str(out), cache_dir=str(work / "cache"), wandb=False)
+    report = json.loads((out / "report.json").read_text())
+    rows = report["rows"] + [r for r in old["runs"] if not r["model"].startswith("teacher")]
+    write_report(rows, report["noise_floor"], {**repo_relative(old["settings"]), "teacher_rows_refreshed": True},
+                 results, name)
+
+
+def write_report(rows: list[dict], floors: dict, settings: dict, results: str, name: str) -> None:
+    """Aggregate, judge, and write <results>/<stem>.{json,md,png}, <stem>_exposure.png and the README section."""
     agg = aggregate(rows)
     checks = verdict(agg, settings["teacher_steps"])
-    results = ROOT / args.results
-    stem = args.name.replace("-", "_")
+    results = ROOT / results
+    stem = name.replace("-", "_")
     table = markdown(agg, checks, floors, settings)
     write_text_atomic(results / f"{stem}.json", json.dumps(
         {"settings": settings, "noise_floor": floors, "aggregated": agg, "verdict": checks, "runs": rows}, indent=1))
     write_text_atomic(results / f"{stem}.md", table)
     plot(agg, floors, results / f"{stem}.png", settings["teacher_steps"])
     plot_exposure(agg, results / f"{stem}_exposure.png")
-    update_readme(table, args.name)
+    update_readme(table, name)
     print(json.dumps({"aggregated": agg, "verdict": checks}, indent=1))
 
 
