@@ -46,7 +46,8 @@ def load_checkpoint(path: str | Path) -> ARDDistillation:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    module = ARDDistillation.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    # init_student=None: the weights come from the checkpoint, not from the directory the run started from
+    module = ARDDistillation.load_from_checkpoint(path, map_location="cpu", weights_only=True, init_student=None)
     if module.timesteps is None:
         raise ValueError(f"{path}: no boundary timesteps in the checkpoint (not written by fitting ARDDistillation)")
     return module.eval()

@@ -351,7 +351,7 @@ class ARDDistillation(L.LightningModule):
         return logits.mean()
 
     def _optimiser_step(self, optimizer, loss: torch.Tensor) -> None:
-        optimizer.zero_grad()
+        self.zero_grad()  # every parameter's: the step sees exactly the gradients of this backward
         self.manual_backward(loss)
         if self.hparams.gan_grad_clip is not None:
             self.clip_gradients(optimizer, gradient_clip_val=self.hparams.gan_grad_clip, gradient_clip_algorithm="norm")
