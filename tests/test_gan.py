@@ -21,23 +21,11 @@ from ard.modules.distill import ARDDistillation, load_exported
 from ard.student.gan import (HingeLoss, NonSaturatingLoss, TeacherDiscriminator, adaptive_weight, diff_augment,
                              draw_generator, draw_timesteps)
 from ard.teacher import load_teacher
-from test_distill import TRAIN, VAL, args_for, crash_args, flatten
-from test_store import precompute, tiny_teacher
+from test_distill import VAL, args_for, crash_args, flatten, store, teacher_dir  # noqa: F401 (fixtures)
+from test_store import tiny_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 S = 4
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    return tiny_teacher(tmp_path_factory.mktemp("teacher") / "digits", num_layers=2)
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory, teacher_dir):
-    path = tmp_path_factory.mktemp("store") / "store"
-    precompute(teacher_dir, path, n=TRAIN + VAL, shard_size=32)
-    return path
 
 
 def gan_args(root, teacher_dir, store, *extra):
@@ -319,3 +307,32 @@ def test_imagenet_gan_preset_builds_on_a_tiny_random_dit(tmp_path, capsys):
     assert logits.shape == (8, 7 * 16)  # 7 heads x 16 tokens (8x8 latents, patch 2)
     optimisers = module.configure_optimizers()
     assert [o.param_groups[0]["lr"] for o in optimisers] == [kwargs["lr"], kwargs["gan_lr"]]
+
+
+def test_encode_real_latents_from_an_image_folder(tmp_path):
+    """An image folder (class subfolders, any sizes and modes) -> centre-cropped, VAE-encoded real latents."""
+    import sys
+
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import encode_real_latents
+    finally:
+        sys.path.pop(0)
+    torch.manual_seed(0)
+    AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                  block_out_channels=(4,) * 4, layers_per_block=1, latent_channels=4, norm_num_groups=2,
+                  sample_size=256).save_pretrained(tmp_path / "vae")  # 3 downsamplings: 256 -> 32, as sd-vae-ft-ema
+    rng = np.random.default_rng(0)
+    for name, size, mode in (("b/1.png", (300, 260), "RGB"), ("a/2.JPEG", (256, 600), "RGB"), ("b/3.png", (520, 512), "L")):
+        (tmp_path / "images" / name).parent.mkdir(parents=True, exist_ok=True)
+        shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(tmp_path / "images" / name)
+    encode_real_latents.main(["--images", str(tmp_path / "images"), "--vae", str(tmp_path / "vae"),
+                              "--out", str(tmp_path / "latents"), "--batch-size", "2", "--device", "cpu"])
+    real = RealSamples(str(tmp_path / "latents"))
+    assert real.shape == (4, 32, 32) and real.images.dtype == np.float16
+    assert real.labels.tolist() == [0, 1, 1]  # class = sorted subfolder ("a", "b")
+    assert np.isfinite(real.images).all() and float(np.abs(real.images).max()) > 0
