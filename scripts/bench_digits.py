@@ -80,7 +80,8 @@ def fit(work: Path, store: Path, variant: str, steps: int, seed: int, max_steps:
         start = time.time()
         stage = [f"--trainer.max_steps={max_steps}", "--trainer.logger=false"]
         if variant in GAN_VARIANTS:
-            csv = '{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "%s", "name": "csv"}}'
+            csv = ('{"class_path": "lightning.pytorch.loggers.CSVLogger", '
+                   '"init_args": {"save_dir": "%s", "name": "csv"}}')
             adversarial = GAN_VARIANTS[variant][1]
             stage = ["-c", "configs/digits/ard_gan.yaml", f"--model.init_args.init_student={init}",
                      f"--model.init_args.gan_seed={seed}", f"--trainer.logger={csv % run_dir}",
@@ -265,11 +266,13 @@ def main() -> None:
         students = list(pool.map(lambda j: fit(work, store, *j, args.max_steps, 1), jobs))
         regression = dict(zip(jobs, students))
         gan_jobs = [(v, s, seed) for s in args.steps for v in args.gan_variants for seed in args.seeds]
-        missing = sorted({GAN_VARIANTS[v][0] for v, s, seed in gan_jobs if (GAN_VARIANTS[v][0], s, seed) not in regression})
+        missing = sorted({GAN_VARIANTS[v][0] for v, s, seed in gan_jobs
+                          if (GAN_VARIANTS[v][0], s, seed) not in regression})
         if missing:
             raise SystemExit(f"--gan-variants need the regression variants {missing} in --variants")
-        students += list(pool.map(lambda j: fit(work, store, *j, args.gan_steps, 1, regression[(GAN_VARIANTS[j[0]][0], *j[1:])],
-                                                tuple(args.gan_args)), gan_jobs))
+        students += list(pool.map(lambda j: fit(work, store, *j, args.gan_steps, 1,
+                                                regression[(GAN_VARIANTS[j[0]][0], *j[1:])], tuple(args.gan_args)),
+                                  gan_jobs))
         jobs += gan_jobs
 
     from ard.evaluate import evaluate

@@ -26,7 +26,8 @@ EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 def list_images(root: Path) -> tuple[list[Path], list[int]]:
     classes = sorted(d for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
-    files = [(f, label) for label, d in enumerate(classes) for f in sorted(d.iterdir()) if f.suffix.lower() in EXTENSIONS]
+    files = [(f, label) for label, d in enumerate(classes) for f in sorted(d.iterdir())
+             if f.suffix.lower() in EXTENSIONS]
     if not files:
         raise FileNotFoundError(f"{root}: no class subfolders with {'/'.join(EXTENSIONS)} images")
     return [f for f, _ in files], [label for _, label in files]
@@ -51,7 +52,8 @@ def main(argv: list[str] | None = None) -> None:
         latents = None
         for start in tqdm(range(0, len(files), args.batch_size), desc="encode", unit="batch"):
             chunk = np.stack([center_crop(Image.open(f), args.size) for f in files[start: start + args.batch_size]])
-            images = torch.from_numpy(chunk).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(args.device)  # (b, 3, H, W)
+            images = torch.from_numpy(chunk).permute(0, 3, 1, 2).to(args.device)  # (b, 3, H, W) uint8
+            images = images.float() / 127.5 - 1  # (b, 3, H, W) in [-1, 1]
             g = torch.Generator(args.device).manual_seed(args.seed * 1_000_003 + start)
             z = encode_images(vae, images, args.scale, g).cpu().numpy()  # (b, C, h, w)
             if latents is None:  # memory-mapped: ImageNet's 1.28M latents do not need to fit in memory

@@ -21,7 +21,7 @@ from ard.modules.distill import ARDDistillation, load_exported
 from ard.student.gan import (HingeLoss, NonSaturatingLoss, TeacherDiscriminator, adaptive_weight, diff_augment,
                              draw_generator, draw_timesteps)
 from ard.teacher import load_teacher
-from test_distill import VAL, args_for, crash_args, flatten, store, teacher_dir  # noqa: F401 (fixtures)
+from test_distill import VAL, ard_subprocess, args_for, crash_args, flatten, store, teacher_dir  # noqa: F401
 from test_store import tiny_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +53,8 @@ def test_losses_on_known_logits():
     assert hinge.discriminator(real, fake).tolist() == [(0 + 0.5) / 2 + (0 + 1.5) / 2]
     assert hinge.generator(fake).tolist() == [0.75]
     sp = lambda v: math.log1p(math.exp(v))  # noqa: E731 (softplus)
-    torch.testing.assert_close(ns.discriminator(real, fake), torch.tensor([(sp(-2) + sp(-0.5)) / 2 + (sp(-2) + sp(0.5)) / 2]))
+    torch.testing.assert_close(ns.discriminator(real, fake),
+                               torch.tensor([(sp(-2) + sp(-0.5)) / 2 + (sp(-2) + sp(0.5)) / 2]))
     torch.testing.assert_close(ns.generator(fake), torch.tensor([(sp(2) + sp(-0.5)) / 2]))
     assert hinge.discriminator(real.repeat(3, 1), fake.repeat(3, 1)).shape == (3,)  # unreduced: one per sample
 
@@ -124,12 +125,12 @@ class GradRecorder(L.Callback):
         self.steps.append((index, {n for n, p in pl_module.named_parameters() if p.grad is not None}))
 
 
-def test_only_the_heads_learn_in_the_discriminator_step_and_the_teacher_stays_frozen(teacher_dir, store):
+def test_only_the_heads_learn_in_the_discriminator_step_and_the_teacher_stays_frozen(tmp_path, teacher_dir, store):
     module = module_for(teacher_dir, gan_fake="rollout", gan_renoise="same")
     recorder = GradRecorder()
-    trainer = L.Trainer(accelerator="cpu", max_steps=8, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        callbacks=[recorder])
+    trainer = L.Trainer(accelerator="cpu", max_steps=8, default_root_dir=tmp_path, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, callbacks=[recorder])
     trainer.fit(module, TrajectoryDataModule(str(store), S, batch_size=16, val_count=VAL))
     assert trainer.global_step == 8 and len(recorder.steps) == 8  # 4 iterations, 2 optimiser steps each
     heads = {n for n, _ in module.named_parameters() if n.startswith("discriminator.")}
@@ -185,7 +186,8 @@ def test_gan_during_warmup_equals_regression_only_training(tmp_path, teacher_dir
     for step in range(6):
         assert {k: v for k, v in gan[step].items() if k.startswith("train/")} == reg[step], step
         assert gan[step]["gan/weight"] == 0 and "gan/d_loss" in gan[step]
-    files = [load_file(str(root / "student_ema" / "diffusion_pytorch_model.safetensors")) for root in (tmp_path, regression)]
+    files = [load_file(str(root / "student_ema" / "diffusion_pytorch_model.safetensors"))
+             for root in (tmp_path, regression)]
     assert files[0].keys() == files[1].keys()
     for name in files[1]:
         assert torch.equal(files[0][name], files[1][name]), name  # the EMA students
@@ -247,6 +249,21 @@ def test_gan_crash_then_resume_gives_the_same_losses(tmp_path, teacher_dir, stor
             assert torch.equal(final[key][name], value), (key, name)
 
 
+@pytest.mark.slow
+def test_gan_under_ddp_two_processes(tmp_path, teacher_dir, store):
+    """2 gloo processes with the ImageNet preset's strategy (each backward reaches one optimiser's parameters
+    only) run 4 GAN iterations, with the GAN weight on from the second, to the end."""
+    proc = ard_subprocess(*gan_args(
+        tmp_path, teacher_dir, store, "--trainer.max_steps=8", "--model.init_args.gan_warmup=1",
+        "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp_find_unused_parameters_true",
+        "--data.init_args.batch_size=8", "--model.init_args.samples_per_class=0", "--trainer.limit_val_batches=0"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 8 and len(ckpt["optimizer_states"]) == 2
+    rows = logged(tmp_path)
+    assert all(rows[step]["gan/weight"] > 0 for step in range(1, 4))
+
+
 def test_init_student_of_other_settings_fails_in_one_line(tmp_path, teacher_dir, store, regression, capsys):
     with pytest.raises(SystemExit):
         ard_main(gan_args(tmp_path, teacher_dir, store, "--model.init_args.history_blocks=0",
@@ -278,7 +295,8 @@ def test_digits_gan_presets_resolve(capsys):
     gan = print_config(capsys, "digits/ard.yaml", "digits/ard_gan.yaml")
     base = print_config(capsys, "digits/ard.yaml", "digits/ard_gan.yaml", "digits/baseline_gan.yaml")
     assert gan["model.init_args.gan_weight"] == 10.0 and gan["trainer.gradient_clip_val"] is None
-    assert gan["model.init_args.init_student"] == "runs/digits/ard/student_ema" and ard["model.init_args.gan_weight"] == 0
+    assert gan["model.init_args.init_student"] == "runs/digits/ard/student_ema"
+    assert ard["model.init_args.gan_weight"] == 0
     assert {k for k in gan if gan[k] != base[k]} == {"model.init_args.history_blocks", "model.init_args.init_student",
                                                       "trainer.default_root_dir", "trainer.logger.init_args.name"}
     assert base["model.init_args.init_student"] == "runs/digits/baseline/student_ema"
@@ -326,7 +344,8 @@ def test_encode_real_latents_from_an_image_folder(tmp_path):
                   block_out_channels=(4,) * 4, layers_per_block=1, latent_channels=4, norm_num_groups=2,
                   sample_size=256).save_pretrained(tmp_path / "vae")  # 3 downsamplings: 256 -> 32, as sd-vae-ft-ema
     rng = np.random.default_rng(0)
-    for name, size, mode in (("b/1.png", (300, 260), "RGB"), ("a/2.JPEG", (256, 600), "RGB"), ("b/3.png", (520, 512), "L")):
+    for name, size, mode in (("b/1.png", (300, 260), "RGB"), ("a/2.JPEG", (256, 600), "RGB"),
+                             ("b/3.png", (520, 512), "L")):
         (tmp_path / "images" / name).parent.mkdir(parents=True, exist_ok=True)
         shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
         Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(tmp_path / "images" / name)

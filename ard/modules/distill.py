@@ -269,9 +269,10 @@ class ARDDistillation(L.LightningModule):
             if source is None:
                 continue
             real = RealSamples(source, field)
-            if real.shape != self.state_shape or not 0 <= int(real.labels.min()) <= int(real.labels.max()) < self.num_classes:
+            low, high = int(real.labels.min()), int(real.labels.max())
+            if real.shape != self.state_shape or not 0 <= low <= high < self.num_classes:
                 raise ValueError(f"model.{field}={source}: {len(real)} samples of shape {list(real.shape)} with labels "
-                                 f"{int(real.labels.min())}..{int(real.labels.max())}; the student needs shape "
+                                 f"{low}..{high}; the student needs shape "
                                  f"{list(self.state_shape)} and labels in [0, {self.num_classes})")
             self.real[part] = real
 
