@@ -1,5 +1,5 @@
 """A short ARD + GAN pilot on digits (one S, one seed): which re-noising and which fake to make the defaults, and
-whether the discriminator memorises the 1437 training digits. Not the benchmark (scripts/bench_digits.py
+whether the discriminator memorises the 1438 training digits. Not the benchmark (scripts/bench_digits.py
 --gan-variants runs that: S = 2 and 4, 3 seeds).
 
     python scripts/pilot_gan.py [--steps 2] [--reg-steps 300] [--gan-steps 250] [--warmup 50] [--workers 2]

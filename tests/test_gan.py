@@ -156,9 +156,9 @@ def test_discriminator_separates_a_separable_toy_case(teacher_dir):
     losses = []
     for i in range(30):
         g = draw_generator(0, i, 0)
-        real, labels = module.real["train"].draw(32, g)
+        real, labels = module.real["train"].draw(16, g)
         fake = torch.zeros_like(real)
-        t = torch.zeros(32, dtype=torch.long)
+        t = torch.zeros(16, dtype=torch.long)
         loss = module.gan_loss_fn.discriminator(module._logits(real, t, labels, g, grad_features=False),
                                                 module._logits(fake, t, labels, g, grad_features=False)).mean()
         opt.zero_grad()
