@@ -196,6 +196,11 @@ def markdown(agg: list[dict], checks: list[dict], floors: dict, settings: dict) 
                       "-" if v["ratio"] is None
                       else f"{v['ratio']:.2f}" + (" (target met)" if v["meets_target"] else "")]
         lines.append(f"| {c['steps']} | {c['model']} | " + " | ".join(cells) + " |")
+    timed = [r for r in agg if "gan_time_ratio" in r]
+    if timed:
+        lines += ["", "Training time of the second stage relative to the regression stage it starts from (same S and "
+                  "seed; wall time on a shared machine): " + ", ".join(
+                      f"{r['model']} S={r['steps']} {r['gan_time_ratio']:.2f}x" for r in timed) + "."]
     gated = [r for r in agg if "history_gate_max" in r]
     if gated:
         lines += ["", "Closed history start: the largest history gate after training (0 computes exactly the "
