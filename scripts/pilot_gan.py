@@ -9,7 +9,8 @@ whether the discriminator memorises the 1438 training digits. Not the benchmark 
    the comparison), and one GAN stage per knob setting in KNOBS;
 3. one evaluation of all of them (ard.evaluate, the shared held-out noises), the discriminator's health over
    the last --health-window iterations (CSV logs: D loss, mean logits on real, fake and held-out real digits,
-   the adaptive weight) and the training times; written to <results>/gan_pilot.json and printed.
+   the adaptive weight) and the training times; written to <results>/gan_pilot.{json,md}, the README's section
+   between `<!-- gan-pilot:start -->` and `<!-- gan-pilot:end -->`, and printed.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_digits import ROOT, fit, fit_seconds, run  # noqa: E402
+from bench_digits import ROOT, fit, fit_seconds, run, update_readme  # noqa: E402
 
 from ard.atomic import write_text_atomic  # noqa: E402
 
@@ -58,6 +59,26 @@ def health(run_dir: Path, window: int) -> dict[str, float]:
         values = [float(r[key]) for r in rows if r.get(key) and int(r["step"]) > last - window]
         out[key.split("/")[1]] = float(np.mean(values)) if values else None
     return out
+
+
+def markdown(result: dict) -> str:
+    st = result["settings"]
+    lines = [f"S = {st['steps']}, seed {st['seed']}, {st['num_trajectories']} trajectories: the regression ARD student "
+             f"after {st['reg_steps']} iterations (batch 64), then {st['gan_steps']} more iterations (batch 48, lr 1e-4) "
+             f"without the GAN (`ard-continued`) or with it (warm-up {st['warmup']}), one per knob setting; "
+             f"{st['num_samples']} samples each, ± the bootstrap sd. Health: means over the last "
+             f"{st['health_window']} iterations (logits on real training digits, on fakes, on the 359 held-out digits).",
+             "", "| model | FID vs real | FID vs teacher | same-noise MSE | precision | recall | time / iteration "
+             "| D loss | logit real | logit fake | logit held-out | lambda |", "|---" * 12 + "|"]
+    for r in result["rows"]:
+        h = r.get("health", {})
+        cell = [f"{h[k]:.2f}" if h.get(k) is not None else "-" for k in
+                ("d_loss", "logits_real", "logits_fake", "logits_holdout", "weight")]
+        ratio = r.get("seconds_per_iteration_vs_regression")
+        lines.append(f"| {r['model']} | {r['fid']:.2f} ± {r['fid_sd']:.2f} | {r['fid_vs_teacher']:.2f} ± "
+                     f"{r['fid_vs_teacher_sd']:.2f} | {r['mse_vs_teacher']:.4f} | {r['precision']:.3f} | "
+                     f"{r['recall']:.3f} | {'-' if ratio is None else f'{ratio:.2f}x'} | " + " | ".join(cell) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -110,10 +131,13 @@ def main() -> None:
         out_rows.append(row)
     settings = {"steps": s, "seed": seed, "num_trajectories": args.num_trajectories, "reg_steps": args.reg_steps,
                 "gan_steps": args.gan_steps, "warmup": args.warmup, "num_samples": args.num_samples,
-                "gan_preset": "configs/digits/ard_gan.yaml", "threads_per_run": 1, "workers": args.workers,
+                "health_window": args.health_window, "gan_preset": "configs/digits/ard_gan.yaml", "threads_per_run": 1, "workers": args.workers,
                 "load_average_at_end": os.getloadavg(), "invocation_seconds": time.time() - start}
     result = {"settings": settings, "rows": out_rows}
     write_text_atomic(ROOT / args.results / "gan_pilot.json", json.dumps(result, indent=1) + "\n")
+    table = markdown(result)
+    write_text_atomic(ROOT / args.results / "gan_pilot.md", table)
+    update_readme(table, "gan-pilot")
     print(json.dumps(result, indent=1))
 
 
