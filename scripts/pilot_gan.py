@@ -40,6 +40,8 @@ KNOBS: dict[str, list[str]] = {
                                  "--model.init_args.gan_noise_levels=high"],
     "rollout-independent-uniform": ["--model.init_args.gan_fake=rollout", "--model.init_args.gan_renoise=independent",
                                     "--model.init_args.gan_noise_levels=uniform"],
+    "weight1-independent-uniform": ["--model.init_args.gan_weight=1", "--model.init_args.gan_renoise=independent",
+                                    "--model.init_args.gan_noise_levels=uniform"],
     "augment-independent-uniform": ["--model.init_args.gan_augment=translation_cutout",
                                     "--model.init_args.gan_renoise=independent",
                                     "--model.init_args.gan_noise_levels=uniform"],
