@@ -68,8 +68,11 @@ def markdown(result: dict) -> str:
     lines = [f"S = {st['steps']}, seed {st['seed']}, {st['num_trajectories']} trajectories: the regression ARD student "
              f"after {st['reg_steps']} iterations (batch 64), then {st['gan_steps']} more iterations (batch 48, lr 1e-4) "
              f"without the GAN (`ard-continued`) or with it (warm-up {st['warmup']}), one per knob setting; "
-             f"{st['num_samples']} samples each, ± the bootstrap sd. Health: means over the last "
-             f"{st['health_window']} iterations (logits on real training digits, on fakes, on the 359 held-out digits).",
+             f"{st['num_samples']} samples each, ± the bootstrap sd. Every student is its run's EMA (decay 0.999, as "
+             "the preset): in runs this short it stays close to where the run started (0.999^120 = 0.89), so the "
+             "differences are damped. Health: means over the last "
+             f"{st['health_window']} iterations (logits on real training digits, on fakes, on the 359 held-out digits). "
+             "Time: seconds per iteration over the regression stage's, wall time on a machine shared with other jobs.",
              "", "| model | FID vs real | FID vs teacher | same-noise MSE | precision | recall | time / iteration "
              "| D loss | logit real | logit fake | logit held-out | lambda |", "|---" * 12 + "|"]
     for r in result["rows"]:
