@@ -132,7 +132,8 @@ class ARDDistillation(L.LightningModule):
                 forward, or the final sample of the student's own S-step rollout from the trajectory's noise
                 (KV cache; gradient through the last step only, see `ard.student.gan.rollout_final`).
             gan_renoise: real and fake before the teacher sees them: "none" (clean, t = 0), or re-noised to random
-                timesteps, the "same" for each real/fake pair or "independent" ones.
+                timesteps, the "same" for each real/fake pair or "independent" ones (the default, with uniform
+                levels: the best FID against real digits in the pilot, docs/results/gan_pilot.json).
             gan_noise_levels: distribution of those timesteps: "uniform" (DMD2) or "high" (LADD's logit-normal).
             gan_augment: differentiable augmentation of real and fake against memorisation ("translation_cutout":
                 DiffAugment).
