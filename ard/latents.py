@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 LATENT_SCALE = 0.18215  # Stable Diffusion VAE latent scale used by DiT
@@ -32,3 +33,25 @@ def decode_latents(vae, latents: torch.Tensor, scale: float = LATENT_SCALE, batc
     images = [vae.decode(chunk.to(dtype) / scale).sample.float().clamp(-1, 1)  # (b, 3, H, W)
               for chunk in latents.split(batch_size)]
     return torch.cat(images)  # (n, 3, H, W)
+
+
+def center_crop(image, size: int = 256) -> np.ndarray:
+    """ADM's / DiT's `center_crop_arr`: a PIL image -> RGB uint8 (size, size, 3), the short side resized to
+    `size` (box-halved while at least twice as large, then bicubic) and the centre cropped."""
+    from PIL import Image
+
+    while min(*image.size) >= 2 * size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = size / min(*image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    arr = np.array(image.convert("RGB"))  # (H', W', 3)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top: top + size, left: left + size]  # (size, size, 3)
+
+
+@torch.no_grad()
+def encode_images(vae, images: torch.Tensor, scale: float = LATENT_SCALE, generator: torch.Generator | None = None):
+    """Images (n, 3, H, W) in [-1, 1] -> latents scale * z (n, C, h, w), z drawn from the VAE's posterior
+    (DiT's train.py: `vae.encode(x).latent_dist.sample().mul_(0.18215)`)."""
+    dtype = next(vae.parameters()).dtype
+    return vae.encode(images.to(dtype)).latent_dist.sample(generator).float() * scale

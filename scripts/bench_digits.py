@@ -6,7 +6,9 @@ knob settings, each over several training seeds, all evaluated on one shared eva
 Runs (resumable: a finished run is skipped when the command is re-run):
   1. the training store: `scripts/precompute_trajectories.py` (K = 24 DDIM, CFG 2, every grid state);
   2. one `ard fit` per (variant, S, seed), `--workers` at a time with one thread each (the seed sets the
-     data order and every random draw; the student always starts from the teacher's weights);
+     data order and every random draw; the student starts from the teacher's weights, a GAN variant from
+     the same-seed regression student of the same S, fine-tuned `--gan-steps` iterations with
+     configs/digits/ard_gan.yaml; each run's training time is kept in <run>/train_seconds.json);
   3. `ard.evaluate.evaluate` per S over every student of that S, plus the teacher at K steps and the
      undistilled teacher at S steps (same noises and labels: a held-out seed);
      (skipped when `<work>/eval/S<s>/report.json` already holds the same students and settings);
@@ -61,6 +63,15 @@ RECIPES: dict[str, list[str]] = {
 # A variant is a model, optionally followed by "+" and a recipe: "ard-N2+rollout".
 VARIANTS: dict[str, list[str]] = {m + ("+" + r if r else ""): MODELS[m] + RECIPES[r] for m in MODELS for r in RECIPES}
 NC = " [nc]"  # name suffix of a student's rows sampled with noise correction (ARDStudent.step)
+# ARD + GAN (sec. 4): name -> (the regression variant whose student of the same S and seed it fine-tunes with
+# configs/digits/ard_gan.yaml, with the GAN or not); "-continued": that student trained equally long (same batch
+# and lr) without the GAN, the comparison the GAN stage must beat
+GAN_VARIANTS: dict[str, tuple[str, bool]] = {
+    "baseline-gan": ("baseline", True),
+    "ard-gan": ("ard", True),
+    "baseline-continued": ("baseline", False),
+    "ard-continued": ("ard", False),
+}
 METRICS = ("fid", "fid_vs_teacher", "mse_vs_teacher", "is", "precision", "recall", "sec_per_image")
 SENSITIVITY = 5.0  # the baseline's degradation must be at least this many bootstrap sds
 TARGET_RATIO = 0.2  # the paper: ARD degrades at most 1/5 as much as the baseline
@@ -75,16 +86,30 @@ def run(cmd: list[str], log: Path, threads: int) -> None:
         raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}); see {log}")
 
 
-def fit(work: Path, store: Path, variant: str, steps: int, seed: int, max_steps: int, threads: int) -> Path:
+def fit(work: Path, store: Path, variant: str, steps: int, seed: int, max_steps: int, threads: int,
+        init: Path | None = None, gan_args: tuple[str, ...] = ()) -> Path:
+    """Train one student (resumable), max_steps iterations. A GAN variant starts from `init` (an exported
+    student) with configs/digits/ard_gan.yaml and `gan_args`, and logs the discriminator's health to CSV."""
     run_dir = work / "runs" / f"{variant}-S{steps}-seed{seed}"
     if not (run_dir / "student_ema" / "ard_sampling.json").exists():
         start = time.time()
-        run([sys.executable, "-m", "ard.cli", "fit", "-c", "configs/digits/ard.yaml",
+        stage = [f"--trainer.max_steps={max_steps}", "--trainer.logger=false"]
+        if variant in GAN_VARIANTS:
+            csv = ('{"class_path": "lightning.pytorch.loggers.CSVLogger", '
+                   '"init_args": {"save_dir": "%s", "name": "csv"}}')
+            adversarial = GAN_VARIANTS[variant][1]
+            stage = ["-c", "configs/digits/ard_gan.yaml", f"--model.init_args.init_student={init}",
+                     f"--model.init_args.gan_seed={seed}", f"--trainer.logger={csv % run_dir}",
+                     "--trainer.log_every_n_steps=10", *gan_args,
+                     *([f"--trainer.max_steps={2 * max_steps}"] if adversarial else  # 2 optimiser steps each
+                       [f"--trainer.max_steps={max_steps}", "--model.init_args.gan_weight=0",
+                        "--trainer.gradient_clip_val=1.0"])]
+        run([sys.executable, "-m", "ard.cli", "fit", "-c", "configs/digits/ard.yaml", *stage,
              f"--data.init_args.path={store}", f"--data.init_args.student_steps={steps}",
              f"--model.init_args.num_steps={steps}", f"--seed_everything={seed}", f"--data.init_args.seed={seed}",
-             f"--trainer.default_root_dir={run_dir}", f"--trainer.max_steps={max_steps}",
-             f"--trainer.val_check_interval={max_steps}", "--trainer.logger=false",
-             "--trainer.enable_progress_bar=false", *VARIANTS[variant]], run_dir.with_suffix(".log"), threads)
+             f"--trainer.default_root_dir={run_dir}", f"--trainer.val_check_interval={max_steps}",
+             "--trainer.enable_progress_bar=false", *VARIANTS[GAN_VARIANTS.get(variant, (variant,))[0]]],
+            run_dir.with_suffix(".log"), threads)
         seconds = time.time() - start
         write_text_atomic(run_dir / "train_seconds.json", json.dumps({"seconds": seconds, "threads": threads}))
         print(f"trained {run_dir.name} in {seconds:.0f} s", flush=True)
@@ -135,6 +160,9 @@ def aggregate(rows: list[dict]) -> list[dict]:
             row[m], row[m + "_spread"] = float(values.mean()), float(values.std(ddof=1)) if len(rs) > 1 else 0.0
         for m in ("fid", "fid_vs_teacher"):  # the bootstrap sd of one run's FID, averaged over the seeds
             row[m + "_bootstrap_sd"] = float(np.mean([r[m + "_sd"] for r in rs]))
+        ratios = [r["gan_time_ratio"] for r in rs if r.get("gan_time_ratio") is not None]
+        if ratios:  # the GAN stage's training time over its regression stage's (same S and seed)
+            row["gan_time_ratio"] = float(np.mean(ratios))
         gates = [r["history_gate"] for r in rs if r.get("history_gate") is not None]
         if gates:
             row["history_gate_max"] = max(gates)
@@ -237,6 +265,11 @@ def markdown(agg: list[dict], checks: list[dict], floors: dict, settings: dict) 
             lines.append(f"| {r['steps']} | {r['model']} | {' / '.join(f'{v:.4f}' for v in fed)} | "
                          f"{' / '.join(f'{v:.4f}' for v in own)} | {own[-1] / fed[-1]:.2f} | "
                          f"{'-' if cost is None else f'{cost:.2f}x'} |")
+    timed = [r for r in agg if "gan_time_ratio" in r]
+    if timed:
+        lines += ["", "Training time of the second stage relative to the regression stage it starts from (same S and "
+                  "seed; wall time on a shared machine): " + ", ".join(
+                      f"{r['model']} S={r['steps']} {r['gan_time_ratio']:.2f}x" for r in timed) + "."]
     gated = [r for r in agg if "history_gate_max" in r]
     if gated:
         lines += ["", "Closed history start: the largest history gate after training (0 computes exactly the "
@@ -305,6 +338,10 @@ def main() -> None:
     parser.add_argument("--knob-variants", nargs="*", default=[], choices=list(VARIANTS),
                         help="extra variants trained at --knob-steps only")
     parser.add_argument("--knob-steps", type=int, default=2)
+    parser.add_argument("--gan-variants", nargs="*", default=[], choices=list(GAN_VARIANTS),
+                        help="GAN stages (and their continued-regression comparisons) at every --steps")
+    parser.add_argument("--gan-steps", type=int, default=600, help="iterations of each GAN stage")
+    parser.add_argument("--gan-args", nargs="*", default=[], help="extra overrides of every GAN stage")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--num-trajectories", type=int, default=8192)
     parser.add_argument("--max-steps", type=int, default=600, help="training iterations per student")
@@ -331,6 +368,16 @@ def main() -> None:
     jobs += [(v, args.knob_steps, seed) for v in args.knob_variants for seed in args.seeds]
     with ThreadPoolExecutor(args.workers) as pool:
         students = list(pool.map(lambda j: fit(work, store, *j, args.max_steps, 1), jobs))
+        regression = dict(zip(jobs, students))
+        gan_jobs = [(v, s, seed) for s in args.steps for v in args.gan_variants for seed in args.seeds]
+        missing = sorted({GAN_VARIANTS[v][0] for v, s, seed in gan_jobs
+                          if (GAN_VARIANTS[v][0], s, seed) not in regression})
+        if missing:
+            raise SystemExit(f"--gan-variants need the regression variants {missing} in --variants")
+        students += list(pool.map(lambda j: fit(work, store, *j, args.gan_steps, 1,
+                                                regression[(GAN_VARIANTS[j[0]][0], *j[1:])], tuple(args.gan_args)),
+                                  gan_jobs))
+        jobs += gan_jobs
     if args.train_only:
         return
 
@@ -351,6 +398,11 @@ def main() -> None:
                 if r["model"] in named:
                     r["history_gate"] = history_gate(Path(named[r["model"]]))
                     r["train_seconds"] = train_seconds(Path(named[r["model"]]))
+                    variant, seed = r["model"].removesuffix(NC).rsplit("-seed", 1)[0], r["model"].rsplit("-seed", 1)[1]
+                    if variant in GAN_VARIANTS:  # the second stage's time against the regression stage it starts from
+                        reg = named.get(f"{GAN_VARIANTS[variant][0]}{NC if nc else ''}-seed{seed}")
+                        seconds = r["train_seconds"], reg and train_seconds(Path(reg))
+                        r["gan_time_ratio"] = seconds[0] / seconds[1] if all(seconds) else None
                     if not nc:
                         r["exposure"] = exposure(Path(named[r["model"]]), store, s)
                 elif r["model"].startswith("teacher") and nc:

@@ -51,6 +51,7 @@ def load_checkpoint(path: str | Path) -> ARDDistillation:
         raise ValueError(f"{path}: no boundary timesteps or state_dict in the checkpoint (not written by fitting "
                          "ARDDistillation)")
     hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
+    hparams["init_student"] = None  # the weights come from the checkpoint, not from the directory the run started from
     try:
         module = ARDDistillation(**hparams)
         module.load_state_dict(checkpoint["state_dict"])

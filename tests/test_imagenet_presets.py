@@ -24,6 +24,7 @@ PRINTED = {  # every preset, with the command that resolves it
     "trajectories.yaml": ["predict", "-c", "trajectories.yaml"],
     "ard.yaml": ["fit", "-c", "ard.yaml"],
     "baseline.yaml": ["fit", "-c", "ard.yaml", "-c", "baseline.yaml"],
+    "ard_gan.yaml": ["fit", "-c", "ard.yaml", "-c", "ard_gan.yaml"],
     "eval.yaml": ["--config", "eval.yaml"],
 }
 

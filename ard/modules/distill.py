@@ -19,11 +19,17 @@ exposure bias adds, ard.metrics.exposure) and the sample grid, both made with th
 kept in every checkpoint so a checkpoint can be sampled without the store; the standalone EMA student
 (`<default_root_dir>/student_ema/`, see `export_student`) written when fitting ends.
 
-For the GAN stage (ARD sec. 4): `frozen_teacher()` returns the frozen teacher (loaded on first use,
-not a registered submodule, so it is neither trained, averaged, checkpointed nor wrapped by DDP), and
-`self.student(..., return_features=True)` returns the student's own block features. A second optimiser
-goes into `configure_optimizers` with `automatic_optimization = False` (then clip gradients with
-`self.clip_gradients`, as the trainer's `gradient_clip_val` only applies to automatic optimisation).
+ARD + GAN (ARD sec. 4; `ard fit -c configs/digits/ard.yaml -c configs/digits/ard_gan.yaml`): with
+`gan_weight` > 0 a discriminator (`ard.student.gan`: trainable heads on the tokens of `frozen_teacher()`, which
+is loaded on first use and is not a submodule, so it is neither trained, averaged, checkpointed nor wrapped by
+DDP) is trained against real samples (`ard.data.real`), and `gan_step` runs after the regression loss:
+manual optimisation, a student step on L_reg + lambda L_gan then a discriminator step, gradients clipped by
+`gan_grad_clip` (the trainer's `gradient_clip_val` must be null). Lightning's `global_step` then counts both
+optimisers' steps (2 per iteration: `max_steps`, ModelCheckpoint's `every_n_train_steps` count those), the
+warm-up counts iterations. DDP needs `strategy: ddp_find_unused_parameters_true` (each backward reaches only
+one optimiser's parameters). The discriminator's heads are in the checkpoint (and, as the EMA callback averages
+the whole module, in its average, which is never used: resuming restores the raw heads); the exported student
+is the student alone. With `gan_weight` 0 (the default) none of this exists: the regression training as before.
 """
 from __future__ import annotations
 
@@ -39,9 +45,14 @@ import torch
 from ard.atomic import atomic_directory
 from ard.checks import check_finite_weights, check_timesteps, stop_on_non_finite
 from ard.diffusion import ddim_grid, recorded_solver
+from ard.data.real import RealSamples
 from ard.metrics.exposure import exposure_errors
 from ard.student import ARDStudent, HeadKind, HistoryStart, MaskKind, OutputKind, StepMSELoss, sample
 from ard.student.attention import check_choice
+from ard.student.gan import (GAN_LOSSES, AugmentKind, FakeKind, GanLossKind, NoiseLevels, RenoiseKind,
+                             TeacherDiscriminator, adaptive_weight, diff_augment, draw_generator, draw_timesteps,
+                             renoise, rollout_final, teacher_features)
+from ard.student.model import CONFIG_NAME
 from ard.student.recipe import InputKind, TargetKind, rollout_probability, student_inputs, substep_paths
 from ard.teacher import DIGITS_TEACHER, Numerics, check_teacher, load_teacher, num_classes, teacher_identity
 from ard.viz import image_grid, log_image, save_png
@@ -86,6 +97,20 @@ class ARDDistillation(L.LightningModule):
         vae: str | None = None,
         latent_scale: float = 0.18215,
         gradient_checkpointing: bool = False,
+        init_student: str | None = None,
+        gan_weight: float = 0.0,
+        gan_warmup: int = 3000,
+        gan_loss: GanLossKind = "hinge",
+        gan_blocks: list[int] | None = None,
+        gan_fake: FakeKind = "teacher_forced",
+        gan_renoise: RenoiseKind = "independent",
+        gan_noise_levels: NoiseLevels = "uniform",
+        gan_augment: AugmentKind = "none",
+        gan_real: str = "digits:train",
+        gan_holdout: str | None = "digits:val",
+        gan_lr: float = 1e-3,
+        gan_grad_clip: float | None = 1.0,
+        gan_seed: int = 0,
     ):
         """
         Args:
@@ -129,6 +154,32 @@ class ARDDistillation(L.LightningModule):
             gradient_checkpointing: recompute each transformer block's activations in the backward pass
                 (diffusers' gradient checkpointing): the same loss and gradients in less memory, for one more
                 forward pass of compute.
+            init_student: an exported student directory (`student_ema/`, see `export_student`) to start from
+                instead of the teacher's weights (ARD + GAN's second stage); its settings and boundary
+                timesteps must equal this run's.
+            gan_weight: factor times the adaptive weight of the GAN loss (ARD sec. 4, the re-implementation:
+                10); 0: no discriminator, exactly the regression training (automatic optimisation).
+            gan_warmup: iterations with the GAN weight at 0 while the discriminator learns (paper: 3000).
+            gan_loss: "hinge" (the re-implementation) or "non_saturating" (DMD2).
+            gan_blocks: teacher blocks whose tokens the discriminator heads see; None: all (the re-implementation).
+            gan_fake: what the discriminator sees as fake: the final state of the teacher-forced one-pass
+                forward, or the final sample of the student's own S-step rollout from the trajectory's noise
+                (KV cache; gradient through the last step only, see `ard.student.gan.rollout_final`).
+            gan_renoise: real and fake before the teacher sees them: "none" (clean, t = 0), or re-noised to random
+                timesteps, the "same" for each real/fake pair or "independent" ones (the default, with uniform
+                levels: the best FID against real digits in the pilot, docs/results/gan_pilot.json).
+            gan_noise_levels: distribution of those timesteps: "uniform" (DMD2) or "high" (LADD's logit-normal).
+            gan_augment: differentiable augmentation of real and fake against memorisation ("translation_cutout":
+                DiffAugment).
+            gan_real: real samples in the student's space (`ard.data.real.RealSamples`): "digits:train" or a
+                directory with latents.npy and labels.npy (scripts/encode_real_latents.py).
+            gan_holdout: real samples never shown to the discriminator; their logits are logged to detect
+                memorisation (None: not measured).
+            gan_lr: discriminator AdamW learning rate (the re-implementation: 1e-3; the student's is `lr`).
+            gan_grad_clip: max gradient norm of the student and discriminator steps with the GAN (manual
+                optimisation: the trainer's gradient_clip_val must be null); None: no clipping.
+            gan_seed: seed of the GAN stage's draws (real samples, re-noising, augmentation), combined with the
+                iteration and the rank, so that a resumed run draws exactly the same.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -145,7 +196,6 @@ class ARDDistillation(L.LightningModule):
                             teacher_model.config.sample_size)  # (C, H, W) of one state
         self.num_classes = num_classes(teacher_model)
         self.teacher_identity = teacher_identity(teacher_model)  # checked against the store's in setup
-        del teacher_model
         if samples_per_class and self.state_shape[0] not in (1, 3) and vae is None:
             raise ValueError(f"teacher {teacher}: {self.state_shape[0]}-channel (latent) states need `vae` to "
                              "draw sample grids (or samples_per_class: 0)")
@@ -157,6 +207,21 @@ class ARDDistillation(L.LightningModule):
         if targets == "shifted_reconstruction" and output == "next_state":
             raise ValueError("targets='shifted_reconstruction' needs an x0-prediction: output 'eps' or 'x0'")
         self.loss_fn = StepMSELoss(targets)  # completed with the store's solver in setup
+        self._init_timesteps = self._load_init_student(init_student) if init_student is not None else None
+        # ARD + GAN (sec. 4): trainable heads on the frozen teacher's features; none when gan_weight is 0, so
+        # that the module (state_dict, optimiser, automatic optimisation) is exactly the regression one.
+        for name, kind in (("gan_loss", GanLossKind), ("gan_fake", FakeKind), ("gan_renoise", RenoiseKind),
+                           ("gan_noise_levels", NoiseLevels), ("gan_augment", AugmentKind)):
+            check_choice(name, self.hparams[name], kind)
+        self.discriminator = None
+        if gan_weight:
+            self.discriminator = TeacherDiscriminator(teacher_model.config.num_attention_heads *
+                                                      teacher_model.config.attention_head_dim,
+                                                      len(teacher_model.transformer_blocks), gan_blocks)
+            self.gan_loss_fn = GAN_LOSSES[gan_loss]()
+            self.automatic_optimization = False  # a generator and a discriminator step per batch
+        self.real: dict[str, RealSamples] = {}  # the GAN's real samples, "train" / "holdout" (loaded in setup)
+        del teacher_model
         self.timesteps: list[int] | None = None  # the store's S + 1 boundary timesteps (last = CLEAN)
         # Frozen helpers loaded on first use (frozen_teacher(), the grid's VAE), kept in a plain dict so
         # that they are not submodules: not trained, averaged, checkpointed or wrapped by DDP.
@@ -184,6 +249,7 @@ class ARDDistillation(L.LightningModule):
         self.loss_fn = StepMSELoss(self.targets, solver["guidance_scale"], solver["clip_sample"],
                                    None if paths is None else torch.tensor(paths), self.hparams.srl_shift,
                                    solver["cfg_channels"])
+        self._setup_gan()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         check_finite_weights(checkpoint["state_dict"], f"step {self.global_step}: checkpoint (not written)")
@@ -227,7 +293,8 @@ class ARDDistillation(L.LightningModule):
         self.log("train/rollout_fraction", rollout.float().mean(), on_step=True, on_epoch=False)
         per_step = self.step_losses(batch, inputs)
         stop_on_non_finite(self.trainer, "loss", {f"train/loss_step{s}": v for s, v in enumerate(per_step)})
-        return self._log_losses("train", per_step)
+        loss = self._log_losses("train", per_step)
+        return loss if self.discriminator is None else self.gan_step(batch, loss)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         if getattr(self.trainer.precision_plugin, "scaler", None) is None:  # fp16's scaler skips inf steps itself
@@ -246,7 +313,130 @@ class ARDDistillation(L.LightningModule):
         groups = [{"params": others}]
         if gates:
             groups.append({"params": gates, "lr": hp.history_gate_lr or hp.lr})
-        return torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
+        student = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
+        if self.discriminator is None:
+            return student
+        return [student, torch.optim.AdamW(self.discriminator.parameters(), lr=hp.gan_lr, weight_decay=hp.weight_decay,
+                                           betas=tuple(hp.betas))]
+
+    # ------------------------------------------------------------------ GAN stage (ARD sec. 4)
+    def _load_init_student(self, directory: str) -> list[int]:
+        """Copy an exported student's weights into the student; return its boundary timesteps."""
+        loaded, timesteps = load_exported(directory)
+        ours = self.student.settings()
+        for key, value in loaded.settings().items():
+            if value != ours[key]:
+                raise ValueError(f"{Path(directory) / CONFIG_NAME}: field {key!r} is {value!r} but this run's student "
+                                 f"has {ours[key]!r} (model.init_student must have the same settings)")
+        self.student.load_state_dict(loaded.state_dict())
+        return timesteps
+
+    def _setup_gan(self) -> None:
+        """Check init_student against the store; load the GAN's real samples (one-line errors)."""
+        hp = self.hparams
+        if self._init_timesteps is not None and self._init_timesteps != self.timesteps:
+            raise ValueError(f"{Path(hp.init_student) / SAMPLING_CONFIG}: boundary timesteps {self._init_timesteps} "
+                             f"differ from the store's {self.timesteps}")
+        if self.discriminator is None:
+            return
+        for part, field in (("train", "gan_real"), ("holdout", "gan_holdout")):
+            source = hp[field]
+            if source is None:
+                continue
+            real = RealSamples(source, field)
+            low, high = int(real.labels.min()), int(real.labels.max())
+            if real.shape != self.state_shape or not 0 <= low <= high < self.num_classes:
+                raise ValueError(f"model.{field}={source}: {len(real)} samples of shape {list(real.shape)} with labels "
+                                 f"{low}..{high}; the student needs shape "
+                                 f"{list(self.state_shape)} and labels in [0, {self.num_classes})")
+            self.real[part] = real
+
+    def gan_step(self, batch: dict, reg_loss: torch.Tensor) -> torch.Tensor:
+        """One student step on L_reg + lambda * L_gan, then one discriminator step (ARD sec. 4; manual
+        optimisation, gradients clipped by hand). lambda = gan_weight * the adaptive weight, 0 during the warm-up.
+        The fake is made once per iteration and reused, detached, by the discriminator step. Returns the
+        student's loss (detached)."""
+        hp = self.hparams
+        opt_g, opt_d = self.optimizers()
+        # With manual optimisation Lightning's global_step counts the steps of both optimisers: 2 per iteration.
+        iteration = self.global_step // 2
+        g = draw_generator(hp.gan_seed, iteration, self.global_rank)
+        labels = batch["labels"]  # (B,)
+        adversarial = iteration >= hp.gan_warmup
+        with torch.set_grad_enabled(adversarial):
+            fake = self._fake(batch)  # (B, C, H, W)
+        # generator (the student)
+        weight, loss = reg_loss.new_zeros(()), reg_loss
+        if adversarial:
+            self.toggle_optimizer(opt_g)  # no gradients for the discriminator's heads in this step
+            gan_loss = self.gan_loss_fn.generator(self._logits(fake, self._timesteps(len(labels), g), labels, g)).mean()
+            weight = hp.gan_weight * adaptive_weight(reg_loss, gan_loss, self._last_layer())
+            loss = reg_loss + weight * gan_loss
+            self.log("gan/g_loss", gan_loss, on_step=True, sync_dist=True)
+        self._optimiser_step(opt_g, loss)
+        if adversarial:
+            self.untoggle_optimizer(opt_g)
+        # discriminator: the teacher's features need no gradient here (real and fake are both constants)
+        real, real_labels = (v.to(self.device) for v in self.real["train"].draw(len(labels), g))
+        t_fake = self._timesteps(len(labels), g)
+        t_real = t_fake if hp.gan_renoise == "same" else self._timesteps(len(labels), g)
+        logits_real = self._logits(real, t_real, real_labels, g, grad_features=False)  # (B, n*L)
+        logits_fake = self._logits(fake.detach(), t_fake, labels, g, grad_features=False)  # (B, n*L)
+        d_loss = self.gan_loss_fn.discriminator(logits_real, logits_fake).mean()
+        self._optimiser_step(opt_d, d_loss)
+        self.log_dict({"gan/d_loss": d_loss, "gan/weight": weight}, prog_bar=True, on_step=True, sync_dist=True)
+        self.log_dict({"gan/logits_real": logits_real.mean(), "gan/logits_fake": logits_fake.mean()},
+                      on_step=True, sync_dist=True)
+        if "holdout" in self.real and iteration % self.trainer.log_every_n_steps == 0:
+            self.log("gan/logits_holdout", self._holdout_logits(len(labels), g), on_step=True, sync_dist=True)
+        return loss.detach()
+
+    def _fake(self, batch: dict) -> torch.Tensor:
+        """What the discriminator sees as fake (B, C, H, W): the student's final state (see `gan_fake`)."""
+        if self.hparams.gan_fake == "teacher_forced":
+            return self.student(batch["states"][:, :-1], batch["timesteps"], batch["labels"])[:, -1]  # (B, C, H, W)
+        return rollout_final(self.student, batch["states"][:, 0], batch["labels"], batch["timesteps"])
+
+    def _timesteps(self, n: int, g: torch.Generator) -> torch.Tensor:
+        """The teacher's timesteps (n,) for n discriminator inputs: 0 (clean) or re-noising draws."""
+        if self.hparams.gan_renoise == "none":
+            return torch.zeros(n, dtype=torch.long)
+        return draw_timesteps(self.hparams.gan_noise_levels, n, g)
+
+    def _logits(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, g: torch.Generator,
+                grad_features: bool = True) -> torch.Tensor:
+        """Discriminator logits (B, n*L) of x (B, C, H, W): augmented, re-noised to t (B,), through the frozen
+        teacher's blocks and the heads."""
+        hp = self.hparams
+        if hp.gan_augment == "translation_cutout":
+            x = diff_augment(x, g)  # (B, C, H, W)
+        if hp.gan_renoise != "none":
+            x = renoise(x, t, self.student.scheduler, g)  # (B, C, H, W)
+        with torch.set_grad_enabled(grad_features and torch.is_grad_enabled()):
+            features, conditioning = teacher_features(self.frozen_teacher(), x, t.to(self.device), labels,
+                                                      self.discriminator.blocks)
+        return self.discriminator(features, conditioning)  # (B, n*L)
+
+    @torch.no_grad()
+    def _holdout_logits(self, n: int, g: torch.Generator) -> torch.Tensor:
+        """Mean logit of n held-out real samples (discriminator in eval mode: no power iteration)."""
+        real, labels = (v.to(self.device) for v in self.real["holdout"].draw(n, g))
+        self.discriminator.eval()
+        logits = self._logits(real, self._timesteps(n, g), labels, g)  # (n, n_heads*L)
+        self.discriminator.train()
+        return logits.mean()
+
+    def _optimiser_step(self, optimizer, loss: torch.Tensor) -> None:
+        self.zero_grad()  # every parameter's: the step sees exactly the gradients of this backward
+        self.manual_backward(loss)
+        if self.hparams.gan_grad_clip is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.gan_grad_clip, gradient_clip_algorithm="norm")
+        optimizer.step()
+
+    def _last_layer(self) -> torch.Tensor:
+        """Weight of the layer that outputs the final state: the adaptive weight's W (ARD sec. 4)."""
+        head = self.student.transformer if self.student.heads is None else self.student.heads[-1]
+        return head.proj_out_2.weight
 
     # ------------------------------------------------------------------ samples
     def on_validation_epoch_start(self) -> None:

@@ -1,0 +1,202 @@
+"""The GAN stage of ARD (Kim et al. 2025, sec. 4, "ARD + GAN"): a discriminator on the frozen teacher's features.
+
+Discriminator (what the authors' re-implementation builds, after StyleGAN-T's projected discriminator): the
+frozen teacher minus its final layer returns the tokens after a chosen list of blocks and its own conditioning
+c = t_emb + y_emb; one small trainable head per chosen block turns tokens (B, L, D) into one logit per token:
+
+    SN-Conv1d(k=1) -> local BN -> LeakyReLU(0.2) -> residual [SN-Conv1d(k=9, circular) -> local BN -> LeakyReLU(0.2)]
+    logit_l = <SN-Conv1d(k=1)(h)_l, Linear(c)> / sqrt(64)        (projection conditioning, Miyato & Koyama 2018)
+
+(SN: spectral norm; local BN: batch norm over virtual batches of 8 without running statistics). The teacher
+is an argument of every call, never a submodule, so it is never trained, averaged, checkpointed or wrapped.
+
+Losses (EDM2 style: small callables returning unreduced losses, the caller reduces): hinge (the
+re-implementation, LADD) and non-saturating (DMD2). The generator's GAN loss enters with the adaptive weight
+lambda = ||grad L_reg|| / (||grad L_gan|| + 1e-4) at the last layer, clamped to [0, 1e4] and detached (VQGAN,
+Esser et al. 2021, eq. 7), times a factor (10 in the re-implementation).
+
+Re-noising (not recorded in the paper's code; DMD2 and LADD re-noise): real and fake are taken to a random
+timestep t before the teacher sees them, x_t = sqrt(a_t) x + sqrt(1 - a_t) eps; "none" shows them clean at t = 0.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.parametrizations import spectral_norm
+
+from ard.diffusion import alpha_bar
+from ard.student.model import ARDStudent
+
+GanLossKind = Literal["hinge", "non_saturating"]
+FakeKind = Literal["teacher_forced", "rollout"]  # the final state of the one-pass forward, or of the S-step sampler
+RenoiseKind = Literal["none", "same", "independent"]  # t = 0, or one t per real/fake pair, or one t each
+NoiseLevels = Literal["uniform", "high"]  # t uniform in [0, 999], or LADD's logit-normal favouring high noise
+AugmentKind = Literal["none", "translation_cutout"]  # DiffAugment (Zhao et al. 2020) on real and fake
+CMAP_DIM = 64  # width of the projection conditioning (StyleGAN-T, the re-implementation)
+VIRTUAL_BATCH = 8  # samples per local batch norm group
+
+
+class LocalBatchNorm(nn.Module):
+    """Batch norm over groups of `virtual_batch` samples, with affine weights and no running statistics."""
+
+    def __init__(self, channels: int, virtual_batch: int = VIRTUAL_BATCH, eps: float = 1e-5):
+        super().__init__()
+        self.virtual_batch, self.eps = virtual_batch, eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        groups = math.ceil(x.shape[0] / self.virtual_batch)
+        if x.shape[0] % groups:
+            raise ValueError(f"batch {x.shape[0]} does not split into {groups} equal virtual batches of "
+                             f"<= {self.virtual_batch}")
+        g = x.reshape(groups, -1, *x.shape[1:])  # (G, B/G, C, L)
+        mean = g.mean(dim=(1, 3), keepdim=True)  # (G, 1, C, 1)
+        var = g.var(dim=(1, 3), keepdim=True, unbiased=False)  # (G, 1, C, 1)
+        g = (g - mean) / (var + self.eps).sqrt()  # (G, B/G, C, L)
+        return g.reshape(x.shape) * self.weight[:, None] + self.bias[:, None]  # (B, C, L)
+
+
+def _conv_block(channels: int, kernel_size: int) -> nn.Sequential:
+    return nn.Sequential(
+        spectral_norm(nn.Conv1d(channels, channels, kernel_size, padding=kernel_size // 2, padding_mode="circular")),
+        LocalBatchNorm(channels), nn.LeakyReLU(0.2))
+
+
+class DiscriminatorHead(nn.Module):
+    """Tokens (B, L, D) of one teacher block and the conditioning c (B, D) -> one logit per token (B, L)."""
+
+    def __init__(self, width: int, cmap_dim: int = CMAP_DIM):
+        super().__init__()
+        self.first = _conv_block(width, kernel_size=1)
+        self.residual = _conv_block(width, kernel_size=9)
+        self.out = spectral_norm(nn.Conv1d(width, cmap_dim, kernel_size=1))
+        self.cmap = nn.Linear(width, cmap_dim)
+        self.cmap_dim = cmap_dim
+
+    def forward(self, tokens: torch.Tensor, conditioning: torch.Tensor) -> torch.Tensor:
+        h = self.first(tokens.transpose(1, 2))  # (B, D, L)
+        h = (h + self.residual(h)) / math.sqrt(2)  # (B, D, L)
+        out = self.out(h)  # (B, 64, L)
+        return (out * self.cmap(conditioning)[:, :, None]).sum(dim=1) / math.sqrt(self.cmap_dim)  # (B, L)
+
+
+class TeacherDiscriminator(nn.Module):
+    """One DiscriminatorHead per chosen teacher block; logits (B, len(blocks) * L) for `teacher_features`."""
+
+    def __init__(self, width: int, num_layers: int, blocks: list[int] | None = None):
+        super().__init__()
+        blocks = list(range(num_layers)) if blocks is None else sorted(set(blocks))
+        if not blocks or not all(0 <= b < num_layers for b in blocks):
+            raise ValueError(f"gan_blocks={blocks} must be a non-empty list of block indices in [0, {num_layers})")
+        self.blocks = blocks
+        self.heads = nn.ModuleList(DiscriminatorHead(width) for _ in blocks)
+
+    def forward(self, features: list[torch.Tensor], conditioning: torch.Tensor) -> torch.Tensor:
+        return torch.cat([head(f, conditioning) for head, f in zip(self.heads, features)], dim=1)  # (B, n*L)
+
+
+def teacher_features(teacher, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
+                     blocks: list[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The frozen teacher's tokens after each of `blocks` (each (B, L, D)) and its conditioning c = t_emb +
+    y_emb (B, D), for x (B, C, H, W) at timesteps t (B,) with labels (B,). Differentiable w.r.t. x."""
+    hidden = teacher.pos_embed(x)  # (B, L, D)
+    features = []
+    for i, block in enumerate(teacher.transformer_blocks[: blocks[-1] + 1]):
+        hidden = block(hidden, timestep=t, class_labels=labels)  # (B, L, D)
+        if i in blocks:
+            features.append(hidden)
+    conditioning = teacher.transformer_blocks[0].norm1.emb(t, labels, hidden_dtype=hidden.dtype)  # (B, D)
+    return features, conditioning
+
+
+class HingeLoss:
+    """Hinge GAN loss (Lim & Ye 2017; the re-implementation, LADD); logits (B, n) -> per-sample losses (B,)."""
+
+    def discriminator(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        return F.relu(1 - real).mean(dim=1) + F.relu(1 + fake).mean(dim=1)  # (B,)
+
+    def generator(self, fake: torch.Tensor) -> torch.Tensor:
+        return -fake.mean(dim=1)  # (B,)
+
+
+class NonSaturatingLoss:
+    """Non-saturating GAN loss (Goodfellow et al. 2014; DMD2); logits (B, n) -> per-sample losses (B,)."""
+
+    def discriminator(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        return F.softplus(-real).mean(dim=1) + F.softplus(fake).mean(dim=1)  # (B,)
+
+    def generator(self, fake: torch.Tensor) -> torch.Tensor:
+        return F.softplus(-fake).mean(dim=1)  # (B,)
+
+
+GAN_LOSSES: dict[str, type] = {"hinge": HingeLoss, "non_saturating": NonSaturatingLoss}
+
+
+def adaptive_weight(reg_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor,
+                    max_weight: float = 1e4) -> torch.Tensor:
+    """lambda = ||d L_reg / d W|| / (||d L_gan / d W|| + 1e-4), clamped to [0, max_weight], detached; W is
+    the last layer's weight (VQGAN eq. 7; ARD sec. 4). Both graphs are kept for the backward that follows."""
+    reg_grad, = torch.autograd.grad(reg_loss, last_layer, retain_graph=True)
+    gan_grad, = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)
+    return (reg_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
+
+
+def draw_generator(seed: int, iteration: int, rank: int) -> torch.Generator:
+    """A CPU generator for one iteration's random draws: a function of (seed, iteration, rank) alone, so a
+    resumed run draws exactly the same and every DDP rank draws differently."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, iteration, rank]).generate_state(1)[0]))
+
+
+def draw_timesteps(levels: NoiseLevels, n: int, generator: torch.Generator) -> torch.Tensor:
+    """n re-noising timesteps (n,) int64 in [0, 999]: uniform, or "high" = round(999 sigmoid(N(1, 1))) (LADD's
+    logit-normal, m = 1, s = 1: median 730)."""
+    if levels == "uniform":
+        return torch.randint(0, 1000, (n,), generator=generator)
+    return (999 * torch.sigmoid(1 + torch.randn(n, generator=generator))).round().long()
+
+
+def renoise(x: torch.Tensor, t: torch.Tensor, scheduler, generator: torch.Generator) -> torch.Tensor:
+    """x_t = sqrt(a_t) x + sqrt(1 - a_t) eps for x (B, C, H, W) and t (B,), eps drawn from `generator`."""
+    a = alpha_bar(scheduler, t.to(x.device)).to(x.dtype).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    noise = torch.randn(x.shape, generator=generator).to(device=x.device, dtype=x.dtype)  # (B, C, H, W)
+    return a.sqrt() * x + (1 - a).sqrt() * noise
+
+
+def diff_augment(x: torch.Tensor, generator: torch.Generator, translation: float = 0.125,
+                 cutout: float = 0.5) -> torch.Tensor:
+    """DiffAugment's translation and cutout (Zhao et al. 2020), differentiable: shift each image by up to
+    `translation` of its size (edges repeated), then zero one square of `cutout` of its size. x (B, C, H, W)."""
+    b, c, h, w = x.shape
+    sy, sx = max(1, round(h * translation)), max(1, round(w * translation))
+    dy = torch.randint(-sy, sy + 1, (b, 1, 1), generator=generator)  # (B, 1, 1)
+    dx = torch.randint(-sx, sx + 1, (b, 1, 1), generator=generator)  # (B, 1, 1)
+    rows = (torch.arange(h)[None, :, None] + dy).clamp(0, h - 1)  # (B, H, 1)
+    cols = (torch.arange(w)[None, None, :] + dx).clamp(0, w - 1)  # (B, 1, W)
+    index = (rows * w + cols).flatten(1).to(x.device)  # (B, H*W)
+    x = x.flatten(2).gather(2, index[:, None].expand(-1, c, -1)).view(b, c, h, w)  # (B, C, H, W)
+    ch, cw = round(h * cutout), round(w * cutout)
+    cy = torch.randint(0, h + 1 - ch % 2, (b, 1, 1), generator=generator) - ch // 2  # (B, 1, 1) top row
+    cx = torch.randint(0, w + 1 - cw % 2, (b, 1, 1), generator=generator) - cw // 2  # (B, 1, 1) left column
+    ys, xs = torch.arange(h)[None, :, None] - cy, torch.arange(w)[None, None, :] - cx  # (B, H, 1), (B, 1, W)
+    keep = ~((ys >= 0) & (ys < ch) & (xs >= 0) & (xs < cw))  # (B, H, W)
+    return x * keep[:, None].to(device=x.device, dtype=x.dtype)  # (B, C, H, W)
+
+
+def rollout_final(student: ARDStudent, noise: torch.Tensor, labels: torch.Tensor,
+                  timesteps: torch.Tensor) -> torch.Tensor:
+    """The student's own S-step sample from `noise` (B, C, H, W) with its KV cache (ard.student.sample),
+    differentiable through the last step only: steps 0..S-2 run without grad, so the history (states and
+    cached keys) is detached, as in Self Forcing and SFD. timesteps (B, S+1). Returns (B, C, H, W)."""
+    cache = student.new_cache(noise.shape[0])
+    x = noise
+    with torch.no_grad():
+        for s in range(student.num_steps - 1):
+            x = student.step(x, s, timesteps[:, s], timesteps[:, s + 1], labels, cache)  # (B, C, H, W)
+    s = student.num_steps - 1
+    return student.step(x, s, timesteps[:, s], timesteps[:, s + 1], labels, cache)  # (B, C, H, W)

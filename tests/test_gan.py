@@ -1,0 +1,357 @@
+"""ARD + GAN (ard/student/gan.py, ARDDistillation.gan_step) on a tiny teacher and store: losses on known logits,
+the adaptive weight by hand, which parameters get gradients in each step (never the frozen teacher, which stays
+bit-identical), a discriminator that separates a separable toy case, the GAN path during its warm-up equal to
+regression-only training bit for bit, a crash and resume with identical losses, an export without the
+discriminator, and the presets (digits and ImageNet, the latter built on a tiny random DiT)."""
+import csv
+import math
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from ard.cli import main as ard_main
+from ard.data.real import RealSamples
+from ard.data.trajectories import TrajectoryDataModule
+from ard.modules.distill import ARDDistillation, load_exported
+from ard.student.gan import (HingeLoss, NonSaturatingLoss, TeacherDiscriminator, adaptive_weight, diff_augment,
+                             draw_generator, draw_timesteps)
+from ard.teacher import load_teacher
+from test_distill import VAL, ard_subprocess, args_for, crash_args, flatten, store, teacher_dir  # noqa: F401
+from test_store import tiny_teacher
+
+ROOT = Path(__file__).resolve().parents[1]
+S = 4
+
+
+def gan_args(root, teacher_dir, store, *extra):
+    """`ard fit -c ard.yaml -c ard_gan.yaml` on the tiny teacher and store (test_distill's overrides after both)."""
+    args = args_for(root, teacher_dir, store, "--model.init_args.init_student=null", *extra)
+    return args[:3] + ["-c", str(ROOT / "configs/digits/ard_gan.yaml")] + args[3:]
+
+
+def logged(root, prefixes=("train/", "gan/")) -> dict[int, dict[str, float]]:
+    """{logged step: {metric: value}} from every run's metrics.csv under root (later runs win)."""
+    out = {}
+    for path in sorted((Path(root) / "csv").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:])):
+        with open(path) as f:
+            for row in csv.DictReader(f):
+                values = {k: float(v) for k, v in row.items() if k.startswith(prefixes) and v != ""}
+                if values:
+                    out.setdefault(int(row["step"]), {}).update(values)
+    return out
+
+
+# ------------------------------------------------------------------ pieces
+def test_losses_on_known_logits():
+    real, fake = torch.tensor([[2.0, 0.5]]), torch.tensor([[-2.0, 0.5]])
+    hinge, ns = HingeLoss(), NonSaturatingLoss()
+    assert hinge.discriminator(real, fake).tolist() == [(0 + 0.5) / 2 + (0 + 1.5) / 2]
+    assert hinge.generator(fake).tolist() == [0.75]
+    sp = lambda v: math.log1p(math.exp(v))  # noqa: E731 (softplus)
+    torch.testing.assert_close(ns.discriminator(real, fake),
+                               torch.tensor([(sp(-2) + sp(-0.5)) / 2 + (sp(-2) + sp(0.5)) / 2]))
+    torch.testing.assert_close(ns.generator(fake), torch.tensor([(sp(2) + sp(-0.5)) / 2]))
+    assert hinge.discriminator(real.repeat(3, 1), fake.repeat(3, 1)).shape == (3,)  # unreduced: one per sample
+
+
+def test_adaptive_weight_equals_a_hand_computation():
+    torch.manual_seed(0)
+    w = torch.randn(3, 2, requires_grad=True)
+    x, y = torch.randn(2), torch.randn(3)
+    reg = ((w @ x - y) ** 2).sum()  # d/dW = 2 (Wx - y) x^T
+    gan = (w @ x).sum() * 0.5  # d/dW = 0.5 * 1 x^T
+    by_hand = (2 * (w @ x - y)).norm() * x.norm() / (0.5 * math.sqrt(3) * x.norm() + 1e-4)
+    weight = adaptive_weight(reg, gan, w)
+    assert not weight.requires_grad
+    torch.testing.assert_close(weight, by_hand.detach())
+    assert float(adaptive_weight(reg, (w * 0).sum(), w)) == 1e4  # a vanishing GAN gradient: clamped
+    reg.backward()  # the graphs were kept for the step's backward
+    torch.testing.assert_close(w.grad, torch.outer(2 * (w @ x - y), x).detach())
+
+
+def test_draws_are_a_function_of_seed_iteration_and_rank():
+    a, b, c = (draw_timesteps("high", 1000, draw_generator(0, i, r)) for i, r in ((5, 0), (5, 0), (5, 1)))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert 0 <= int(a.min()) and int(a.max()) <= 999 and float(a.float().median()) > 600  # favours high noise
+    u = draw_timesteps("uniform", 4000, draw_generator(0, 0, 0)).float()
+    assert abs(float(u.mean()) - 499.5) < 20
+
+
+def test_diff_augment_is_differentiable_and_moves_pixels():
+    x = torch.randn(16, 1, 8, 8, requires_grad=True)
+    y = diff_augment(x, draw_generator(0, 0, 0))
+    assert y.shape == x.shape and not torch.equal(y, x)
+    assert float((y == 0).float().mean()) >= 0.1  # cutout: at least part of a 4x4 square in every image
+    y.sum().backward()
+    assert x.grad is not None and float(x.grad.abs().sum()) > 0
+
+
+def test_local_batch_norm_needs_equal_virtual_batches():
+    disc = TeacherDiscriminator(width=8, num_layers=2)
+    features, c = [torch.randn(16, 4, 8) for _ in range(2)], torch.randn(16, 8)
+    assert disc(features, c).shape == (16, 2 * 4)  # one logit per token per head
+    with pytest.raises(ValueError, match="virtual batches"):
+        disc([f[:9] for f in features], c[:9])  # 9 samples in 2 groups
+
+
+def test_real_samples_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="latents.npy: not found"):
+        RealSamples(str(tmp_path))
+    np.save(tmp_path / "latents.npy", np.zeros((3, 4, 2, 2), np.float32))
+    np.save(tmp_path / "labels.npy", np.zeros(2, np.int64))
+    with pytest.raises(ValueError, match="labels.npy: expected 3 integer labels"):
+        RealSamples(str(tmp_path))
+
+
+# ------------------------------------------------------------------ in-process training
+def module_for(teacher_dir, **kw) -> ARDDistillation:
+    return ARDDistillation(teacher=str(teacher_dir), history_blocks=2, samples_per_class=0, lr=1e-3,
+                           **{"gan_weight": 10.0, "gan_warmup": 1} | kw)
+
+
+class GradRecorder(L.Callback):
+    """Per optimiser step: which parameters of the module hold a gradient, and for which optimiser."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        index = [o.optimizer if hasattr(o, "optimizer") else o for o in trainer.optimizers].index(optimizer)
+        self.steps.append((index, {n for n, p in pl_module.named_parameters() if p.grad is not None}))
+
+
+def test_only_the_heads_learn_in_the_discriminator_step_and_the_teacher_stays_frozen(tmp_path, teacher_dir, store):
+    module = module_for(teacher_dir, gan_fake="rollout", gan_renoise="same")
+    recorder = GradRecorder()
+    trainer = L.Trainer(accelerator="cpu", max_steps=8, default_root_dir=tmp_path, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, callbacks=[recorder])
+    trainer.fit(module, TrajectoryDataModule(str(store), S, batch_size=16, val_count=VAL))
+    assert trainer.global_step == 8 and len(recorder.steps) == 8  # 4 iterations, 2 optimiser steps each
+    heads = {n for n, _ in module.named_parameters() if n.startswith("discriminator.")}
+    trainable = {n for n, p in module.named_parameters() if n.startswith("student.") and p.requires_grad}
+    for i, (index, names) in enumerate(recorder.steps):
+        assert index == i % 2  # the student's step, then the discriminator's
+        assert names == (heads if index else trainable), (i, sorted(names ^ (heads if index else trainable))[:3])
+    teacher = module.frozen_teacher()
+    assert not teacher.training and not any(p.requires_grad or p.grad is not None for p in teacher.parameters())
+    fresh = load_teacher(str(teacher_dir))
+    for name, value in fresh.state_dict().items():
+        assert torch.equal(teacher.state_dict()[name], value), name  # bit-identical after 4 GAN iterations
+    in_optimisers = {id(p) for o in trainer.optimizers for g in o.param_groups for p in g["params"]}
+    assert not in_optimisers & {id(p) for p in teacher.parameters()}
+    assert all(k.startswith(("student.", "discriminator.")) for k in module.state_dict())  # no teacher in checkpoints
+
+
+def test_discriminator_separates_a_separable_toy_case(teacher_dir):
+    """Real digits against constant grey images: a few discriminator steps drive the hinge loss down."""
+    module = module_for(teacher_dir, gan_renoise="none")
+    module.real["train"] = RealSamples("digits:train")
+    opt = torch.optim.AdamW(module.discriminator.parameters(), lr=1e-3)
+    losses = []
+    for i in range(30):
+        g = draw_generator(0, i, 0)
+        real, labels = module.real["train"].draw(16, g)
+        fake = torch.zeros_like(real)
+        t = torch.zeros(16, dtype=torch.long)
+        loss = module.gan_loss_fn.discriminator(module._logits(real, t, labels, g, grad_features=False),
+                                                module._logits(fake, t, labels, g, grad_features=False)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[0] > 1.5 and np.mean(losses[-5:]) < 0.3 * losses[0], losses
+
+
+# ------------------------------------------------------------------ through the CLI
+@pytest.fixture(scope="module")
+def regression(tmp_path_factory, teacher_dir, store):
+    root = tmp_path_factory.mktemp("regression")
+    ard_main(args_for(root, teacher_dir, store, "--trainer.max_steps=6", "--model.init_args.samples_per_class=0"))
+    return root
+
+
+def test_gan_during_warmup_equals_regression_only_training(tmp_path, teacher_dir, store, regression):
+    """lambda = 0 all along: the manual student step (clipped by hand) must be the automatic one, bit for bit,
+    while the discriminator trains beside it (6 iterations = 12 optimiser steps)."""
+    ard_main(gan_args(tmp_path, teacher_dir, store, "--model.init_args.gan_warmup=1000", "--trainer.max_steps=12",
+                      "--model.init_args.samples_per_class=0"))
+    gan, reg = logged(tmp_path), logged(regression)
+    assert sorted(gan) == sorted(reg) == list(range(6))
+    for step in range(6):
+        assert {k: v for k, v in gan[step].items() if k.startswith("train/")} == reg[step], step
+        assert gan[step]["gan/weight"] == 0 and "gan/d_loss" in gan[step]
+    files = [load_file(str(root / "student_ema" / "diffusion_pytorch_model.safetensors"))
+             for root in (tmp_path, regression)]
+    assert files[0].keys() == files[1].keys()
+    for name in files[1]:
+        assert torch.equal(files[0][name], files[1][name]), name  # the EMA students
+
+
+def test_gan_weight_zero_is_the_regression_module(teacher_dir):
+    plain = ARDDistillation(teacher=str(teacher_dir), history_blocks=2, samples_per_class=0)
+    off = ARDDistillation(teacher=str(teacher_dir), history_blocks=2, samples_per_class=0, gan_weight=0.0,
+                          gan_fake="rollout", gan_renoise="same", gan_augment="translation_cutout")
+    assert off.automatic_optimization and off.discriminator is None
+    assert isinstance(off.configure_optimizers(), torch.optim.AdamW)
+    assert plain.state_dict().keys() == off.state_dict().keys()
+
+
+def gan_resume_args(root, teacher_dir, store, regression):
+    return gan_args(root, teacher_dir, store, "--model.init_args.gan_warmup=5", "--trainer.max_steps=16",
+                    f"--model.init_args.init_student={regression / 'student_ema'}",
+                    "--model.init_args.gan_fake=rollout", "--model.init_args.gan_augment=translation_cutout")
+
+
+@pytest.fixture(scope="module")
+def gan_run(tmp_path_factory, teacher_dir, store, regression):
+    root = tmp_path_factory.mktemp("gan")
+    ard_main(gan_resume_args(root, teacher_dir, store, regression))
+    return root
+
+
+def test_gan_fit_logs_health_and_exports_the_student_alone(gan_run, regression):
+    rows = logged(gan_run)
+    assert sorted(rows) == list(range(8))
+    for step, row in rows.items():
+        assert {"gan/d_loss", "gan/weight", "gan/logits_real", "gan/logits_fake", "gan/logits_holdout"} <= set(row)
+        assert (row["gan/weight"] > 0) == (step >= 5) and ("gan/g_loss" in row) == (step >= 5)  # warm-up: 5
+    exported = gan_run / "student_ema"
+    names = [n for f in exported.glob("*.safetensors") for n in load_file(str(f))]
+    assert names and not any("discriminator" in n for n in names)
+    student, timesteps = load_exported(exported)
+    assert student.settings() == load_exported(regression / "student_ema")[0].settings()
+    ckpt = torch.load(gan_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert len(ckpt["optimizer_states"]) == 2 and ckpt["global_step"] == 16
+    assert any(k.startswith("discriminator.") for k in ckpt["current_model_state"])
+
+
+def test_gan_crash_then_resume_gives_the_same_losses(tmp_path, teacher_dir, store, regression, gan_run):
+    """Crash before iteration 4 (global step 8: a mid-epoch checkpoint), re-run: iterations 4-7 (across the
+    end of the warm-up at 5) log exactly the uninterrupted run's losses and end with the same weights."""
+    args = gan_resume_args(tmp_path, teacher_dir, store, regression)
+    with pytest.raises(RuntimeError, match="crash before step 8"):
+        ard_main(args + crash_args(8))
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 8
+    ard_main(args)
+    resumed, reference = logged(tmp_path), logged(gan_run)
+    for step in range(4, 8):
+        assert resumed[step] == reference[step], step
+    final, ref = (torch.load(r / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+                  for r in (tmp_path, gan_run))
+    for key in ("state_dict", "current_model_state"):
+        for name, value in ref[key].items():
+            assert torch.equal(final[key][name], value), (key, name)
+
+
+@pytest.mark.slow
+def test_gan_under_ddp_two_processes(tmp_path, teacher_dir, store):
+    """2 gloo processes with the ImageNet preset's strategy (each backward reaches one optimiser's parameters
+    only) run 4 GAN iterations, with the GAN weight on from the second, to the end."""
+    proc = ard_subprocess(*gan_args(
+        tmp_path, teacher_dir, store, "--trainer.max_steps=8", "--model.init_args.gan_warmup=1",
+        "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp_find_unused_parameters_true",
+        "--data.init_args.batch_size=8", "--model.init_args.samples_per_class=0", "--trainer.limit_val_batches=0"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 8 and len(ckpt["optimizer_states"]) == 2
+    rows = logged(tmp_path)
+    assert all(rows[step]["gan/weight"] > 0 for step in range(1, 4))
+
+
+def test_init_student_of_other_settings_fails_in_one_line(tmp_path, teacher_dir, store, regression, capsys):
+    with pytest.raises(SystemExit):
+        ard_main(gan_args(tmp_path, teacher_dir, store, "--model.init_args.history_blocks=0",
+                          f"--model.init_args.init_student={regression / 'student_ema'}"))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ard: error:")]
+    assert len(err) == 1 and "ard_student.json: field 'history_blocks' is 2 but this run's student has 0" in err[0], err
+
+
+def test_real_data_of_another_shape_fails_in_one_line(tmp_path, teacher_dir, store, capsys):
+    np.save(tmp_path / "latents.npy", np.zeros((4, 4, 8, 8), np.float32))
+    np.save(tmp_path / "labels.npy", np.zeros(4, np.int64))
+    with pytest.raises(SystemExit):
+        ard_main(gan_args(tmp_path / "run", teacher_dir, store, f"--model.init_args.gan_real={tmp_path}"))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ard: error:")]
+    assert len(err) == 1 and "samples of shape [4, 8, 8]" in err[0] and "needs shape [1, 8, 8]" in err[0], err
+
+
+# ------------------------------------------------------------------ presets
+def print_config(capsys, *configs, flat: bool = True) -> dict:
+    """`ard fit -c ... --print_config` of the presets (flat: {"model.init_args.lr": ..., ...})."""
+    with pytest.raises(SystemExit):
+        ard_main(["fit", *[a for c in configs for a in ("-c", str(ROOT / "configs" / c))], "--print_config"])
+    config = yaml.safe_load(capsys.readouterr().out)
+    return flatten(config) if flat else config
+
+
+def test_digits_gan_presets_resolve(capsys):
+    ard = print_config(capsys, "digits/ard.yaml")
+    gan = print_config(capsys, "digits/ard.yaml", "digits/ard_gan.yaml")
+    base = print_config(capsys, "digits/ard.yaml", "digits/ard_gan.yaml", "digits/baseline_gan.yaml")
+    assert gan["model.init_args.gan_weight"] == 10.0 and gan["trainer.gradient_clip_val"] is None
+    assert gan["model.init_args.init_student"] == "runs/digits/ard/student_ema"
+    assert ard["model.init_args.gan_weight"] == 0
+    assert {k for k in gan if gan[k] != base[k]} == {"model.init_args.history_blocks", "model.init_args.init_student",
+                                                      "trainer.default_root_dir", "trainer.logger.init_args.name"}
+    assert base["model.init_args.init_student"] == "runs/digits/baseline/student_ema"
+
+
+def test_imagenet_gan_preset_builds_on_a_tiny_random_dit(tmp_path, capsys):
+    config = print_config(capsys, "imagenet256/ard.yaml", "imagenet256/ard_gan.yaml", flat=False)
+    assert config["data"]["init_args"]["batch_size"] * config["trainer"]["devices"] == 48  # the re-implementation's
+    assert config["trainer"]["strategy"] == "ddp_find_unused_parameters_true"
+    kwargs = dict(config["model"]["init_args"])
+    # tiny stand-ins for DiT-XL/2 (learned sigma, 4 latent channels), the VAE and the real latents
+    teacher = tiny_teacher(tmp_path / "dit", size="DiT-S/2", num_layers=7, sample_size=8, num_attention_heads=2,
+                           attention_head_dim=8)
+    np.save(tmp_path / "latents.npy", np.random.default_rng(0).standard_normal((16, 4, 8, 8)).astype(np.float16))
+    np.save(tmp_path / "labels.npy", np.arange(16, dtype=np.int64) * 60)
+    kwargs |= dict(teacher=str(teacher), teacher_size=None, vae=None, samples_per_class=0, init_student=None,
+                   gan_real=str(tmp_path), gan_holdout=str(tmp_path))
+    module = ARDDistillation(**kwargs)
+    assert len(module.discriminator.heads) == 7  # gan_blocks: all blocks (history in the lowest 6)
+    module.timesteps = [999, 750, 500, 250, -1]
+    module._setup_gan()
+    g = draw_generator(0, 0, 0)
+    real, labels = module.real["train"].draw(8, g)
+    assert real.shape == (8, 4, 8, 8) and real.dtype == torch.float32
+    logits = module._logits(real, module._timesteps(8, g), labels, g)
+    assert logits.shape == (8, 7 * 16)  # 7 heads x 16 tokens (8x8 latents, patch 2)
+    optimisers = module.configure_optimizers()
+    assert [o.param_groups[0]["lr"] for o in optimisers] == [kwargs["lr"], kwargs["gan_lr"]]
+
+
+def test_encode_real_latents_from_an_image_folder(tmp_path):
+    """An image folder (class subfolders, any sizes and modes) -> centre-cropped, VAE-encoded real latents."""
+    import sys
+
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import encode_real_latents
+    finally:
+        sys.path.pop(0)
+    torch.manual_seed(0)
+    AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                  block_out_channels=(4,) * 4, layers_per_block=1, latent_channels=4, norm_num_groups=2,
+                  sample_size=256).save_pretrained(tmp_path / "vae")  # 3 downsamplings: 256 -> 32, as sd-vae-ft-ema
+    rng = np.random.default_rng(0)
+    for name, size, mode in (("b/1.png", (300, 260), "RGB"), ("a/2.JPEG", (256, 600), "RGB"),
+                             ("b/3.png", (520, 512), "L")):
+        (tmp_path / "images" / name).parent.mkdir(parents=True, exist_ok=True)
+        shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(tmp_path / "images" / name)
+    encode_real_latents.main(["--images", str(tmp_path / "images"), "--vae", str(tmp_path / "vae"),
+                              "--out", str(tmp_path / "latents"), "--batch-size", "2", "--device", "cpu"])
+    real = RealSamples(str(tmp_path / "latents"))
+    assert real.shape == (4, 32, 32) and real.images.dtype == np.float16
+    assert real.labels.tolist() == [0, 1, 1]  # class = sorted subfolder ("a", "b")
+    assert np.isfinite(real.images).all() and float(np.abs(real.images).max()) > 0
