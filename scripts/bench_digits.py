@@ -62,6 +62,8 @@ RECIPES: dict[str, list[str]] = {
 }
 # A variant is a model, optionally followed by "+" and a recipe: "ard-N2+rollout".
 VARIANTS: dict[str, list[str]] = {m + ("+" + r if r else ""): MODELS[m] + RECIPES[r] for m in MODELS for r in RECIPES}
+# Reports written while the closed history start was the student's default named their variants by it:
+RENAMED_SINCE_PLAIN_DEFAULT = {"ard": "ard-closed", "ard-plain": "ard", "ard-direct": "ard-closed-direct"}
 NC = " [nc]"  # name suffix of a student's rows sampled with noise correction (ARDStudent.step)
 # ARD + GAN (sec. 4): name -> (the regression variant whose student of the same S and seed it fine-tunes with
 # configs/digits/ard_gan.yaml, with the GAN or not); "-continued": that student trained equally long (same batch
@@ -431,7 +433,12 @@ def refresh_teacher_rows(results: str, name: str, work: Path) -> None:
              teacher_steps=settings["teacher_steps"], guidance_scale=settings["guidance_scale"],
              out=str(out), cache_dir=str(work / "cache"), wandb=False)
     report = json.loads((out / "report.json").read_text())
-    rows = report["rows"] + [r for r in old["runs"] if not r["model"].startswith("teacher")]
+    kept = [r for r in old["runs"] if not r["model"].startswith("teacher")]
+    if not old["settings"].get("teacher_rows_refreshed"):  # written when "ard" meant the closed history start
+        for r in kept:
+            variant, seed = r["model"].rsplit("-seed", 1)
+            r["model"] = f"{RENAMED_SINCE_PLAIN_DEFAULT.get(variant, variant)}-seed{seed}"
+    rows = report["rows"] + kept
     write_report(rows, report["noise_floor"], {**repo_relative(old["settings"]), "teacher_rows_refreshed": True},
                  results, name)
 
