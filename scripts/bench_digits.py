@@ -364,8 +364,10 @@ def main() -> None:
         return refresh_teacher_rows(args.results, args.name, work)
     store = work / "store"
     start = time.time()
-    run([sys.executable, "scripts/precompute_trajectories.py", "-c", "configs/digits/trajectories.yaml",
-         "--out", str(store), "--num-trajectories", str(args.num_trajectories)], work / "precompute.log", 2)
+    manifest = store / "manifest.json"
+    if not (manifest.exists() and json.loads(manifest.read_text()).get("complete")):  # a finished store is kept
+        run([sys.executable, "scripts/precompute_trajectories.py", "-c", "configs/digits/trajectories.yaml",
+             "--out", str(store), "--num-trajectories", str(args.num_trajectories)], work / "precompute.log", 2)
     jobs = [(v, s, seed) for s in args.steps for v in args.variants for seed in args.seeds]
     jobs += [(v, args.knob_steps, seed) for v in args.knob_variants for seed in args.seeds]
     with ThreadPoolExecutor(args.workers) as pool:
