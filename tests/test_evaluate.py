@@ -17,13 +17,22 @@ from ard.student import ARDStudent
 from ard.teacher import build_dit
 
 
-def test_evaluate_tiny_run_writes_full_report(tmp_path):
+def tiny_teacher_and_student(tmp_path, perturb: bool = False):
+    """A 2-block random digits teacher in <tmp>/teacher and a 2-step ARD student of it in <tmp>/student.
+    perturb: non-trivial epsilons (adaLN-zero alone gives eps = 0 everywhere)."""
     torch.manual_seed(0)
     teacher = build_dit("digits", num_layers=2).eval()
+    for p in teacher.parameters() if perturb else ():
+        p.data.add_(0.05 * torch.randn_like(p))
     teacher.save_pretrained(tmp_path / "teacher")
     student_dir = tmp_path / "student"
     ARDStudent(teacher, num_steps=2, history_blocks=1).save_pretrained(student_dir)
     (student_dir / "ard_sampling.json").write_text(json.dumps({"timesteps": [943, 451, -1]}))
+    return teacher, student_dir
+
+
+def test_evaluate_tiny_run_writes_full_report(tmp_path):
+    teacher, student_dir = tiny_teacher_and_student(tmp_path)
 
     rows = evaluate(students={"ard": str(student_dir)}, teacher=str(tmp_path / "teacher"), teacher_steps=4,
                     undistilled_steps=[2], num_samples=40, bootstrap=3, batch_size=20, out=str(tmp_path / "out"),
@@ -198,14 +207,7 @@ def test_evaluation_takes_the_stores_teacher_settings_and_refuses_others(tmp_pat
 def test_noise_correction_rows(tmp_path):
     """noise_correction samples the students and the undistilled teacher with the corrected first step (and says
     so per row); the K-step teacher row, the reference, is the same with and without it."""
-    torch.manual_seed(0)
-    teacher = build_dit("digits", num_layers=2).eval()
-    for p in teacher.parameters():  # non-trivial epsilons (adaLN-zero would give eps = 0 = no correction)
-        p.data.add_(0.05 * torch.randn_like(p))
-    teacher.save_pretrained(tmp_path / "teacher")
-    student_dir = tmp_path / "student"
-    ARDStudent(teacher, num_steps=2, history_blocks=1).save_pretrained(student_dir)
-    (student_dir / "ard_sampling.json").write_text(json.dumps({"timesteps": [943, 451, -1]}))
+    _, student_dir = tiny_teacher_and_student(tmp_path, perturb=True)  # eps = 0 would leave nothing to correct
     common = dict(students={"ard": str(student_dir)}, teacher=str(tmp_path / "teacher"), teacher_steps=4,
                   undistilled_steps=[2], num_samples=20, bootstrap=2, batch_size=20, cache_dir=str(tmp_path / "cache"),
                   grid_samples=2, wandb=False)
