@@ -274,7 +274,8 @@ class ARDDistillation(L.LightningModule):
                             self._generator()).mean(dim=0)
 
     def training_inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """This iteration's student inputs (B, S, C, H, W) and which rows are rollouts (B,) (see `inputs`)."""
+        """This iteration's student inputs (B, S, C, H, W) and which rows are rollouts (B,) (see `inputs`); a
+        rollout uses the current weights, not the EMA's (as SFD and Self Forcing do)."""
         hp = self.hparams
         prob = rollout_probability(self.inputs, hp.rollout_prob, hp.rollout_ramp_steps, self.global_step)
         return student_inputs(self.student, batch["states"], batch["timesteps"], batch["labels"], prob,
