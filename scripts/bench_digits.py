@@ -402,7 +402,8 @@ def main() -> None:
                 if r["model"] in named:
                     r["history_gate"] = history_gate(Path(named[r["model"]]))
                     r["train_seconds"] = train_seconds(Path(named[r["model"]]))
-                    variant, seed = r["model"].removesuffix(NC).rsplit("-seed", 1)[0], r["model"].rsplit("-seed", 1)[1]
+                    core, seed = r["model"].rsplit("-seed", 1)
+                    variant = core.removesuffix(NC)
                     if variant in GAN_VARIANTS:  # the second stage's time against the regression stage it starts from
                         reg = named.get(f"{GAN_VARIANTS[variant][0]}{NC if nc else ''}-seed{seed}")
                         seconds = r["train_seconds"], reg and train_seconds(Path(reg))

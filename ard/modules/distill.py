@@ -61,6 +61,7 @@ from ard.viz import image_grid, log_image, save_png
 # their defaults from there.
 _STUDENT = inspect.signature(ARDStudent.__init__).parameters
 SAMPLING_CONFIG = "ard_sampling.json"  # beside an exported student: its boundary timesteps and training recipe
+RECIPE_SEED = 1_000_003  # seed of the recipe's draws (ard.student.gan.draw_generator), apart from gan_seed's
 RECIPE_KNOBS = ("inputs", "rollout_prob", "rollout_ramp_steps", "targets", "target_substeps", "srl_shift")
 
 
@@ -262,24 +263,20 @@ class ARDDistillation(L.LightningModule):
         self.timesteps = saved
 
     # ------------------------------------------------------------------ loss
-    def _generator(self) -> torch.Generator:
-        """The random draws of one iteration (mixed inputs, SRL noise): a function of (step, rank) alone, so a
-        resumed run draws exactly what the uninterrupted one did."""
-        return torch.Generator().manual_seed(1_000_003 * self.global_step + self.global_rank)
-
-    def step_losses(self, batch: dict, inputs: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-step loss, mean over the batch: (S,). inputs (B, S, C, H, W): None = the teacher's states."""
+    def step_losses(self, batch: dict, inputs: torch.Tensor | None = None,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+        """Per-step loss, mean over the batch: (S,). inputs (B, S, C, H, W): None = the teacher's states;
+        generator: the iteration's draws (SRL's re-noising)."""
         teacher = self.frozen_teacher() if self.targets != "trajectory" else None
         return self.loss_fn(self.student, batch["states"], batch["timesteps"], batch["labels"], inputs, teacher,
-                            self._generator()).mean(dim=0)
+                            generator).mean(dim=0)
 
-    def training_inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def training_inputs(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """This iteration's student inputs (B, S, C, H, W) and which rows are rollouts (B,) (see `inputs`); a
         rollout uses the current weights, not the EMA's (as SFD and Self Forcing do)."""
         hp = self.hparams
         prob = rollout_probability(self.inputs, hp.rollout_prob, hp.rollout_ramp_steps, self.global_step)
-        return student_inputs(self.student, batch["states"], batch["timesteps"], batch["labels"], prob,
-                              self._generator())
+        return student_inputs(self.student, batch["states"], batch["timesteps"], batch["labels"], prob, generator)
 
     def _log_losses(self, split: str, per_step: torch.Tensor) -> torch.Tensor:
         loss = (per_step.new_tensor(self.step_weights) * per_step).sum()
@@ -290,9 +287,12 @@ class ARDDistillation(L.LightningModule):
         return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        inputs, rollout = self.training_inputs(batch)  # (B, S, C, H, W), (B,)
+        # one stream for the iteration's recipe draws (mixed inputs, SRL noise), a function of (step, rank) alone:
+        # a resumed run draws exactly what the uninterrupted one did
+        generator = draw_generator(RECIPE_SEED, self.global_step, self.global_rank)
+        inputs, rollout = self.training_inputs(batch, generator)  # (B, S, C, H, W), (B,)
         self.log("train/rollout_fraction", rollout.float().mean(), on_step=True, on_epoch=False)
-        per_step = self.step_losses(batch, inputs)
+        per_step = self.step_losses(batch, inputs, generator)
         stop_on_non_finite(self.trainer, "loss", {f"train/loss_step{s}": v for s, v in enumerate(per_step)})
         loss = self._log_losses("train", per_step)
         return loss if self.discriminator is None else self.gan_step(batch, loss)

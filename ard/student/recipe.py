@@ -64,9 +64,8 @@ def student_inputs(student: ARDStudent, trajectory: torch.Tensor, timesteps: tor
         return teacher, use
     rows = use.nonzero().squeeze(1).to(trajectory.device)  # (R,)
     own = sample(student, trajectory[rows, 0], labels[rows], timesteps[rows])[:, :-1]  # (R, S, C, H, W)
-    inputs = teacher.clone() if len(rows) < batch else own.to(teacher.dtype)  # (B, S, C, H, W)
-    if len(rows) < batch:
-        inputs[rows] = own.to(teacher.dtype)
+    inputs = teacher.clone()  # (B, S, C, H, W)
+    inputs[rows] = own.to(teacher.dtype)
     return inputs, use
 
 
