@@ -13,7 +13,11 @@ Runs (resumable: a finished run is skipped when the command is re-run):
      undistilled teacher at S steps (same noises and labels: a held-out seed);
      (skipped when `<work>/eval/S<s>/report.json` already holds the same students and settings);
   4. aggregation over seeds (mean and sd), written to <results>/<name>.{json,md}, a plot <results>/<name>.png,
-     and the README's section between `<!-- <name>:start -->` and `<!-- <name>:end -->`.
+     and the README's section between `<!-- <name>:start -->` and `<!-- <name>:end -->`; with --merge, the
+     student rows of the committed report that this invocation did not evaluate are kept (the runs of an
+     earlier checkout, which runs/ does not outlive), if that report was evaluated the same way.
+The GAN stages add their verdict (FID vs real against the continued student and the teacher, precision against
+the teacher's) and the discriminator's health (their CSV logs).
 The report's second table is the verdict, computed here: per S, the baseline's degradation against the
 teacher in bootstrap sds (the sensitivity criterion: >= 5) and each ARD variant's degradation as a fraction
 of the baseline's (the paper's target: <= 1/5), for FID against the teacher's samples and against real data.
@@ -22,6 +26,7 @@ Prints the aggregated rows and the verdict as JSON.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import re
@@ -74,6 +79,14 @@ GAN_VARIANTS: dict[str, tuple[str, bool]] = {
     "baseline-continued": ("baseline", False),
     "ard-continued": ("ard", False),
 }
+# The discriminator's health, as ARDDistillation logs it (CSV logger of a GAN stage), and the window of the last
+# iterations it is averaged over in the report
+HEALTH = ("gan/d_loss", "gan/logits_real", "gan/logits_fake", "gan/logits_holdout", "gan/weight")
+HEALTH_WINDOW = 50
+GAN_FID_REDUCTION = 0.2  # issue 10's goal at S = 2: the GAN stage's FID vs real >= 20% below the continued student's
+# Evaluation settings that must be equal for rows of a committed report to be merged with new ones (--merge)
+EVAL_KEYS = ("teacher", "teacher_identity", "solver", "num_samples", "seed", "reference", "extractor", "max_steps",
+             "num_trajectories")
 METRICS = ("fid", "fid_vs_teacher", "mse_vs_teacher", "is", "precision", "recall", "sec_per_image")
 SENSITIVITY = 5.0  # the baseline's degradation must be at least this many bootstrap sds
 TARGET_RATIO = 0.2  # the paper: ARD degrades at most 1/5 as much as the baseline
@@ -124,6 +137,23 @@ def train_seconds(student_dir: Path) -> float | None:
     return json.loads(path.read_text())["seconds"] if path.exists() else None
 
 
+def health(run_dir: Path, window: int = HEALTH_WINDOW) -> dict[str, float | None]:
+    """Means of the discriminator's logged health (HEALTH) over the last `window` iterations of a GAN stage (its
+    CSV logs; Lightning's step counts both optimisers' steps, 2 per iteration)."""
+    rows = []
+    for path in sorted((run_dir / "csv").glob("version_*/metrics.csv")):
+        with open(path) as f:
+            rows += [r for r in csv.DictReader(f) if r.get("gan/d_loss")]
+    if not rows:
+        return {}
+    last = max(int(r["step"]) for r in rows)
+    out = {}
+    for key in HEALTH:
+        values = [float(r[key]) for r in rows if r.get(key) and int(r["step"]) > last - 2 * window]
+        out[key.split("/")[1]] = float(np.mean(values)) if values else None
+    return out
+
+
 def exposure(student_dir: Path, store: Path, steps: int) -> dict[str, list[float]]:
     """Per student step, the mean squared distance to the teacher's state on the store's held-out trajectories,
     fed the teacher's states ("fed") and on its own states ("own"): ard.metrics.exposure."""
@@ -165,6 +195,9 @@ def aggregate(rows: list[dict]) -> list[dict]:
         ratios = [r["gan_time_ratio"] for r in rs if r.get("gan_time_ratio") is not None]
         if ratios:  # the GAN stage's training time over its regression stage's (same S and seed)
             row["gan_time_ratio"] = float(np.mean(ratios))
+        if all(r.get("health") for r in rs):  # the discriminator's health, mean over seeds
+            row["health"] = {k: float(np.mean([r["health"][k] for r in rs])) if all(
+                r["health"].get(k) is not None for r in rs) else None for k in rs[0]["health"]}
         gates = [r["history_gate"] for r in rs if r.get("history_gate") is not None]
         if gates:
             row["history_gate_max"] = max(gates)
@@ -208,6 +241,29 @@ def verdict(agg: list[dict], teacher_steps: int) -> list[dict]:
     return out
 
 
+def gan_verdict(agg: list[dict], teacher_steps: int) -> list[dict]:
+    """Per S and GAN stage (ARD sec. 4, issue 10's goals): its FID against real data against the same student
+    trained equally long without the GAN (`-continued`: the reduction must be >= GAN_FID_REDUCTION at S = 2) and
+    against the K-step teacher's (at or below it at every S), and its precision against the teacher's (not lower)."""
+    teacher = next(r for r in agg if r["model"].startswith("teacher") and r["steps"] == teacher_steps)
+    out = []
+    for r in agg:
+        variant = r["model"].removesuffix(NC)
+        if variant not in GAN_VARIANTS or not GAN_VARIANTS[variant][1]:
+            continue
+        name = GAN_VARIANTS[variant][0] + "-continued" + r["model"][len(variant):]
+        other = next((c for c in agg if c["model"] == name and c["steps"] == r["steps"]), None)
+        if other is None:
+            continue
+        reduction = 1 - r["fid"] / other["fid"]
+        out.append({"steps": r["steps"], "model": r["model"], "continued": name, "fid": r["fid"],
+                    "fid_continued": other["fid"], "fid_reduction": reduction, "fid_teacher": teacher["fid"],
+                    "at_or_below_teacher": r["fid"] <= teacher["fid"], "precision": r["precision"],
+                    "precision_teacher": teacher["precision"], "precision_ok": r["precision"] >= teacher["precision"],
+                    "reduction_ok": reduction >= GAN_FID_REDUCTION})
+    return out
+
+
 def repo_relative(settings: dict) -> dict:
     """The report's settings with the paths under the repository written relative to it (committed results)."""
     def rel(path):
@@ -217,7 +273,7 @@ def repo_relative(settings: dict) -> dict:
             "students": {name: rel(path) for name, path in settings["students"].items()}}
 
 
-def markdown(agg: list[dict], checks: list[dict], floors: dict, settings: dict) -> str:
+def markdown(agg: list[dict], checks: list[dict], gan_checks: list[dict], floors: dict, settings: dict) -> str:
     lines = [f"Digits, teacher K = {settings['teacher_steps']} DDIM steps with CFG {settings['guidance_scale']}; "
              f"{settings['num_samples']} samples per model on the same noises and labels; students trained "
              f"{settings['max_steps']} iterations on {settings['num_trajectories']} trajectories; mean ± sd over "
@@ -267,6 +323,30 @@ def markdown(agg: list[dict], checks: list[dict], floors: dict, settings: dict) 
             lines.append(f"| {r['steps']} | {r['model']} | {' / '.join(f'{v:.4f}' for v in fed)} | "
                          f"{' / '.join(f'{v:.4f}' for v in own)} | {own[-1] / fed[-1]:.2f} | "
                          f"{'-' if cost is None else f'{cost:.2f}x'} |")
+    if gan_checks:
+        lines += ["", "ARD + GAN (computed by the tool): each GAN stage's FID against real data against the same student "
+                  "trained equally long without the GAN (goal at S = 2: at least "
+                  f"{GAN_FID_REDUCTION:.0%} lower) and against the {settings['teacher_steps']}-step teacher's (goal: at "
+                  "or below it), and its precision against the teacher's (goal: not lower).", "",
+                  "| steps | model | FID vs real | without the GAN | reduction | teacher's FID | at or below | "
+                  "precision | teacher's | not lower |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for c in gan_checks:
+            lines.append(f"| {c['steps']} | {c['model']} | {c['fid']:.2f} | {c['fid_continued']:.2f} | "
+                         f"{c['fid_reduction']:.0%} | {c['fid_teacher']:.2f} | {'yes' if c['at_or_below_teacher'] else 'no'} | "
+                         f"{c['precision']:.3f} | {c['precision_teacher']:.3f} | {'yes' if c['precision_ok'] else 'no'} |")
+    healthy = [r for r in agg if r.get("health")]
+    if healthy:
+        lines += ["", f"The discriminator's health (the GAN stage's CSV log, means over its last {HEALTH_WINDOW} iterations "
+                  "and over seeds): D loss (hinge: 2 when it cannot tell real from fake), the mean logits on real "
+                  "training digits, on fakes and on held-out real digits (far below the real ones: memorisation), "
+                  "and the adaptive GAN weight lambda.", "",
+                  "| steps | model | D loss | logit real | logit fake | logit held-out | lambda |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in sorted(healthy, key=lambda r: (r["steps"], r["model"])):
+            h = r["health"]
+            lines.append(f"| {r['steps']} | {r['model']} | " + " | ".join(
+                "-" if h.get(k) is None else f"{h[k]:.2f}"
+                for k in ("d_loss", "logits_real", "logits_fake", "logits_holdout", "weight")) + " |")
     timed = [r for r in agg if "gan_time_ratio" in r]
     if timed:
         lines += ["", "Training time of the second stage relative to the regression stage it starts from (same S and "
@@ -354,6 +434,9 @@ def main() -> None:
                         help="also evaluate every student (and the undistilled teacher) with noise correction")
     parser.add_argument("--refresh-teacher-rows", action="store_true",
                         help="re-evaluate only the teacher rows and floors of the committed report --name, keep the rest")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the student rows of the committed report --name that this invocation does not "
+                             "evaluate (runs of an earlier checkout), if it was evaluated the same way")
     parser.add_argument("--results", default="docs/results", help="where the report goes")
     parser.add_argument("--name", default="digits-benchmark",
                         help="report file stem and README section (<!-- NAME:start --> ... <!-- NAME:end -->)")
@@ -408,6 +491,8 @@ def main() -> None:
                         reg = named.get(f"{GAN_VARIANTS[variant][0]}{NC if nc else ''}-seed{seed}")
                         seconds = r["train_seconds"], reg and train_seconds(Path(reg))
                         r["gan_time_ratio"] = seconds[0] / seconds[1] if all(seconds) else None
+                        if GAN_VARIANTS[variant][1]:
+                            r["health"] = health(Path(named[r["model"]]).parent)
                     if not nc:
                         r["exposure"] = exposure(Path(named[r["model"]]), store, s)
                 elif r["model"].startswith("teacher") and nc:
@@ -417,7 +502,36 @@ def main() -> None:
             floors = report["noise_floor"]
     settings = {**repo_relative(report["settings"]), "max_steps": args.max_steps, "num_trajectories": args.num_trajectories,
                 "seeds": args.seeds, "invocation_seconds": time.time() - start}  # finished runs are reused
+    if args.merge:
+        rows, settings = merge_committed(rows, settings, args.results, args.name)
     write_report(rows, floors, settings, args.results, args.name)
+
+
+def merge_committed(rows: list[dict], settings: dict, results: str, name: str) -> tuple[list[dict], dict]:
+    """Add to this invocation's rows the student rows of the committed report --name that it did not evaluate
+    (other seeds or variants, from runs of an earlier checkout that no longer exist), after checking that both
+    evaluations are the same: equal EVAL_KEYS, and the K-step teacher row's metrics equal (the same evaluation
+    noises, teacher samples and reference features). A row evaluated now replaces its committed one."""
+    path = ROOT / results / f"{name.replace('-', '_')}.json"
+    if not path.exists():
+        return rows, settings
+    old = json.loads(path.read_text())
+    differ = [k for k in EVAL_KEYS if old["settings"].get(k) != settings.get(k)]
+    if differ:
+        raise SystemExit(f"--merge: {path} was evaluated with other settings ({', '.join(differ)}); use another --name")
+    def k_step_teacher(runs: list[dict]) -> dict:
+        return next(r for r in runs if r["steps"] == settings["teacher_steps"] and r["model"].startswith("teacher"))
+
+    old_teacher, new_teacher = k_step_teacher(old["runs"]), k_step_teacher(rows)
+    if any(abs(old_teacher[m] - new_teacher[m]) > 1e-3 for m in ("fid", "is", "precision", "recall")):
+        raise SystemExit(f"--merge: the teacher's row of {path} differs from this evaluation's (FID vs real "
+                         f"{old_teacher['fid']:.4f} against {new_teacher['fid']:.4f}): not the same evaluation set")
+    fresh = {(r["model"], r["steps"]) for r in rows}
+    kept = [r for r in old["runs"] if not r["model"].startswith("teacher") and (r["model"], r["steps"]) not in fresh]
+    seeds = sorted(set(settings["seeds"]) | set(old["settings"]["seeds"]))
+    students = {**old["settings"]["students"], **settings["students"]}
+    return rows + kept, {**settings, "seeds": seeds, "students": students,
+                         "merged_rows": sorted(r["model"] for r in kept)}
 
 
 def refresh_teacher_rows(results: str, name: str, work: Path) -> None:
@@ -450,16 +564,18 @@ def write_report(rows: list[dict], floors: dict, settings: dict, results: str, n
     """Aggregate, judge, and write <results>/<stem>.{json,md,png}, <stem>_exposure.png and the README section."""
     agg = aggregate(rows)
     checks = verdict(agg, settings["teacher_steps"])
+    gan_checks = gan_verdict(agg, settings["teacher_steps"])
     results = ROOT / results
     stem = name.replace("-", "_")
-    table = markdown(agg, checks, floors, settings)
+    table = markdown(agg, checks, gan_checks, floors, settings)
     write_text_atomic(results / f"{stem}.json", json.dumps(
-        {"settings": settings, "noise_floor": floors, "aggregated": agg, "verdict": checks, "runs": rows}, indent=1))
+        {"settings": settings, "noise_floor": floors, "aggregated": agg, "verdict": checks, "gan_verdict": gan_checks,
+         "runs": rows}, indent=1))
     write_text_atomic(results / f"{stem}.md", table)
     plot(agg, floors, results / f"{stem}.png", settings["teacher_steps"])
     plot_exposure(agg, results / f"{stem}_exposure.png")
     update_readme(table, name)
-    print(json.dumps({"aggregated": agg, "verdict": checks}, indent=1))
+    print(json.dumps({"aggregated": agg, "verdict": checks, "gan_verdict": gan_checks}, indent=1))
 
 
 if __name__ == "__main__":

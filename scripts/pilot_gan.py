@@ -15,7 +15,6 @@ whether the discriminator memorises the 1438 training digits. Not the benchmark 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
@@ -23,10 +22,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_digits import ROOT, fit, fit_seconds, run, update_readme  # noqa: E402
+from bench_digits import ROOT, fit, health, run, train_seconds, update_readme  # noqa: E402
 
 from ard.atomic import write_text_atomic  # noqa: E402
 
@@ -46,23 +43,6 @@ KNOBS: dict[str, list[str]] = {
                                     "--model.init_args.gan_renoise=independent",
                                     "--model.init_args.gan_noise_levels=uniform"],
 }
-HEALTH = ("gan/d_loss", "gan/logits_real", "gan/logits_fake", "gan/logits_holdout", "gan/weight")
-
-
-def health(run_dir: Path, window: int) -> dict[str, float]:
-    """Means of the discriminator's logged health over the last `window` logged iterations."""
-    rows = []
-    for path in sorted((run_dir / "csv").glob("version_*/metrics.csv")):
-        with open(path) as f:
-            rows += [r for r in csv.DictReader(f) if r.get("gan/d_loss")]
-    last = max(int(r["step"]) for r in rows)
-    out = {}
-    for key in HEALTH:
-        values = [float(r[key]) for r in rows if r.get(key) and int(r["step"]) > last - window]
-        out[key.split("/")[1]] = float(np.mean(values)) if values else None
-    return out
-
-
 def markdown(result: dict) -> str:
     st = result["settings"]
     lines = [f"S = {st['steps']}, seed {st['seed']}, {st['num_trajectories']} trajectories: the regression ARD student "
@@ -120,13 +100,13 @@ def main() -> None:
 
     rows = evaluate(students=named, undistilled_steps=[], num_samples=args.num_samples, out=str(work / "eval"),
                     cache_dir=str(work / "cache"), wandb=False)
-    reg_seconds = fit_seconds(regression)
+    reg_seconds = train_seconds(regression)
     keep = ("fid", "fid_sd", "fid_vs_teacher", "fid_vs_teacher_sd", "mse_vs_teacher", "precision", "recall")
     out_rows = []
     for r in rows:
         row = {"model": r["model"], "steps": r["steps"], **{k: r[k] for k in keep}}
         if r["model"] in named:
-            seconds = fit_seconds(Path(named[r["model"]]))
+            seconds = train_seconds(Path(named[r["model"]]))
             iterations = args.reg_steps if r["model"] == "ard" else args.gan_steps
             row |= {"train_seconds": seconds, "iterations": iterations,
                     "seconds_per_iteration_vs_regression": seconds / iterations / (reg_seconds / args.reg_steps)}

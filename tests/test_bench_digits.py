@@ -1,0 +1,76 @@
+"""The digits benchmark's bookkeeping (scripts/bench_digits.py): the discriminator's health read from a GAN stage's
+CSV log, the GAN verdict against the continued student and the teacher, and merging the rows of a committed report."""
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import bench_digits as bench  # noqa: E402
+
+TEACHER = {"model": "teacher (DDIM, w=2)", "steps": 24, "fid": 31.4, "is": 9.6, "precision": 0.85, "recall": 0.67}
+
+
+def test_health_averages_the_last_iterations(tmp_path):
+    """Lightning's step counts two optimiser steps per GAN iteration: the window of 50 iterations is 100 steps."""
+    log = tmp_path / "csv" / "version_0"
+    log.mkdir(parents=True)
+    with open(log / "metrics.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["step", *bench.HEALTH, "train/loss"])
+        w.writeheader()
+        for step in range(0, 401, 10):  # logged every 10 steps; steps 310..400 are the last 50 iterations
+            w.writerow({"step": step, "gan/d_loss": step, "gan/logits_real": 1.0, "gan/logits_fake": -1.0,
+                        "gan/logits_holdout": "" if step % 20 else 0.5, "gan/weight": 2.0})
+        w.writerow({"step": 400, "train/loss": 0.1})  # a row without the GAN's keys is ignored
+    h = bench.health(tmp_path, window=50)
+    assert h["d_loss"] == pytest.approx(sum(range(310, 401, 10)) / 10)
+    assert (h["logits_real"], h["logits_fake"], h["logits_holdout"], h["weight"]) == (1.0, -1.0, 0.5, 2.0)
+    assert bench.health(tmp_path / "none") == {}
+
+
+def test_gan_verdict_compares_with_the_continued_student_and_the_teacher():
+    agg = [TEACHER,
+           {"model": "ard-gan", "steps": 2, "fid": 24.0, "precision": 0.90},
+           {"model": "ard-continued", "steps": 2, "fid": 32.0, "precision": 0.80},
+           {"model": "baseline-gan", "steps": 2, "fid": 34.0, "precision": 0.80},
+           {"model": "baseline-continued", "steps": 2, "fid": 36.0, "precision": 0.80},
+           {"model": "ard-gan", "steps": 4, "fid": 20.0, "precision": 0.90}]  # no continued student at S = 4: no row
+    checks = {(c["model"], c["steps"]): c for c in bench.gan_verdict(agg, teacher_steps=24)}
+    assert set(checks) == {("ard-gan", 2), ("baseline-gan", 2)}
+    ard, base = checks["ard-gan", 2], checks["baseline-gan", 2]
+    assert ard["fid_reduction"] == pytest.approx(0.25) and ard["reduction_ok"]
+    assert ard["at_or_below_teacher"] and ard["precision_ok"]
+    assert base["fid_reduction"] == pytest.approx(1 - 34 / 36) and not base["reduction_ok"]
+    assert not base["at_or_below_teacher"] and not base["precision_ok"]
+
+
+def committed(tmp_path, runs, **settings):
+    results = tmp_path / "results"
+    results.mkdir(exist_ok=True)
+    base = {k: 1 for k in bench.EVAL_KEYS} | {"seeds": [0, 1], "students": {"ard-seed0": "a0", "ard-seed1": "a1"}}
+    (results / "x.json").write_text(json.dumps({"settings": base | settings, "runs": runs}))
+    return str(results), base | {"seeds": [2], "students": {"ard-seed2": "a2"}, "teacher_steps": 24}
+
+
+def test_merge_keeps_committed_rows_not_evaluated_now(tmp_path):
+    old = [TEACHER, {"model": "ard-seed0", "steps": 4, "fid": 1.0}, {"model": "ard-seed1", "steps": 4, "fid": 2.0},
+           {"model": "ard-seed2", "steps": 4, "fid": 9.0}]
+    results, settings = committed(tmp_path, old)
+    new = [dict(TEACHER), {"model": "ard-seed2", "steps": 4, "fid": 3.0}]
+    rows, merged = bench.merge_committed(new, settings, results, "x")
+    assert sorted((r["model"], r["fid"]) for r in rows if r["steps"] == 4) == [
+        ("ard-seed0", 1.0), ("ard-seed1", 2.0), ("ard-seed2", 3.0)]  # the new seed-2 row replaces the committed one
+    assert sum(r["model"].startswith("teacher") for r in rows) == 1
+    assert merged["seeds"] == [0, 1, 2] and set(merged["students"]) == {"ard-seed0", "ard-seed1", "ard-seed2"}
+    assert bench.merge_committed(new, settings, results, "y") == (new, settings)  # nothing committed: unchanged
+
+
+def test_merge_refuses_another_evaluation(tmp_path):
+    results, settings = committed(tmp_path, [TEACHER], num_samples=1000)
+    with pytest.raises(SystemExit, match="num_samples"):
+        bench.merge_committed([TEACHER], settings, results, "x")
+    results, settings = committed(tmp_path, [TEACHER])
+    with pytest.raises(SystemExit, match="not the same evaluation set"):
+        bench.merge_committed([TEACHER | {"fid": 30.0}], settings, results, "x")
