@@ -58,7 +58,7 @@ MODELS: dict[str, list[str]] = {
 }
 # Training recipes (ard/student/recipe.py): suffix -> overrides; "" is teacher forcing on the stored trajectory.
 RECIPES: dict[str, list[str]] = {
-    "": [],
+    "": ["--model.init_args.inputs=teacher", "--model.init_args.targets=trajectory"],  # stated, whatever the preset says
     "rollout": ["--model.init_args.inputs=rollout"],
     "mixed": ["--model.init_args.inputs=mixed", "--model.init_args.rollout_prob=1.0",
               "--model.init_args.rollout_ramp_steps=600"],
