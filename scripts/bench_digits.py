@@ -208,7 +208,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
         out.append(row)
     for row in out:  # training cost relative to the same model trained with teacher forcing
         plain = next((r for r in out if r["model"] == row["model"].split("+")[0] and r["steps"] == row["steps"]), None)
-        if plain and "train_seconds" in row and "train_seconds" in plain:
+        if "+" in row["model"] and plain and "train_seconds" in row and "train_seconds" in plain:
             row["train_cost_vs_teacher_forcing"] = row["train_seconds"] / plain["train_seconds"]
     return out
 
@@ -224,8 +224,13 @@ def verdict(agg: list[dict], teacher_steps: int) -> list[dict]:
             if r["steps"] != s or r["model"].startswith(("baseline", "teacher")):
                 continue
             core = r["model"].removesuffix(NC)  # compared with the baseline trained and sampled the same way
-            recipe = core.partition("+")[2]
-            base_name = "baseline" + ("+" + recipe if recipe else "") + (NC if r["model"].endswith(NC) else "")
+            if core in GAN_VARIANTS:  # a second stage: against the baseline's same second stage
+                base_core = next(v for v, (reg, adv) in GAN_VARIANTS.items()
+                                 if reg == "baseline" and adv == GAN_VARIANTS[core][1])
+            else:
+                recipe = core.partition("+")[2]
+                base_core = "baseline" + ("+" + recipe if recipe else "")
+            base_name = base_core + (NC if r["model"].endswith(NC) else "")
             base = next((b for b in agg if b["model"] == base_name and b["steps"] == s), None)
             if base is None:
                 continue
@@ -281,7 +286,12 @@ def markdown(agg: list[dict], checks: list[dict], gan_checks: list[dict], floors
              "Same-noise MSE is per pixel in [-1, 1] units. Noise floors: FID vs teacher "
              f"{floors['teacher']:.2f} (the teacher's {settings['num_samples']} samples against as many from independent "
              f"noises and labels, the rows' footing), FID vs real {floors['real']:.2f} (two random halves of the real "
-             "digits). The undistilled teacher at S steps samples at the students' boundary timesteps.", "",
+             "digits). The undistilled teacher at S steps samples at the students' boundary timesteps." + (
+                 f" GAN stages (`-gan`) and their comparisons (`-continued`): {settings['gan_steps']} more iterations "
+                 f"from the regression student of the same S and seed, {settings['gan_preset']} "
+                 f"{' '.join(settings['gan_args'])}; the EMA (decay 0.999) of each run, which in a stage this short "
+                 f"keeps {0.999 ** settings['gan_steps']:.2f} of the weights it started from."
+                 if "gan_steps" in settings else ""), "",
              "| model | steps | seeds | FID vs real | FID vs teacher | same-noise MSE | IS | precision | recall | s / image |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(agg, key=lambda r: (r["steps"] != settings["teacher_steps"], r["steps"], r["model"])):
@@ -360,7 +370,9 @@ def markdown(agg: list[dict], checks: list[dict], gan_checks: list[dict], floors
     return "\n".join(lines) + "\n"
 
 
-def plot(agg: list[dict], floors: dict, path: Path, teacher_steps: int) -> None:
+def plot(agg: list[dict], floors: dict, path: Path, teacher_steps: int, metric: str = "fid_vs_teacher") -> None:
+    """`metric` ("fid_vs_teacher" or "fid": against real digits) of every model against its step count, mean and
+    sd over seeds, with the noise floor and, against real digits, the K-step teacher's own FID."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -371,12 +383,17 @@ def plot(agg: list[dict], floors: dict, path: Path, teacher_steps: int) -> None:
     for model in models:
         rs = sorted([r for r in agg if r["model"] == model and r["steps"] != teacher_steps], key=lambda r: r["steps"])
         if rs:
-            ax.errorbar([r["steps"] for r in rs], [r["fid_vs_teacher"] for r in rs],
-                        yerr=[r["fid_vs_teacher_spread"] for r in rs], marker="o", capsize=3, label=model)
-    ax.axhline(floors["teacher"], color="grey", linestyle=":", label="teacher samples, N vs N")
+            ax.errorbar([r["steps"] for r in rs], [r[metric] for r in rs],
+                        yerr=[r[metric + "_spread"] for r in rs], marker="o", capsize=3, label=model)
+    if metric == "fid":
+        teacher = next(r for r in agg if r["model"].startswith("teacher") and r["steps"] == teacher_steps)
+        ax.axhline(teacher["fid"], color="black", linestyle="--", label=f"teacher, {teacher_steps} steps")
+        ax.axhline(floors["real"], color="grey", linestyle=":", label="real digits, two halves")
+    else:
+        ax.axhline(floors["teacher"], color="grey", linestyle=":", label="teacher samples, N vs N")
     ax.set_yscale("log")  # the undistilled teacher's few-step FIDs are 10x the students'
     ax.set_xticks(sorted({r["steps"] for r in agg if r["steps"] != teacher_steps}))
-    save_figure(fig, path, "sampling steps", "FID against the teacher's samples")
+    save_figure(fig, path, "sampling steps", "FID against " + ("real digits" if metric == "fid" else "the teacher's samples"))
 
 
 def plot_exposure(agg: list[dict], path: Path) -> None:
@@ -502,6 +519,8 @@ def main() -> None:
             floors = report["noise_floor"]
     settings = {**repo_relative(report["settings"]), "max_steps": args.max_steps, "num_trajectories": args.num_trajectories,
                 "seeds": args.seeds, "invocation_seconds": time.time() - start}  # finished runs are reused
+    if args.gan_variants:
+        settings |= {"gan_preset": "configs/digits/ard_gan.yaml", "gan_steps": args.gan_steps, "gan_args": args.gan_args}
     if args.merge:
         rows, settings = merge_committed(rows, settings, args.results, args.name)
     write_report(rows, floors, settings, args.results, args.name)
@@ -573,6 +592,8 @@ def write_report(rows: list[dict], floors: dict, settings: dict, results: str, n
          "runs": rows}, indent=1))
     write_text_atomic(results / f"{stem}.md", table)
     plot(agg, floors, results / f"{stem}.png", settings["teacher_steps"])
+    if gan_checks:  # the GAN stage's target is the data
+        plot(agg, floors, results / f"{stem}_fid_real.png", settings["teacher_steps"], metric="fid")
     plot_exposure(agg, results / f"{stem}_exposure.png")
     update_readme(table, name)
     print(json.dumps({"aggregated": agg, "verdict": checks, "gan_verdict": gan_checks}, indent=1))

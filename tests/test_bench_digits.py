@@ -74,3 +74,19 @@ def test_merge_refuses_another_evaluation(tmp_path):
     results, settings = committed(tmp_path, [TEACHER])
     with pytest.raises(SystemExit, match="not the same evaluation set"):
         bench.merge_committed([TEACHER | {"fid": 30.0}], settings, results, "x")
+
+
+def test_verdict_compares_a_second_stage_with_the_baselines_same_stage():
+    def row(model, fid_vs_teacher):
+        return {"model": model, "steps": 2, "fid": 40.0, "fid_vs_teacher": fid_vs_teacher, "fid_bootstrap_sd": 1.0,
+                "fid_vs_teacher_bootstrap_sd": 1.0}
+
+    agg = [TEACHER | {"fid_bootstrap_sd": 1.0, "fid_vs_teacher": 0.0, "fid_vs_teacher_bootstrap_sd": 1.0},
+           row("baseline", 10.0), row("ard", 9.0), row("baseline-gan", 30.0), row("ard-gan", 6.0),
+           row("baseline-continued", 20.0), row("ard-continued", 8.0), row("ard+rollout", 5.0)]
+    checks = {c["model"]: c for c in bench.verdict(agg, teacher_steps=24)}
+    assert {m: c["baseline"] for m, c in checks.items()} == {
+        "ard": "baseline", "ard-gan": "baseline-gan", "ard-continued": "baseline-continued"}  # no baseline+rollout row
+    assert checks["ard-gan"]["fid_vs_teacher"]["ratio"] == pytest.approx(0.2)
+    assert checks["ard-gan"]["fid_vs_teacher"]["meets_target"]
+    assert checks["ard-continued"]["fid_vs_teacher"]["ratio"] == pytest.approx(0.4)
