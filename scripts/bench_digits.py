@@ -3,7 +3,8 @@ knob settings, each over several training seeds, all evaluated on one shared eva
 
     python scripts/bench_digits.py [--steps 2 3 4] [--seeds 0 1 2] [--max-steps 600] [--workers 2]
 
-Runs (resumable: a finished run is skipped when the command is re-run):
+Runs (resumable: a finished run is skipped when the command is re-run, and refused if it was trained for another
+number of iterations, since run directories are named by variant, S and seed only):
   1. the training store: `scripts/precompute_trajectories.py` (K = 24 DDIM, CFG 2, every grid state);
   2. one `ard fit` per (variant, S, seed), `--workers` at a time with one thread each (the seed sets the
      data order and every random draw; the student starts from the teacher's weights, a GAN variant from
@@ -106,6 +107,10 @@ def fit(work: Path, store: Path, variant: str, steps: int, seed: int, max_steps:
     """Train one student (resumable), max_steps iterations. A GAN variant starts from `init` (an exported
     student) with configs/digits/ard_gan.yaml and `gan_args`, and logs the discriminator's health to CSV."""
     run_dir = work / "runs" / f"{variant}-S{steps}-seed{seed}"
+    done = run_dir / "train_seconds.json"
+    if done.exists() and json.loads(done.read_text()).get("iterations", max_steps) != max_steps:
+        raise SystemExit(f"{run_dir} was trained {json.loads(done.read_text())['iterations']} iterations, not "
+                         f"{max_steps}: use another --work for another training length")
     if not (run_dir / "student_ema" / "ard_sampling.json").exists():
         start = time.time()
         stage = [f"--trainer.max_steps={max_steps}", "--trainer.logger=false"]
@@ -126,7 +131,7 @@ def fit(work: Path, store: Path, variant: str, steps: int, seed: int, max_steps:
              "--trainer.enable_progress_bar=false", *VARIANTS[GAN_VARIANTS.get(variant, (variant,))[0]]],
             run_dir.with_suffix(".log"), threads)
         seconds = time.time() - start
-        write_text_atomic(run_dir / "train_seconds.json", json.dumps({"seconds": seconds, "threads": threads}))
+        write_text_atomic(done, json.dumps({"seconds": seconds, "threads": threads, "iterations": max_steps}))
         print(f"trained {run_dir.name} in {seconds:.0f} s", flush=True)
     return run_dir / "student_ema"
 

@@ -90,3 +90,15 @@ def test_verdict_compares_a_second_stage_with_the_baselines_same_stage():
     assert checks["ard-gan"]["fid_vs_teacher"]["ratio"] == pytest.approx(0.2)
     assert checks["ard-gan"]["fid_vs_teacher"]["meets_target"]
     assert checks["ard-continued"]["fid_vs_teacher"]["ratio"] == pytest.approx(0.4)
+
+
+def test_a_finished_run_of_another_length_is_refused(tmp_path):
+    """Run directories are named by variant, S and seed: a finished run trained for another number of iterations
+    must not be taken for this invocation's."""
+    run_dir = tmp_path / "runs" / "baseline-S2-seed0"
+    (run_dir / "student_ema").mkdir(parents=True)
+    (run_dir / "student_ema" / "ard_sampling.json").write_text("{}")
+    (run_dir / "train_seconds.json").write_text(json.dumps({"seconds": 1.0, "threads": 1, "iterations": 400}))
+    assert bench.fit(tmp_path, tmp_path / "store", "baseline", 2, 0, 400, 1) == run_dir / "student_ema"
+    with pytest.raises(SystemExit, match="trained 400 iterations, not 1200"):
+        bench.fit(tmp_path, tmp_path / "store", "baseline", 2, 0, 1200, 1)
