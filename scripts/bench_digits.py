@@ -88,9 +88,15 @@ GAN_FID_REDUCTION = 0.2  # issue 10's goal at S = 2: the GAN stage's FID vs real
 # Evaluation settings that must be equal for rows of a committed report to be merged with new ones (--merge)
 EVAL_KEYS = ("teacher", "teacher_identity", "solver", "num_samples", "seed", "reference", "extractor", "max_steps",
              "num_trajectories")
+
 METRICS = ("fid", "fid_vs_teacher", "mse_vs_teacher", "is", "precision", "recall", "sec_per_image")
 SENSITIVITY = 5.0  # the baseline's degradation must be at least this many bootstrap sds
 TARGET_RATIO = 0.2  # the paper: ARD degrades at most 1/5 as much as the baseline
+
+
+def second_stage(regression: str, adversarial: bool) -> str:
+    """The GAN_VARIANTS name of the second stage of `regression` with the GAN or without it (`-continued`)."""
+    return next(v for v, (reg, adv) in GAN_VARIANTS.items() if reg == regression and adv == adversarial)
 
 
 def run(cmd: list[str], log: Path, threads: int) -> None:
@@ -108,9 +114,10 @@ def fit(work: Path, store: Path, variant: str, steps: int, seed: int, max_steps:
     student) with configs/digits/ard_gan.yaml and `gan_args`, and logs the discriminator's health to CSV."""
     run_dir = work / "runs" / f"{variant}-S{steps}-seed{seed}"
     done = run_dir / "train_seconds.json"
-    if done.exists() and json.loads(done.read_text()).get("iterations", max_steps) != max_steps:
-        raise SystemExit(f"{run_dir} was trained {json.loads(done.read_text())['iterations']} iterations, not "
-                         f"{max_steps}: use another --work for another training length")
+    trained = json.loads(done.read_text()).get("iterations", max_steps) if done.exists() else max_steps
+    if trained != max_steps:
+        raise SystemExit(f"{run_dir} was trained {trained} iterations, not {max_steps}: use another --work for "
+                         "another training length")
     if not (run_dir / "student_ema" / "ard_sampling.json").exists():
         start = time.time()
         stage = [f"--trainer.max_steps={max_steps}", "--trainer.logger=false"]
@@ -230,8 +237,7 @@ def verdict(agg: list[dict], teacher_steps: int) -> list[dict]:
                 continue
             core = r["model"].removesuffix(NC)  # compared with the baseline trained and sampled the same way
             if core in GAN_VARIANTS:  # a second stage: against the baseline's same second stage
-                base_core = next(v for v, (reg, adv) in GAN_VARIANTS.items()
-                                 if reg == "baseline" and adv == GAN_VARIANTS[core][1])
+                base_core = second_stage("baseline", GAN_VARIANTS[core][1])
             else:
                 recipe = core.partition("+")[2]
                 base_core = "baseline" + ("+" + recipe if recipe else "")
@@ -261,7 +267,7 @@ def gan_verdict(agg: list[dict], teacher_steps: int) -> list[dict]:
         variant = r["model"].removesuffix(NC)
         if variant not in GAN_VARIANTS or not GAN_VARIANTS[variant][1]:
             continue
-        name = GAN_VARIANTS[variant][0] + "-continued" + r["model"][len(variant):]
+        name = second_stage(GAN_VARIANTS[variant][0], False) + r["model"][len(variant):]
         other = next((c for c in agg if c["model"] == name and c["steps"] == r["steps"]), None)
         if other is None:
             continue
@@ -543,6 +549,7 @@ def merge_committed(rows: list[dict], settings: dict, results: str, name: str) -
     differ = [k for k in EVAL_KEYS if old["settings"].get(k) != settings.get(k)]
     if differ:
         raise SystemExit(f"--merge: {path} was evaluated with other settings ({', '.join(differ)}); use another --name")
+
     def k_step_teacher(runs: list[dict]) -> dict:
         return next(r for r in runs if r["steps"] == settings["teacher_steps"] and r["model"].startswith("teacher"))
 
