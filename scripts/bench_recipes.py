@@ -9,7 +9,9 @@ for --warmup + --iterations iterations on --store, one thread, no validation, ch
 times every iteration from batch start to batch end (the recipe's rollout or teacher run, the student's forward
 and backward, the optimiser step, the EMA update): wall time and this process's CPU time. Medians over the timed
 iterations; the ratio to teacher forcing uses CPU time (the 2-core machine may be shared: wall time depends on
-the other jobs, the CPU time of a one-thread process much less).
+the other jobs, the CPU time of a one-thread process much less). `mixed` draws rollout inputs with a probability
+ramped over bench_digits's 600 iterations: in the first iterations timed here it costs about what teacher forcing
+does, at the end of its ramp what `rollout` does.
 """
 from __future__ import annotations
 
