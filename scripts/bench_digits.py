@@ -430,6 +430,57 @@ def plot_exposure(agg: list[dict], path: Path) -> None:
     save_figure(fig, path, "student step s (error of x_{s})", "MSE to the teacher's state")
 
 
+# Issue 9's grid (ARD_METHOD.md sec. 8): every student depth, each trained on the teacher's and on its own states.
+GRID_MODELS = ("baseline", "ard-N1", "ard-N2", "ard")
+GRID_RECIPES = ("", "rollout")
+
+
+def recipe_grid(results: str, names: list[str]) -> str:
+    """Markdown: per S, every student (GRID_MODELS, then any other one the reports hold) against every recipe
+    (GRID_RECIPES, then any other one), the FID against the teacher's samples and the same-noise MSE, mean ± sd
+    over seeds, from the committed reports `names` (a cell found in several: the one with most seeds, then the
+    later report); "not run" where none holds it."""
+    cells: dict[tuple[int, str, str], tuple[dict, int]] = {}
+    for i, name in enumerate(names):
+        path = ROOT / results / f"{name.replace('-', '_')}.json"
+        report = json.loads(path.read_text())
+        budget = report["settings"]["max_steps"], report["settings"]["num_trajectories"]
+        if budget != (1200, 8192):
+            raise SystemExit(f"{path}: trained {budget[0]} iterations on {budget[1]} trajectories, not the grid's "
+                             "1200 on 8192")
+        for r in report["aggregated"]:
+            if r["model"] not in VARIANTS:  # teachers, noise-corrected rows, GAN stages
+                continue
+            model, _, recipe = r["model"].partition("+")
+            key = (r["steps"], model, recipe)
+            if key not in cells or r["seeds"] >= cells[key][0]["seeds"]:
+                cells[key] = r, i
+    recipes = [*GRID_RECIPES, *sorted({k[2] for k in cells} - set(GRID_RECIPES))]
+    models = [*GRID_MODELS, *sorted({k[1] for k in cells} - set(GRID_MODELS))]
+    label = {"": "teacher forcing", "ard": "ard (N = 6)"}
+    lines = ["FID against the teacher's samples / same-noise MSE, mean ± sd over the training seeds (n), "
+             "1200 iterations on 8192 trajectories; the letter names the report. Reports: "
+             + ", ".join(f"({chr(97 + i)}) `{n}`" for i, n in enumerate(names)) + ".", ""]
+    for steps in sorted({k[0] for k in cells}, reverse=True):
+        lines += [f"| S = {steps} | " + " | ".join(label.get(r, r) for r in recipes) + " |",
+                  "|---|" + "---|" * len(recipes)]
+        for model in models:
+            row = []
+            for recipe in recipes:
+                r, i = cells.get((steps, model, recipe), (None, None))
+                if r is None:
+                    row.append("not run")
+                    continue
+                sd = (f" ± {r['fid_vs_teacher_spread']:.1f}", f" ± {r['mse_vs_teacher_spread']:.4f}") \
+                    if r["seeds"] > 1 else ("", "")
+                row.append(f"{r['fid_vs_teacher']:.1f}{sd[0]} / {r['mse_vs_teacher']:.4f}{sd[1]} ({r['seeds']}, "
+                           f"{chr(97 + i)})")
+            if any(c != "not run" for c in row) or model in GRID_MODELS:
+                lines.append(f"| {label.get(model, model)} | " + " | ".join(row) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def update_readme(table: str, name: str) -> None:
     """Replace the README's section between `<!-- name:start -->` and `<!-- name:end -->` (if it has one)."""
     readme = ROOT / "README.md"
@@ -465,11 +516,18 @@ def main() -> None:
     parser.add_argument("--merge", action="store_true",
                         help="keep the student rows of the committed report --name that this invocation does not "
                              "evaluate (runs of an earlier checkout), if it was evaluated the same way")
+    parser.add_argument("--grid", nargs="+", metavar="REPORT",
+                        help="only write the recipe grid (recipe_grid) of these committed reports to "
+                             "<results>/<name>.md and the README section --name")
     parser.add_argument("--results", default="docs/results", help="where the report goes")
     parser.add_argument("--name", default="digits-benchmark",
                         help="report file stem and README section (<!-- NAME:start --> ... <!-- NAME:end -->)")
     args = parser.parse_args()
 
+    if args.grid:
+        table = recipe_grid(args.results, args.grid)
+        write_text_atomic(ROOT / args.results / f"{args.name.replace('-', '_')}.md", table)
+        return update_readme(table, args.name)
     work = (ROOT / args.work).resolve()
     if args.refresh_teacher_rows:
         return refresh_teacher_rows(args.results, args.name, work)

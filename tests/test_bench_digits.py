@@ -102,3 +102,27 @@ def test_a_finished_run_of_another_length_is_refused(tmp_path):
     assert bench.fit(tmp_path, tmp_path / "store", "baseline", 2, 0, 400, 1) == run_dir / "student_ema"
     with pytest.raises(SystemExit, match="trained 400 iterations, not 1200"):
         bench.fit(tmp_path, tmp_path / "store", "baseline", 2, 0, 1200, 1)
+
+
+def test_recipe_grid_takes_each_cell_from_the_report_with_most_seeds(tmp_path):
+    def report(name, rows, max_steps=1200):
+        agg = [{"model": m, "steps": s, "seeds": n, "fid_vs_teacher": fid, "fid_vs_teacher_spread": 1.0,
+                "mse_vs_teacher": 0.03, "mse_vs_teacher_spread": 0.001} for m, s, n, fid in rows]
+        (tmp_path / f"{name}.json").write_text(json.dumps(
+            {"settings": {"max_steps": max_steps, "num_trajectories": 8192}, "aggregated": agg}))
+
+    report("old", [("baseline", 4, 3, 30.0), ("ard-N2", 4, 1, 31.0), ("teacher (DDIM, w=2)", 4, 1, 99.0),
+                   ("baseline [nc]", 4, 3, 29.0)])
+    report("new", [("ard-N2", 4, 3, 32.0), ("ard-N2+rollout", 4, 1, 20.0), ("ard-closed-gatelr+rollout", 4, 1, 19.0),
+                   ("baseline+rollout", 2, 2, 25.0)])
+    table = bench.recipe_grid(str(tmp_path), ["old", "new"])
+    s4 = table.split("| S = 2 |")[0]
+    rows = {line.split(" | ")[0].strip("| "): line for line in s4.splitlines() if line.startswith("| ")}
+    assert "| baseline | 30.0 ± 1.0 / 0.0300 ± 0.0010 (3, a) | not run |" in table  # S = 4, from the first report
+    assert "32.0 ± 1.0 / 0.0300 ± 0.0010 (3, b) | 20.0 / 0.0300 (1, b) |" in rows["ard-N2"]  # 3 seeds beat 1
+    assert rows["ard (N = 6)"].endswith("not run | not run |") and "99.0" not in table and "29.0" not in table
+    assert "| ard-closed-gatelr | not run | 19.0 / 0.0300 (1, b) |" in s4  # models beyond the grid: a row of their own
+    assert "| baseline | not run | 25.0 ± 1.0 / 0.0300 ± 0.0010 (2, b) |" in table.split("| S = 2 |")[1]
+    report("short", [("baseline", 4, 3, 30.0)], max_steps=400)
+    with pytest.raises(SystemExit, match="short.json: trained 400 iterations"):
+        bench.recipe_grid(str(tmp_path), ["short"])
