@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Students: name -> `ard fit` overrides of configs/digits/ard.yaml (the knobs of ard.student.ARDStudent).
 MODELS: dict[str, list[str]] = {
     "baseline": ["--model.init_args.history_blocks=0"],
-    "ard": [],  # history in all 6 blocks, plain start (the student's defaults)
+    "ard": ["--model.init_args.history_blocks=6"],  # history in all 6 blocks, plain start
     "ard-N1": ["--model.init_args.history_blocks=1"],
     "ard-N2": ["--model.init_args.history_blocks=2"],
     "ard-N3": ["--model.init_args.history_blocks=3"],

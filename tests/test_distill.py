@@ -242,7 +242,7 @@ def test_baseline_preset_only_turns_history_off(capsys):
     differ = {k: (printed["ard"][k], printed["baseline"][k]) for k in printed["ard"]
               if printed["ard"][k] != printed["baseline"][k]}
     assert set(printed["ard"]) == set(printed["baseline"])
-    assert differ == {"model.init_args.history_blocks": (6, 0),
+    assert differ == {"model.init_args.history_blocks": (1, 0),
                       "trainer.default_root_dir": ("runs/digits/ard", "runs/digits/baseline"),
                       "trainer.logger.init_args.name": ("ard", "baseline")}
 
