@@ -430,9 +430,16 @@ def plot_exposure(agg: list[dict], path: Path) -> None:
     save_figure(fig, path, "student step s (error of x_{s})", "MSE to the teacher's state")
 
 
-# Issue 9's grid (ARD_METHOD.md sec. 8): every student depth, each trained on the teacher's and on its own states.
+def report_stem(name: str) -> str:
+    """File stem of the report --name: <results>/<stem>.{json,md,png}."""
+    return name.replace("-", "_")
+
+
+# Issue 9's grid (ARD_METHOD.md sec. 8): every student depth, each trained on the teacher's and on its own states,
+# at the long budget (iterations, trajectories).
 GRID_MODELS = ("baseline", "ard-N1", "ard-N2", "ard")
 GRID_RECIPES = ("", "rollout")
+GRID_BUDGET = (1200, 8192)
 
 
 def recipe_grid(results: str, names: list[str]) -> str:
@@ -442,12 +449,12 @@ def recipe_grid(results: str, names: list[str]) -> str:
     later report); "not run" where none holds it."""
     cells: dict[tuple[int, str, str], tuple[dict, int]] = {}
     for i, name in enumerate(names):
-        path = ROOT / results / f"{name.replace('-', '_')}.json"
+        path = ROOT / results / f"{report_stem(name)}.json"
         report = json.loads(path.read_text())
         budget = report["settings"]["max_steps"], report["settings"]["num_trajectories"]
-        if budget != (1200, 8192):
+        if budget != GRID_BUDGET:
             raise SystemExit(f"{path}: trained {budget[0]} iterations on {budget[1]} trajectories, not the grid's "
-                             "1200 on 8192")
+                             f"{GRID_BUDGET[0]} on {GRID_BUDGET[1]}")
         for r in report["aggregated"]:
             if r["model"] not in VARIANTS:  # teachers, noise-corrected rows, GAN stages
                 continue
@@ -459,7 +466,7 @@ def recipe_grid(results: str, names: list[str]) -> str:
     models = [*GRID_MODELS, *sorted({k[1] for k in cells} - set(GRID_MODELS))]
     label = {"": "teacher forcing", "ard": "ard (N = 6)"}
     lines = ["FID against the teacher's samples / same-noise MSE, mean ± sd over the training seeds (n), "
-             "1200 iterations on 8192 trajectories; the letter names the report. Reports: "
+             f"{GRID_BUDGET[0]} iterations on {GRID_BUDGET[1]} trajectories; the letter names the report. Reports: "
              + ", ".join(f"({chr(97 + i)}) `{n}`" for i, n in enumerate(names)) + ".", ""]
     for steps in sorted({k[0] for k in cells}, reverse=True):
         lines += [f"| S = {steps} | " + " | ".join(label.get(r, r) for r in recipes) + " |",
@@ -526,7 +533,7 @@ def main() -> None:
 
     if args.grid:
         table = recipe_grid(args.results, args.grid)
-        write_text_atomic(ROOT / args.results / f"{args.name.replace('-', '_')}.md", table)
+        write_text_atomic(ROOT / args.results / f"{report_stem(args.name)}.md", table)
         return update_readme(table, args.name)
     work = (ROOT / args.work).resolve()
     if args.refresh_teacher_rows:
@@ -600,7 +607,7 @@ def merge_committed(rows: list[dict], settings: dict, results: str, name: str) -
     (other seeds or variants, from runs of an earlier checkout that no longer exist), after checking that both
     evaluations are the same: equal EVAL_KEYS, and the K-step teacher row's metrics equal (the same evaluation
     noises, teacher samples and reference features). A row evaluated now replaces its committed one."""
-    path = ROOT / results / f"{name.replace('-', '_')}.json"
+    path = ROOT / results / f"{report_stem(name)}.json"
     if not path.exists():
         return rows, settings
     old = json.loads(path.read_text())
@@ -630,7 +637,7 @@ def refresh_teacher_rows(results: str, name: str, work: Path) -> None:
     metrics are unchanged by what a refresh is for (the undistilled rows' timesteps, the teacher floor)."""
     from ard.evaluate import evaluate
 
-    stem = name.replace("-", "_")
+    stem = report_stem(name)
     old = json.loads((ROOT / results / f"{stem}.json").read_text())
     settings = old["settings"]
     steps = sorted({r["steps"] for r in old["runs"]} - {settings["teacher_steps"]})
@@ -655,7 +662,7 @@ def write_report(rows: list[dict], floors: dict, settings: dict, results: str, n
     checks = verdict(agg, settings["teacher_steps"])
     gan_checks = gan_verdict(agg, settings["teacher_steps"])
     results = ROOT / results
-    stem = name.replace("-", "_")
+    stem = report_stem(name)
     table = markdown(agg, checks, gan_checks, floors, settings)
     write_text_atomic(results / f"{stem}.json", json.dumps(
         {"settings": settings, "noise_floor": floors, "aggregated": agg, "verdict": checks, "gan_verdict": gan_checks,
