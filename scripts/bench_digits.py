@@ -446,8 +446,9 @@ def recipe_grid(results: str, names: list[str]) -> str:
     """Markdown: per S, every student (GRID_MODELS, then any other one the reports hold) against every recipe
     (GRID_RECIPES, then any other one), the FID against the teacher's samples and the same-noise MSE, mean ± sd
     over seeds, from the committed reports `names` (a cell found in several: the one with most seeds, then the
-    later report); "not run" where none holds it."""
-    cells: dict[tuple[int, str, str], tuple[dict, int]] = {}
+    later report); "not run" where none holds it. Then, per S, the same table sampled with noise correction (the
+    reports' NC rows), with the rows and recipes that have any."""
+    cells: dict[tuple[str, int, str, str], tuple[dict, int]] = {}  # (NC or "", S, model, recipe)
     for i, name in enumerate(names):
         path = ROOT / results / f"{report_stem(name)}.json"
         report = json.loads(path.read_text())
@@ -456,35 +457,43 @@ def recipe_grid(results: str, names: list[str]) -> str:
             raise SystemExit(f"{path}: trained {budget[0]} iterations on {budget[1]} trajectories, not the grid's "
                              f"{GRID_BUDGET[0]} on {GRID_BUDGET[1]}")
         for r in report["aggregated"]:
-            if r["model"] not in VARIANTS:  # teachers, noise-corrected rows, GAN stages
+            variant = r["model"].removesuffix(NC)
+            if variant not in VARIANTS:  # teachers, GAN stages
                 continue
-            model, _, recipe = r["model"].partition("+")
-            key = (r["steps"], model, recipe)
+            model, _, recipe = variant.partition("+")
+            key = (NC if r["model"].endswith(NC) else "", r["steps"], model, recipe)
             if key not in cells or r["seeds"] >= cells[key][0]["seeds"]:
                 cells[key] = r, i
-    recipes = [*GRID_RECIPES, *sorted({k[2] for k in cells} - set(GRID_RECIPES))]
-    models = [*GRID_MODELS, *sorted({k[1] for k in cells} - set(GRID_MODELS))]
     label = {"": "teacher forcing", "ard": "ard (N = 6)"}
     lines = ["FID against the teacher's samples / same-noise MSE, mean ± sd over the training seeds (n), "
              f"{GRID_BUDGET[0]} iterations on {GRID_BUDGET[1]} trajectories; the letter names the report. Reports: "
              + ", ".join(f"({chr(97 + i)}) `{n}`" for i, n in enumerate(names)) + ".", ""]
-    for steps in sorted({k[0] for k in cells}, reverse=True):
-        lines += [f"| S = {steps} | " + " | ".join(label.get(r, r) for r in recipes) + " |",
-                  "|---|" + "---|" * len(recipes)]
-        for model in models:
-            row = []
-            for recipe in recipes:
-                r, i = cells.get((steps, model, recipe), (None, None))
-                if r is None:
-                    row.append("not run")
-                    continue
-                sd = (f" ± {r['fid_vs_teacher_spread']:.1f}", f" ± {r['mse_vs_teacher_spread']:.4f}") \
-                    if r["seeds"] > 1 else ("", "")
-                row.append(f"{r['fid_vs_teacher']:.1f}{sd[0]} / {r['mse_vs_teacher']:.4f}{sd[1]} ({r['seeds']}, "
-                           f"{chr(97 + i)})")
-            if any(c != "not run" for c in row) or model in GRID_MODELS:
-                lines.append(f"| {label.get(model, model)} | " + " | ".join(row) + " |")
-        lines.append("")
+    for nc in ("", NC):
+        held = {k[1:] for k in cells if k[0] == nc}
+        if nc and held:
+            lines += ["Sampled with noise correction (the first step's predicted noise replaced by the input noise; "
+                      "the same students):", ""]
+        recipes = [r for r in GRID_RECIPES if not nc or any(k[2] == r for k in held)]
+        recipes += sorted({k[2] for k in held} - set(GRID_RECIPES))
+        models = [m for m in GRID_MODELS if not nc or any(k[1] == m for k in held)]
+        models += sorted({k[1] for k in held} - set(GRID_MODELS))
+        for steps in sorted({k[0] for k in held}, reverse=True):
+            lines += [f"| S = {steps}{nc} | " + " | ".join(label.get(r, r) for r in recipes) + " |",
+                      "|---|" + "---|" * len(recipes)]
+            for model in models:
+                row = []
+                for recipe in recipes:
+                    r, i = cells.get((nc, steps, model, recipe), (None, None))
+                    if r is None:
+                        row.append("not run")
+                        continue
+                    sd = (f" ± {r['fid_vs_teacher_spread']:.1f}", f" ± {r['mse_vs_teacher_spread']:.4f}") \
+                        if r["seeds"] > 1 else ("", "")
+                    row.append(f"{r['fid_vs_teacher']:.1f}{sd[0]} / {r['mse_vs_teacher']:.4f}{sd[1]} "
+                               f"({r['seeds']}, {chr(97 + i)})")
+                if any(c != "not run" for c in row) or (model in GRID_MODELS and not nc):
+                    lines.append(f"| {label.get(model, model)} | " + " | ".join(row) + " |")
+            lines.append("")
     return "\n".join(lines)
 
 

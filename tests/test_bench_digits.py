@@ -120,9 +120,13 @@ def test_recipe_grid_takes_each_cell_from_the_report_with_most_seeds(tmp_path):
     rows = {line.split(" | ")[0].strip("| "): line for line in s4.splitlines() if line.startswith("| ")}
     assert "| baseline | 30.0 ± 1.0 / 0.0300 ± 0.0010 (3, a) | not run |" in table  # S = 4, from the first report
     assert "32.0 ± 1.0 / 0.0300 ± 0.0010 (3, b) | 20.0 / 0.0300 (1, b) |" in rows["ard-N2"]  # 3 seeds beat 1
-    assert rows["ard (N = 6)"].endswith("not run | not run |") and "99.0" not in table and "29.0" not in table
+    assert rows["ard (N = 6)"].endswith("not run | not run |") and "99.0" not in table
     assert "| ard-closed-gatelr | not run | 19.0 / 0.0300 (1, b) |" in s4  # models beyond the grid: a row of their own
     assert "| baseline | not run | 25.0 ± 1.0 / 0.0300 ± 0.0010 (2, b) |" in table.split("| S = 2 |")[1]
+    nc = table.split("| S = 4 [nc] |")[1]  # noise-corrected rows: their own table, only what was sampled that way
+    assert "29.0" not in table.split("| S = 4 [nc] |")[0] and "| S = 2 [nc]" not in table
+    assert nc.splitlines()[0] == " teacher forcing |" and "| baseline | 29.0 ± 1.0 / 0.0300 ± 0.0010 (3, a) |" in nc
+    assert "ard-N2" not in nc
     report("short", [("baseline", 4, 3, 30.0)], max_steps=400)
     with pytest.raises(SystemExit, match="short.json: trained 400 iterations"):
         bench.recipe_grid(str(tmp_path), ["short"])
