@@ -65,6 +65,9 @@ RECIPES: dict[str, list[str]] = {
               "--model.init_args.rollout_ramp_steps=600"],
     "backward": ["--model.init_args.inputs=rollout", "--model.init_args.targets=teacher_from_state"],
     "srl": ["--model.init_args.inputs=rollout", "--model.init_args.targets=shifted_reconstruction"],
+    # SRL re-noised far below the student's timestep, so that its top steps' targets keep the student's x0
+    "srl-shift0.1": ["--model.init_args.inputs=rollout", "--model.init_args.targets=shifted_reconstruction",
+                     "--model.init_args.srl_shift=0.1"],
 }
 # A variant is a model, optionally followed by "+" and a recipe: "ard-N2+rollout".
 VARIANTS: dict[str, list[str]] = {m + ("+" + r if r else ""): MODELS[m] + RECIPES[r] for m in MODELS for r in RECIPES}
@@ -444,7 +447,7 @@ GRID_BUDGET = (1200, 8192)
 
 def recipe_grid(results: str, names: list[str]) -> str:
     """Markdown: per S, every student (GRID_MODELS, then any other one the reports hold) against every recipe
-    (GRID_RECIPES, then any other one), the FID against the teacher's samples and the same-noise MSE, mean ± sd
+    (GRID_RECIPES, then any other one run at that S), the FID against the teacher's samples and the same-noise MSE, mean ± sd
     over seeds, from the committed reports `names` (a cell found in several: the one with most seeds, then the
     later report); "not run" where none holds it. Then, per S, the same table sampled with noise correction (the
     reports' NC rows), with the rows and recipes that have any."""
@@ -473,11 +476,11 @@ def recipe_grid(results: str, names: list[str]) -> str:
         if nc and held:
             lines += ["Sampled with noise correction (the first step's predicted noise replaced by the input noise; "
                       "the same students):", ""]
-        recipes = [r for r in GRID_RECIPES if not nc or any(k[2] == r for k in held)]
-        recipes += sorted({k[2] for k in held} - set(GRID_RECIPES))
         models = [m for m in GRID_MODELS if not nc or any(k[1] == m for k in held)]
         models += sorted({k[1] for k in held} - set(GRID_MODELS))
         for steps in sorted({k[0] for k in held}, reverse=True):
+            at = {k[2] for k in held if k[0] == steps}  # the recipes run at this S
+            recipes = [r for r in GRID_RECIPES if not nc or r in at] + sorted(at - set(GRID_RECIPES))
             lines += [f"| S = {steps}{nc} | " + " | ".join(label.get(r, r) for r in recipes) + " |",
                       "|---|" + "---|" * len(recipes)]
             for model in models:

@@ -114,7 +114,7 @@ def test_recipe_grid_takes_each_cell_from_the_report_with_most_seeds(tmp_path):
     report("old", [("baseline", 4, 3, 30.0), ("ard-N2", 4, 1, 31.0), ("teacher (DDIM, w=2)", 4, 1, 99.0),
                    ("baseline [nc]", 4, 3, 29.0)])
     report("new", [("ard-N2", 4, 3, 32.0), ("ard-N2+rollout", 4, 1, 20.0), ("ard-closed-gatelr+rollout", 4, 1, 19.0),
-                   ("baseline+rollout", 2, 2, 25.0)])
+                   ("baseline+rollout", 2, 2, 25.0), ("ard-N1+backward", 4, 2, 31.5)])
     table = bench.recipe_grid(str(tmp_path), ["old", "new"])
     s4 = table.split("| S = 2 |")[0]
     rows = {line.split(" | ")[0].strip("| "): line for line in s4.splitlines() if line.startswith("| ")}
@@ -122,6 +122,9 @@ def test_recipe_grid_takes_each_cell_from_the_report_with_most_seeds(tmp_path):
     assert "32.0 ± 1.0 / 0.0300 ± 0.0010 (3, b) | 20.0 / 0.0300 (1, b) |" in rows["ard-N2"]  # 3 seeds beat 1
     assert rows["ard (N = 6)"].endswith("not run | not run |") and "99.0" not in table
     assert "| ard-closed-gatelr | not run | 19.0 / 0.0300 (1, b) |" in s4  # models beyond the grid: a row of their own
+    assert "| S = 4 | teacher forcing | rollout | backward |" in table  # a recipe beyond the grid: its own column,
+    assert "31.5 ± 1.0 / 0.0300 ± 0.0010 (2, b) |" in rows["ard-N1"]  # only where it was run
+    assert "| S = 2 | teacher forcing | rollout |\n" in table
     assert "| baseline | not run | 25.0 ± 1.0 / 0.0300 ± 0.0010 (2, b) |" in table.split("| S = 2 |")[1]
     nc = table.split("| S = 4 [nc] |")[1]  # noise-corrected rows: their own table, only what was sampled that way
     assert "29.0" not in table.split("| S = 4 [nc] |")[0] and "| S = 2 [nc]" not in table

@@ -159,3 +159,6 @@ def test_bad_recipe_knobs_fail_in_one_line(teacher_dir):
     with pytest.raises(ValueError, match="rollout_prob=1.5 must lie in"):
         ARDDistillation(teacher=str(teacher_dir), history_blocks=2, inputs="mixed", rollout_prob=1.5,
                         samples_per_class=0)
+    with pytest.raises(ValueError, match="srl_shift=0.0 must be > 0"):
+        ARDDistillation(teacher=str(teacher_dir), history_blocks=2, targets="shifted_reconstruction",
+                        srl_shift=0.0, samples_per_class=0)

@@ -207,6 +207,8 @@ class ARDDistillation(L.LightningModule):
                              f"{rollout_ramp_steps} be >= 0")
         if targets == "shifted_reconstruction" and output == "next_state":
             raise ValueError("targets='shifted_reconstruction' needs an x0-prediction: output 'eps' or 'x0'")
+        if not srl_shift > 0:
+            raise ValueError(f"srl_shift={srl_shift} must be > 0 (1: re-noise at the student's input timestep)")
         self.loss_fn = StepMSELoss(targets)  # completed with the store's solver in setup
         self._init_timesteps = self._load_init_student(init_student) if init_student is not None else None
         # ARD + GAN (sec. 4): trainable heads on the frozen teacher's features; none when gan_weight is 0, so
