@@ -9,11 +9,19 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import get_args
 
 import torch
 
-CLEAN = -1  # timestep label of the final (clean) state (= ard.diffusion.CLEAN, which imports the teacher)
+CLEAN = -1  # timestep label of the final (clean) state, alpha_bar = 1 (the one definition; ard.diffusion re-exports it)
 NUM_TRAIN_TIMESTEPS = 1000  # the DiT schedule's timesteps: a state's timestep lies in [0, 1000)
+
+
+def check_choice(name: str, value: str, kind) -> str:
+    """Raise a one-line error naming the knob when `value` is not one of the Literal `kind`'s choices."""
+    if value not in get_args(kind):
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, get_args(kind)))}")
+    return value
 
 
 def first_non_finite(tensors: Mapping[str, torch.Tensor | None]) -> str | None:

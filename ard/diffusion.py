@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler
 
+from ard.checks import CLEAN  # noqa: F401 (re-exported: the timestep label of the clean state)
 from ard.teacher import check_labels, eps_from_output, null_class
 
 TimestepSpacing = Literal["leading", "trailing"]
-CLEAN = -1  # timestep label of the final (clean) state
 # Which epsilon channels CFG guides: "all" (ard's default) or "dit", facebookresearch/DiT's forward_with_cfg,
 # which guides only the first 3 channels and keeps the conditional epsilon elsewhere (4-channel latents: the
 # fourth channel is unguided).
@@ -80,6 +80,12 @@ def alpha_bar(scheduler: DDIMScheduler, timesteps: torch.Tensor) -> torch.Tensor
     """alpha_bar(t) for integer timesteps, with CLEAN (-1) mapped to 1."""
     table = torch.cat([torch.ones(1, dtype=torch.float64), scheduler.alphas_cumprod.double()])
     return table.to(timesteps.device)[timesteps.long() + 1]
+
+
+def q_sample(x0: torch.Tensor, ab: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(ab) x0 + sqrt(1 - ab) noise: a draw of q(x_t | x0) (Ho et al. 2020, eq. 4); ab = alpha_bar_t
+    broadcastable to x0 (e.g. (B, 1, 1, 1)) and of its dtype."""
+    return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
 
 
 def predict_x0(x: torch.Tensor, eps: torch.Tensor, ab: torch.Tensor, clip_x0: bool = False) -> torch.Tensor:

@@ -9,7 +9,7 @@ Quirks of diffusers' DiT (see ../shared/STACK_NOTES.md), handled here and only h
 - learned sigma: `out_channels == 2 * in_channels`; epsilon is the first `in_channels` channels
   (`eps_from_output`);
 - the null (unconditional) class is index `num_embeds_ada_norm` (`null_class`);
-- there is no `set_attn_processor` on this class: processors are set per block (`set_processor`);
+- there is no `set_attn_processor` on this class: processors are set per block (`attn1.set_processor`);
 - its numerics differ from the official DiT in two places (`set_numerics`): the timestep frequencies
   (diffusers exp(-ln(1e4) i / 127), DiT exp(-ln(1e4) i / 128)) and the LayerNorm eps before the MLP
   (diffusers 1e-5, DiT 1e-6). Weights trained by facebookresearch/DiT need "dit", ours "diffusers".
@@ -23,6 +23,8 @@ from typing import Literal, get_args
 
 import torch
 from diffusers import DiTTransformer2DModel
+
+from ard.checks import check_finite_weights
 
 # Named sizes (facebookresearch/DiT models.py; ImageNet-256 latents 4x32x32, learned sigma) and the
 # digits teacher of the embedded default (8x8 pixels, 1 channel, epsilon only).
@@ -143,12 +145,6 @@ def check_labels(model: DiTTransformer2DModel, labels: torch.Tensor, allow_null:
                          f"(num_classes={num_classes(model)})")
 
 
-def set_processor(model: DiTTransformer2DModel, processor, blocks: range | None = None) -> None:
-    """Install an attention processor on the self-attention of the given blocks (all by default)."""
-    for i in blocks if blocks is not None else range(len(model.transformer_blocks)):
-        model.transformer_blocks[i].attn1.set_processor(processor)
-
-
 def _check_state_dict(state: dict[str, torch.Tensor], model: DiTTransformer2DModel, source: str) -> None:
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -207,8 +203,6 @@ def load_teacher(path: str | Path = DIGITS_TEACHER, size: str | None = None,
         _check_state_dict(state, model, str(path))
         model.load_state_dict(state)
         set_numerics(model, numerics or ("dit" if official else None))
-    from ard.checks import check_finite_weights  # (ard.checks imports ard.diffusion, which imports this module)
-
     check_finite_weights(model.state_dict(), str(path))
     return disable_label_dropout(model).eval()
 

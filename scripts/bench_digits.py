@@ -171,9 +171,9 @@ def health(run_dir: Path, window: int = HEALTH_WINDOW) -> dict[str, float | None
 
 def exposure(student_dir: Path, store: Path, steps: int) -> dict[str, list[float]]:
     """Per student step, the mean squared distance to the teacher's state on the store's held-out trajectories,
-    fed the teacher's states ("fed") and on its own states ("own"): ard.metrics.exposure."""
+    fed the teacher's states ("fed") and on its own states ("own"): ard.student.exposure."""
     from ard.data.trajectories import TrajectoryDataModule
-    from ard.metrics.exposure import exposure_errors
+    from ard.student.exposure import exposure_errors
     from ard.modules.distill import load_exported
 
     student, _ = load_exported(student_dir)
@@ -334,7 +334,7 @@ def markdown(agg: list[dict], checks: list[dict], gan_checks: list[dict], floors
         lines.append(f"| {c['steps']} | {c['model']} | " + " | ".join(cells) + " |")
     exposed = sorted((r for r in agg if "exposure" in r), key=lambda r: (r["steps"], r["model"]))
     if exposed:
-        lines += ["", "Exposure bias (ard.metrics.exposure, the store's 512 held-out trajectories): per student step, "
+        lines += ["", "Exposure bias (ard.student.exposure, the store's 512 held-out trajectories): per student step, "
                   "the mean squared distance to the teacher's next state when fed the teacher's states (fed) and on "
                   "the student's own states from x_T (own); the last step's gap is what the student's own states add "
                   "to its final error, the most that history could remove. Training cost: wall time of the run "

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ard.diffusion import alpha_bar, ddim_grid, ddim_sample, make_scheduler
-from ard.metrics.exposure import exposure_errors
+from ard.student.exposure import exposure_errors
 from ard.modules.distill import ARDDistillation, load_exported
 from ard.student import ARDStudent, HistoryContext, StepMSELoss, sample
 from ard.student.recipe import (rollout_probability, shift_timesteps, shifted_reconstruction, student_inputs,

@@ -15,7 +15,7 @@ Configured by the trainer, not here (see the YAML presets): EMA weights (Lightni
 ends), gradient clipping (`gradient_clip_val`), bf16-mixed precision on GPU, checkpointing and DDP.
 What the module adds for them: validation (per-step loss of the EMA student on held-out trajectories, fed
 the teacher's states as `val/loss_step{s}` and its own states as `val/rollout_mse_step{s}`: the error that
-exposure bias adds, ard.metrics.exposure) and the sample grid, both made with the EMA weights; the boundary timesteps of the store,
+exposure bias adds, ard.student.exposure) and the sample grid, both made with the EMA weights; the boundary timesteps of the store,
 kept in every checkpoint so a checkpoint can be sampled without the store; the standalone EMA student
 (`<default_root_dir>/student_ema/`, see `export_student`) written when fitting ends.
 
@@ -46,7 +46,7 @@ from ard.atomic import atomic_directory
 from ard.checks import check_finite_weights, check_timesteps, stop_on_non_finite
 from ard.diffusion import ddim_grid, recorded_solver
 from ard.data.real import RealSamples
-from ard.metrics.exposure import exposure_errors
+from ard.student.exposure import exposure_errors
 from ard.student import ARDStudent, HeadKind, HistoryStart, MaskKind, OutputKind, StepMSELoss, sample
 from ard.student.attention import check_choice
 from ard.student.gan import (GAN_LOSSES, AugmentKind, FakeKind, GanLossKind, NoiseLevels, RenoiseKind,

@@ -15,7 +15,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from ard.diffusion import ddim_sample, make_scheduler
+from ard.diffusion import ddim_sample, make_scheduler, q_sample
 from ard.teacher import build_dit, eps_from_output, null_class
 from ard.viz import image_grid, log_image, save_png
 
@@ -27,7 +27,7 @@ def diffusion_loss(model, x0: torch.Tensor, labels: torch.Tensor, t: torch.Tenso
     x0: (B, C, H, W) clean images; t: (B,) timesteps; noise: (B, C, H, W); labels (B,) (null = dropped).
     """
     ab = alphas_cumprod[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise  # (B, C, H, W), q(x_t | x_0), eq. 4
+    x_t = q_sample(x0, ab, noise)  # (B, C, H, W)
     eps = eps_from_output(model, model(x_t, t, labels).sample)  # (B, C, H, W)
     return F.mse_loss(eps, noise, reduction="none").mean(dim=(1, 2, 3))  # (B,)
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Literal, get_args
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -50,13 +50,6 @@ MaskKind = Literal["block_causal", "noise_and_current", "window", "block_diagona
 # step mask beats one call per query step over its visible keys (CPU, forward + backward, S = 4:
 # L = 16 1.7x faster, L = 64 even, L = 256 1.5x slower; scripts/bench_student.py, training_attention).
 ONE_MASK_BELOW_TOKENS = 64
-
-
-def check_choice(name: str, value: str, kind) -> str:
-    """Raise a one-line error naming the knob when `value` is not one of the Literal `kind`'s choices."""
-    if value not in get_args(kind):
-        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, get_args(kind)))}")
-    return value
 
 
 def visible_steps(mask: MaskKind, s: int, window: int = 1) -> list[int]:

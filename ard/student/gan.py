@@ -29,8 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
-from ard.diffusion import alpha_bar
-from ard.student.model import ARDStudent
+from ard.diffusion import alpha_bar, q_sample
 
 GanLossKind = Literal["hinge", "non_saturating"]
 FakeKind = Literal["teacher_forced", "rollout"]  # the final state of the one-pass forward, or of the S-step sampler
@@ -165,7 +164,7 @@ def renoise(x: torch.Tensor, t: torch.Tensor, scheduler, generator: torch.Genera
     """x_t = sqrt(a_t) x + sqrt(1 - a_t) eps for x (B, C, H, W) and t (B,), eps drawn from `generator`."""
     a = alpha_bar(scheduler, t.to(x.device)).to(x.dtype).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
     noise = torch.randn(x.shape, generator=generator).to(device=x.device, dtype=x.dtype)  # (B, C, H, W)
-    return a.sqrt() * x + (1 - a).sqrt() * noise
+    return q_sample(x, a, noise)  # (B, C, H, W)
 
 
 def diff_augment(x: torch.Tensor, generator: torch.Generator, translation: float = 0.125,
@@ -187,16 +186,3 @@ def diff_augment(x: torch.Tensor, generator: torch.Generator, translation: float
     keep = ~((ys >= 0) & (ys < ch) & (xs >= 0) & (xs < cw))  # (B, H, W)
     return x * keep[:, None].to(device=x.device, dtype=x.dtype)  # (B, C, H, W)
 
-
-def rollout_final(student: ARDStudent, noise: torch.Tensor, labels: torch.Tensor,
-                  timesteps: torch.Tensor) -> torch.Tensor:
-    """The student's own S-step sample from `noise` (B, C, H, W) with its KV cache (ard.student.sample),
-    differentiable through the last step only: steps 0..S-2 run without grad, so the history (states and
-    cached keys) is detached, as in Self Forcing and SFD. timesteps (B, S+1). Returns (B, C, H, W)."""
-    cache = student.new_cache(noise.shape[0])
-    x = noise
-    with torch.no_grad():
-        for s in range(student.num_steps - 1):
-            x = student.step(x, s, timesteps[:, s], timesteps[:, s + 1], labels, cache)  # (B, C, H, W)
-    s = student.num_steps - 1
-    return student.step(x, s, timesteps[:, s], timesteps[:, s + 1], labels, cache)  # (B, C, H, W)

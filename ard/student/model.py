@@ -28,7 +28,8 @@ from safetensors.torch import load_file, save_file
 
 from ard.atomic import atomic_directory
 from ard.diffusion import alpha_bar, ddim_jump, make_scheduler, predict_x0
-from ard.student.attention import HistoryAttnProcessor, HistoryContext, KVCache, MaskKind, check_choice
+from ard.checks import check_choice
+from ard.student.attention import HistoryAttnProcessor, HistoryContext, KVCache, MaskKind
 from ard.teacher import disable_label_dropout, eps_from_output, set_numerics
 
 HeadKind = Literal["shared", "per_step"]
@@ -252,11 +253,11 @@ class ARDStudent(nn.Module):
             raise ValueError(f"{config_path}: not valid JSON ({e.msg}, line {e.lineno})") from None
         if config.pop("format_version", None) != FORMAT_VERSION:
             raise ValueError(f"{config_path}: format_version must be {FORMAT_VERSION}")
-        unknown = sorted(set(config) - set(_SETTING_TYPES))
-        missing = sorted(set(_SETTING_TYPES) - set(config))
+        unknown = sorted(set(config) - set(SETTING_TYPES))
+        missing = sorted(set(SETTING_TYPES) - set(config))
         if unknown or missing:
             raise ValueError(f"{config_path}: {'unknown field ' + repr(unknown[0]) if unknown else 'missing field ' + repr(missing[0])}")
-        for key, kind in _SETTING_TYPES.items():
+        for key, kind in SETTING_TYPES.items():
             if not isinstance(config[key], kind) or (kind is int and isinstance(config[key], bool)):
                 raise ValueError(f"{config_path}: field {key!r} must be {kind.__name__}, got {config[key]!r}")
         transformer = set_numerics(DiTTransformer2DModel.from_pretrained(directory, low_cpu_mem_usage=False))
@@ -277,5 +278,5 @@ class ARDStudent(nn.Module):
 
 
 # Types of the fields of ard_student.json (besides format_version): the __init__ knobs.
-_SETTING_TYPES = dict(num_steps=int, history_blocks=int, mask=str, window=int, heads=str, output=str,
+SETTING_TYPES = dict(num_steps=int, history_blocks=int, mask=str, window=int, heads=str, output=str,
                       history_start=str, clip_x0=bool)

@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 from einops import rearrange
 
-from ard.diffusion import CfgChannels, alpha_bar, ddim_path, guided_x0, make_scheduler
+from ard.diffusion import CfgChannels, alpha_bar, ddim_path, guided_x0, make_scheduler, q_sample
 from ard.student.model import ARDStudent
 from ard.student.sampling import sample
 
@@ -118,7 +118,7 @@ def shifted_reconstruction(teacher, x0: torch.Tensor, t_from: torch.Tensor, labe
     t = shift_timesteps(rearrange(t_from, "b s -> (b s)"), shift)  # (B*S,)
     a = alpha_bar(make_scheduler(), t).to(x0.dtype).view(-1, 1, 1, 1)  # (B*S, 1, 1, 1)
     noise = torch.randn(x0.shape, generator=generator).to(x0)  # (B*S, C, H, W)
-    x = a.sqrt() * x0 + (1 - a).sqrt() * noise  # (B*S, C, H, W)
+    x = q_sample(x0, a, noise)  # (B*S, C, H, W)
     target = guided_x0(teacher, x, t, labels.repeat_interleave(steps), guidance_scale, clip_sample,
                        cfg_channels)  # (B*S, C, H, W)
     return rearrange(target, "(b s) c h w -> b s c h w", b=batch)  # (B, S, C, H, W)

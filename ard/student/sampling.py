@@ -12,10 +12,11 @@ from ard.teacher import check_labels
 
 
 def sample(student: ARDStudent, noise: torch.Tensor, labels: torch.Tensor, timesteps: torch.Tensor,
-           noise_correction: bool = False) -> torch.Tensor:
+           noise_correction: bool = False, grad_from_step: int = 0) -> torch.Tensor:
     """Run the S student steps from `noise` (B, C, H, W) with labels (B,) over the boundary timesteps
     (S+1,) or (B, S+1) (the last is CLEAN = -1). Returns all states (B, S+1, C, H, W), the first being
-    the noise and the last the sample. Runs under the caller's grad mode (wrap in torch.no_grad()).
+    the noise and the last the sample. Steps from `grad_from_step` on run under the caller's grad mode
+    (wrap in torch.no_grad() for inference), earlier ones without grad (see `rollout_final`).
     noise_correction: Imagine Flash's first-step correction (see ARDStudent.step); off by default."""
     batch = noise.shape[0]
     if timesteps.ndim == 1:
@@ -29,6 +30,15 @@ def sample(student: ARDStudent, noise: torch.Tensor, labels: torch.Tensor, times
     cache = student.new_cache(batch)
     states = [noise]
     for s in range(student.num_steps):
-        states.append(student.step(states[-1], s, timesteps[:, s], timesteps[:, s + 1], labels, cache,
-                                   noise_correction))  # (B, C, H, W)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and s >= grad_from_step):
+            states.append(student.step(states[-1], s, timesteps[:, s], timesteps[:, s + 1], labels, cache,
+                                       noise_correction))  # (B, C, H, W)
     return torch.stack(states, dim=1)  # (B, S+1, C, H, W)
+
+
+def rollout_final(student: ARDStudent, noise: torch.Tensor, labels: torch.Tensor,
+                  timesteps: torch.Tensor) -> torch.Tensor:
+    """The student's own S-step sample from `noise` (B, C, H, W) (KV cache), differentiable through the last
+    step only: steps 0..S-2 run without grad, so the history (states and cached keys) is detached, as in Self
+    Forcing and SFD. timesteps (B, S+1). Returns (B, C, H, W)."""
+    return sample(student, noise, labels, timesteps, grad_from_step=student.num_steps - 1)[:, -1]  # (B, C, H, W)

@@ -1,4 +1,4 @@
-"""The error that exposure bias causes, measured directly (ARD_METHOD.md sec. 8).
+"""The error that exposure bias causes, measured directly (docs/method.md, "Exposure bias").
 
 Per student step s, the distance between the student's state x_hat_{tau_{s+1}} and the teacher's state of
 the same trajectory, when the student is fed the teacher's states (teacher forcing: the error of one step

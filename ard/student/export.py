@@ -1,0 +1,77 @@
+"""A standalone student on disk: its weights (`ARDStudent.save_pretrained`) plus `ard_sampling.json`, the
+boundary timesteps it samples at and the recipe it was trained with (provenance), so that sampling and
+evaluation need neither the teacher, nor the store, nor a Lightning module.
+
+    <dir>/config.json, diffusion_pytorch_model.safetensors   the diffusers transformer
+    <dir>/ard_student.json, ard_student.safetensors          ARD settings, per-step heads and history gates
+    <dir>/ard_sampling.json                                   {"timesteps": [tau_0, ..., tau_S = CLEAN], "recipe": {...}}
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ard.atomic import atomic_directory
+from ard.checks import check_finite_weights, check_timesteps
+from ard.student.model import SETTING_TYPES, ARDStudent
+
+SAMPLING_CONFIG = "ard_sampling.json"  # beside an exported student: its boundary timesteps and training recipe
+
+
+def export_student(student: ARDStudent, timesteps: list[int], directory: str | Path, recipe: dict) -> Path:
+    """Write `student` (its current weights) as a standalone directory, atomically: readers never see a student
+    without its timesteps. `recipe`: how it was trained (JSON-serialisable), kept as provenance."""
+    check_finite_weights(student.state_dict(), f"export to {directory} (not written)")
+    with atomic_directory(directory) as tmp:
+        student.save_pretrained(tmp)
+        (tmp / SAMPLING_CONFIG).write_text(json.dumps({"timesteps": list(timesteps), "recipe": recipe}) + "\n")
+    return Path(directory)
+
+
+def load_exported(directory: str | Path) -> tuple[ARDStudent, list[int]]:
+    """A standalone student directory (export_student) -> (student in eval mode, boundary timesteps)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"student directory not found: {directory}")
+    try:
+        student = ARDStudent.from_pretrained(directory)
+    except (OSError, RuntimeError) as e:  # diffusers: a weights file missing or unreadable
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(f"{directory}: student weights missing or unreadable ({str(e).strip().splitlines()[0]})") from None
+    check_finite_weights(student.state_dict(), str(directory))
+    path = directory / SAMPLING_CONFIG
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found (export the student with scripts/sample_student.py export)")
+    try:
+        timesteps = json.loads(path.read_text())["timesteps"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ValueError(f"{path}: expected JSON with a list field 'timesteps'") from None
+    if not isinstance(timesteps, list) or len(timesteps) != student.num_steps + 1:
+        raise ValueError(f"{path}: 'timesteps' must list {student.num_steps + 1} integers for a "
+                         f"{student.num_steps}-step student")
+    return student, check_timesteps(timesteps, f"{path}: field 'timesteps'")
+
+
+def load_checkpoint_student(path: str | Path) -> tuple[ARDStudent, list[int]]:
+    """The student of an `ard fit` checkpoint with its `state_dict` weights (the EMA weights when it was trained
+    with EMAWeightAveraging; the raw ones are under `current_model_state`) and its boundary timesteps. Read
+    weights-only (ard.checkpoints); the student is rebuilt from the checkpoint's teacher and student settings,
+    without the Lightning module. One-line errors for anything else."""
+    from ard.checkpoints import load_checkpoint
+    from ard.teacher import load_teacher
+
+    checkpoint = load_checkpoint(path)
+    timesteps, state = checkpoint.get("boundary_timesteps"), checkpoint.get("state_dict")
+    hparams = checkpoint.get("hyper_parameters", {})
+    if timesteps is None or state is None or "teacher" not in hparams:
+        raise ValueError(f"{path}: no boundary timesteps, state_dict or teacher in the checkpoint (not written by "
+                         "`ard fit` of a distillation module)")
+    settings = {k: hparams[k] for k in SETTING_TYPES if k in hparams}  # ARDStudent's knobs
+    try:
+        teacher = load_teacher(hparams["teacher"], hparams.get("teacher_size"), hparams.get("numerics"))
+        student = ARDStudent(teacher, **settings)
+        student.load_state_dict({k[len("student."):]: v for k, v in state.items() if k.startswith("student.")})
+    except (TypeError, RuntimeError) as e:
+        raise ValueError(f"{path}: does not fit an ARD student ({str(e).strip().splitlines()[0][:200]})") from None
+    return student.eval(), check_timesteps(list(timesteps), f"{path}: field 'boundary_timesteps'")
