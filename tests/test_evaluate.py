@@ -235,3 +235,20 @@ def test_undistilled_noise_correction_replaces_the_first_direction_only():
         eps = guided_eps(teacher, noise, path[:, 0], labels, 2.0)
     b = alpha_bar(make_scheduler(), torch.tensor([451])).float()
     torch.testing.assert_close(corrected - plain, (1 - b).sqrt() * (noise - eps), atol=1e-5, rtol=0)
+
+
+def test_metrics_table_renders_registry_and_custom_columns():
+    from dataclasses import replace
+
+    from ard.metrics.table import COLUMNS, metrics_table
+
+    row = {"model": "ard", "steps": 2, "nfe": 2, "fid": 36.624, "fid_sd": 6.891, "mse_vs_teacher": 0.05712,
+           "mse_vs_teacher_se": 0.00123, "sec_per_image": 0.000123, "seeds": 3, "fid_spread": 1.5,
+           "fid_bootstrap_sd": 6.0}
+    assert metrics_table([row], ["model", "steps", "nfe", "fid", "mse_vs_teacher", "sec_per_image"]) == (
+        "| model | steps | NFE | FID vs real | same-noise MSE | s / image |\n|---|---|---|---|---|---|\n"
+        "| ard | 2 | 2 | 36.62 ± 6.89 | 0.0571 ± 0.0012 | 1.23e-04 |")
+    spread = replace(COLUMNS["fid"], pm="fid_spread", bracket="fid_bootstrap_sd")  # mean ± seed sd [bootstrap sd]
+    no_pm = replace(COLUMNS["mse_vs_teacher"], pm=None)
+    assert metrics_table([row, {"model": "x", "fid": 1.0, "fid_spread": None}], ["seeds", spread, no_pm]) == (
+        "| seeds | FID vs real | same-noise MSE |\n|---|---|---|\n| 3 | 36.62 ± 1.50 [6.00] | 0.0571 |\n| - | 1.00 | - |")
