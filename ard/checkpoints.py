@@ -4,7 +4,9 @@ for files that are not checkpoints, and a resume that refuses changed hyperparam
 `ResumeCheck` is a callback the `ard` command always adds (`--resume.override true` turns its comparison
 off): at setup it gives the trainer's strategy a `SafeCheckpointIO`, which loads `ckpt_path` (e.g. `last`)
 with `torch.load(weights_only=True)` whatever the torch default or TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says,
-and compares the checkpoint's model and data hyperparameters with this run's before anything is restored.
+and compares the checkpoint's model and data hyperparameters with this run's before anything is restored (after
+the module's `upgrade_checkpoint(checkpoint, path)`, where it has one, brought a checkpoint of an earlier layout
+to today's or refused it in one line).
 """
 from __future__ import annotations
 
@@ -58,9 +60,12 @@ class SafeCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
         checkpoint = load_checkpoint(path, map_location or "cpu")
+        trainer = self.trainer
+        upgrade = getattr(trainer.lightning_module, "upgrade_checkpoint", None)
+        if upgrade is not None:  # a checkpoint of an earlier layout: today's, or a one-line refusal saying why
+            checkpoint = upgrade(checkpoint, str(path))
         if self.override:
             return checkpoint
-        trainer = self.trainer
         for key, saved_key, obj in (("model", "hyper_parameters", trainer.lightning_module),
                                     ("data", "datamodule_hyper_parameters", trainer.datamodule)):
             if obj is None or saved_key not in checkpoint:

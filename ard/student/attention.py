@@ -45,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from ard.checks import check_choice
+
 MaskKind = Literal["block_causal", "noise_and_current", "window", "block_diagonal"]  # M4, M3, M2, M1
 # One-pass (training) layout: below this many tokens per step, one attention over all S*L keys with the
 # step mask beats one call per query step over its visible keys (CPU, forward + backward, S = 4:

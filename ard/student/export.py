@@ -53,11 +53,12 @@ def load_exported(directory: str | Path) -> tuple[ARDStudent, list[int]]:
     return student, check_timesteps(timesteps, f"{path}: field 'timesteps'")
 
 
-def load_checkpoint_student(path: str | Path) -> tuple[ARDStudent, list[int]]:
+def load_checkpoint_student(path: str | Path) -> tuple[ARDStudent, list[int], dict]:
     """The student of an `ard fit` checkpoint with its `state_dict` weights (the EMA weights when it was trained
-    with EMAWeightAveraging; the raw ones are under `current_model_state`) and its boundary timesteps. Read
-    weights-only (ard.checkpoints); the student is rebuilt from the checkpoint's teacher and student settings,
-    without the Lightning module. One-line errors for anything else."""
+    with EMAWeightAveraging; the raw ones are under `current_model_state`), its boundary timesteps and the
+    training recipe (ard.student.recipe: `hyper_parameters.recipe`, or its six keys flat in checkpoints written
+    before it was grouped). Read weights-only (ard.checkpoints); the student is rebuilt from the checkpoint's
+    teacher and student settings, without the Lightning module. One-line errors for anything else."""
     from ard.checkpoints import load_checkpoint
     from ard.teacher import load_teacher
 
@@ -67,6 +68,10 @@ def load_checkpoint_student(path: str | Path) -> tuple[ARDStudent, list[int]]:
     if timesteps is None or state is None or "teacher" not in hparams:
         raise ValueError(f"{path}: no boundary timesteps, state_dict or teacher in the checkpoint (not written by "
                          "`ard fit` of a distillation module)")
+    flat = ("inputs", "rollout_prob", "rollout_ramp_steps", "targets", "target_substeps", "srl_shift")
+    recipe = hparams.get("recipe", {k: hparams[k] for k in flat if k in hparams})
+    if not isinstance(recipe, dict):
+        raise ValueError(f"{path}: field 'hyper_parameters.recipe' must be a mapping, got {type(recipe).__name__}")
     settings = {k: hparams[k] for k in SETTING_TYPES if k in hparams}  # ARDStudent's knobs
     try:
         teacher = load_teacher(hparams["teacher"], hparams.get("teacher_size"), hparams.get("numerics"))
@@ -74,4 +79,4 @@ def load_checkpoint_student(path: str | Path) -> tuple[ARDStudent, list[int]]:
         student.load_state_dict({k[len("student."):]: v for k, v in state.items() if k.startswith("student.")})
     except (TypeError, RuntimeError) as e:
         raise ValueError(f"{path}: does not fit an ARD student ({str(e).strip().splitlines()[0][:200]})") from None
-    return student.eval(), check_timesteps(list(timesteps), f"{path}: field 'boundary_timesteps'")
+    return student.eval(), check_timesteps(list(timesteps), f"{path}: field 'boundary_timesteps'"), dict(recipe)

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
-from ard.diffusion import alpha_bar, q_sample
+from ard.diffusion import alpha_bar, make_scheduler, q_sample
 
 GanLossKind = Literal["hinge", "non_saturating"]
 FakeKind = Literal["teacher_forced", "rollout"]  # the final state of the one-pass forward, or of the S-step sampler
@@ -86,18 +86,67 @@ class DiscriminatorHead(nn.Module):
 
 
 class TeacherDiscriminator(nn.Module):
-    """One DiscriminatorHead per chosen teacher block; logits (B, len(blocks) * L) for `teacher_features`."""
+    """The GAN stage's discriminator: one DiscriminatorHead per chosen block of the frozen teacher, and the
+    settings of what it is shown (loss, re-noising, noise levels, augmentation). The teacher is an argument of
+    every call; `g` is the iteration's generator (draw_generator), from which every random draw is taken in a
+    fixed order, so that a resumed run draws exactly the same."""
 
-    def __init__(self, width: int, num_layers: int, blocks: list[int] | None = None):
+    def __init__(self, width: int, num_layers: int, blocks: list[int] | None, loss: GanLossKind,
+                 renoise: RenoiseKind, noise_levels: NoiseLevels, augment: AugmentKind):
         super().__init__()
         blocks = list(range(num_layers)) if blocks is None else sorted(set(blocks))
         if not blocks or not all(0 <= b < num_layers for b in blocks):
-            raise ValueError(f"gan_blocks={blocks} must be a non-empty list of block indices in [0, {num_layers})")
+            raise ValueError(f"gan.blocks={blocks} must be a non-empty list of block indices in [0, {num_layers})")
         self.blocks = blocks
         self.heads = nn.ModuleList(DiscriminatorHead(width) for _ in blocks)
+        self.loss = GAN_LOSSES[loss]()
+        self.renoise, self.noise_levels, self.augment = renoise, noise_levels, augment
+        self.scheduler = make_scheduler()  # the teacher's schedule: alpha_bar of the re-noising timesteps
 
     def forward(self, features: list[torch.Tensor], conditioning: torch.Tensor) -> torch.Tensor:
         return torch.cat([head(f, conditioning) for head, f in zip(self.heads, features)], dim=1)  # (B, n*L)
+
+    def timesteps(self, n: int, g: torch.Generator) -> torch.Tensor:
+        """The teacher's timesteps (n,) for n inputs: 0 (shown clean) or re-noising draws."""
+        if self.renoise == "none":
+            return torch.zeros(n, dtype=torch.long)
+        return draw_timesteps(self.noise_levels, n, g)
+
+    def logits(self, teacher, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, g: torch.Generator,
+               grad_features: bool = True) -> torch.Tensor:
+        """Logits (B, n*L) of x (B, C, H, W): augmented, re-noised to t (B,), through the frozen teacher's blocks
+        and the heads; differentiable w.r.t. x when grad_features."""
+        if self.augment == "translation_cutout":
+            x = diff_augment(x, g)  # (B, C, H, W)
+        if self.renoise != "none":
+            x = renoise(x, t, self.scheduler, g)  # (B, C, H, W)
+        with torch.set_grad_enabled(grad_features and torch.is_grad_enabled()):
+            features, conditioning = teacher_features(teacher, x, t.to(x.device), labels, self.blocks)
+        return self(features, conditioning)  # (B, n*L)
+
+    def generator_loss(self, teacher, fake: torch.Tensor, labels: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """The student's GAN loss (B,) for its samples `fake` (B, C, H, W), differentiable w.r.t. them."""
+        return self.loss.generator(self.logits(teacher, fake, self.timesteps(len(labels), g), labels, g))  # (B,)
+
+    def discriminator_loss(self, teacher, real: torch.Tensor, real_labels: torch.Tensor, fake: torch.Tensor,
+                           labels: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The heads' loss (B,) on real (B, C, H, W) against fake (B, C, H, W) samples (both constants: the
+        teacher's features need no gradient), and the logits of each (B, n*L)."""
+        t_fake = self.timesteps(len(labels), g)  # (B,)
+        t_real = t_fake if self.renoise == "same" else self.timesteps(len(labels), g)  # (B,)
+        logits_real = self.logits(teacher, real, t_real, real_labels, g, grad_features=False)  # (B, n*L)
+        logits_fake = self.logits(teacher, fake.detach(), t_fake, labels, g, grad_features=False)  # (B, n*L)
+        return self.loss.discriminator(logits_real, logits_fake), logits_real, logits_fake
+
+    @torch.no_grad()
+    def holdout_logit(self, teacher, real: torch.Tensor, labels: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """Mean logit of held-out real samples (B, C, H, W), never trained on: the memorisation probe (heads in
+        eval mode: no power iteration)."""
+        training = self.training
+        self.eval()
+        logits = self.logits(teacher, real, self.timesteps(len(labels), g), labels, g)  # (B, n*L)
+        self.train(training)
+        return logits.mean()
 
 
 def teacher_features(teacher, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,

@@ -113,25 +113,21 @@ class ARDStudent(nn.Module):
 
     # ------------------------------------------------------------------ core
     def _transformer(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, history: HistoryContext,
-                     step: int | None = None, return_features: bool = False):
+                     step: int | None = None) -> torch.Tensor:
         """The teacher's forward with the history context in the lowest N blocks and our own head(s).
 
         x (R, C, H, W); t, y (R,). Rows are ordered (b, s) over history.num_steps steps (step None) or
-        all belong to one step (step s). Returns the raw output (R, C', H, W) and the per-block features
-        (R, L, D) (empty unless return_features).
+        all belong to one step (step s). Returns the raw output (R, C', H, W).
         """
         dit = self.transformer
         patch = dit.config.patch_size
         hidden = dit.pos_embed(x)  # (R, L, D)
-        features = []
         for i, block in enumerate(dit.transformer_blocks):
             kwargs = dict(history=history) if i < self.history_blocks else None  # others keep their processor
             if torch.is_grad_enabled() and dit.gradient_checkpointing:
                 hidden = dit._gradient_checkpointing_func(block, hidden, None, None, None, t, kwargs, y)  # (R, L, D)
             else:
                 hidden = block(hidden, timestep=t, class_labels=y, cross_attention_kwargs=kwargs)  # (R, L, D)
-            if return_features:
-                features.append(hidden)
         conditioning = dit.transformer_blocks[0].norm1.emb(t, y, hidden_dtype=hidden.dtype)  # (R, D)
         if self.heads is None or step is not None:
             out = self._head(hidden, conditioning, step)  # (R, L, p*p*C')
@@ -143,8 +139,7 @@ class ARDStudent(nn.Module):
                               dim=1)  # (B, S, L, p*p*C')
             out = rearrange(out, "b s l e -> (b s) l e")  # (B*S, L, p*p*C')
         side = int(out.shape[1] ** 0.5)
-        out = rearrange(out, "r (h w) (p q c) -> r c (h p) (w q)", h=side, p=patch, q=patch)  # (R, C', H, W)
-        return out, features
+        return rearrange(out, "r (h w) (p q c) -> r c (h p) (w q)", h=side, p=patch, q=patch)  # (R, C', H, W)
 
     def _head(self, hidden: torch.Tensor, conditioning: torch.Tensor, s: int | None) -> torch.Tensor:
         """DiT's final layer (adaLN modulation + linear) of step s: hidden (R, L, D) -> (R, L, p*p*C')."""
@@ -170,15 +165,13 @@ class ARDStudent(nn.Module):
         x0 = predict_x0(x, pred, a, clip_x0=self.clip_x0)  # (R, C, H, W)
         return ddim_jump(x, pred, a, b, clip_x0=self.clip_x0, direction=direction), x0  # (R, C, H, W) each
 
-    def forward(self, states: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor,
-                return_features: bool = False, return_x0: bool = False):
+    def forward(self, states: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor, return_x0: bool = False):
         """One pass over all S steps (training), each step fed the given input state.
 
         states (B, S, C, H, W): inputs x_{tau_0..tau_{S-1}} (the teacher's states, or the student's own
         rollout); timesteps (B, S+1) int64 boundary timesteps (the last is CLEAN = -1); labels (B,) (the
         null class allowed). Returns the predicted next states (B, S, C, H, W) = x_{tau_1..tau_S}; with
-        return_x0 also the x0-predictions (B, S, C, H, W) (eps / x0 outputs only); with return_features also
-        the list of per-block token features (B, S, L, D) (for a discriminator on the student's own features).
+        return_x0 also the x0-predictions (B, S, C, H, W) (eps / x0 outputs only).
         """
         if return_x0 and self.output == "next_state":
             raise ValueError("return_x0: output='next_state' predicts no x0 (use output 'eps' or 'x0')")
@@ -191,14 +184,12 @@ class ARDStudent(nn.Module):
         t_to = rearrange(timesteps[:, 1:], "b s -> (b s)")  # (B*S,)
         y = labels.repeat_interleave(steps)  # (B*S,)
         history = HistoryContext(num_steps=steps, gate=self.history_gate)
-        raw, features = self._transformer(x, t_from, y, history, return_features=return_features)  # (B*S, C', H, W)
+        raw = self._transformer(x, t_from, y, history)  # (B*S, C', H, W)
         out, x0 = self._next_state(x, raw, t_from, t_to)  # (B*S, C, H, W) each
-        outputs = [rearrange(out, "(b s) c h w -> b s c h w", b=batch)]  # (B, S, C, H, W)
-        if return_x0:
-            outputs.append(rearrange(x0, "(b s) c h w -> b s c h w", b=batch))  # (B, S, C, H, W)
-        if return_features:
-            outputs.append([rearrange(f, "(b s) l d -> b s l d", b=batch) for f in features])  # S x (B, S, L, D)
-        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+        out = rearrange(out, "(b s) c h w -> b s c h w", b=batch)  # (B, S, C, H, W)
+        if not return_x0:
+            return out
+        return out, rearrange(x0, "(b s) c h w -> b s c h w", b=batch)  # (B, S, C, H, W) each
 
     # ------------------------------------------------------------------ inference
     def new_cache(self, batch_size: int) -> KVCache:
@@ -222,7 +213,7 @@ class ARDStudent(nn.Module):
             raise ValueError("noise_correction needs an epsilon-parametrised student (output 'eps' or 'x0'); "
                              "this one has output='next_state'")
         history = HistoryContext(num_steps=self.num_steps, step=s, cache=cache, gate=self.history_gate)
-        raw, _ = self._transformer(x, t_from, labels, history, step=s)  # (B, C', H, W)
+        raw = self._transformer(x, t_from, labels, history, step=s)  # (B, C', H, W)
         cache.steps += 1
         direction = x if noise_correction and s == 0 else None  # (B, C, H, W) the input noise x_T
         return self._next_state(x, raw, t_from, t_to, direction)[0]  # (B, C, H, W)

@@ -1,4 +1,4 @@
-"""What the student is fed during distillation, and what it regresses (ARD_METHOD.md sec. 8).
+"""What the student is fed during distillation, and what it regresses (docs/method.md, "Training recipes").
 
 Inputs (`InputKind`):
     teacher   the teacher's stored states x_{tau_0..tau_{S-1}} (teacher forcing, ARD sec. 3.3). The teacher's
@@ -23,11 +23,13 @@ Targets (`TargetKind`):
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from einops import rearrange
 
+from ard.checks import check_choice
 from ard.diffusion import CfgChannels, alpha_bar, ddim_path, guided_x0, make_scheduler, q_sample
 from ard.student.model import ARDStudent
 from ard.student.sampling import sample
@@ -36,13 +38,36 @@ InputKind = Literal["teacher", "rollout", "mixed"]
 TargetKind = Literal["trajectory", "teacher_from_state", "shifted_reconstruction"]
 
 
-def rollout_probability(inputs: InputKind, prob: float, ramp_steps: int, step: int) -> float:
-    """Probability that a trajectory's inputs are the student's own rollout at training iteration `step`."""
-    if inputs == "teacher":
-        return 0.0
-    if inputs == "rollout":
-        return 1.0
-    return prob * min(1.0, step / ramp_steps) if ramp_steps > 0 else prob  # scheduled sampling
+@dataclass(frozen=True)
+class Recipe:
+    """The training recipe: what the student is fed and what it regresses (the module docstring), as
+    `model.init_args.recipe` of the distillation presets. Checked here, once, when it is made."""
+
+    inputs: InputKind = "teacher"  # the teacher's stored states (ARD), the student's own rollout, or a mix
+    rollout_prob: float = 0.5  # "mixed": probability of rollout inputs per trajectory (after the ramp)
+    rollout_ramp_steps: int = 0  # "mixed": iterations over which that probability ramps up from 0 (0: constant)
+    targets: TargetKind = "trajectory"  # the stored next state, the teacher run from the input, or SRL
+    target_substeps: int | None = None  # "teacher_from_state": teacher DDIM sub-steps per student step (None: K / S)
+    srl_shift: float = 1.0  # "shifted_reconstruction": time shift of the re-noising timestep (1: the input's)
+
+    def __post_init__(self):
+        check_choice("recipe.inputs", self.inputs, InputKind)
+        check_choice("recipe.targets", self.targets, TargetKind)
+        if not 0 <= self.rollout_prob <= 1 or self.rollout_ramp_steps < 0:
+            raise ValueError(f"recipe.rollout_prob={self.rollout_prob} must lie in [0, 1] and recipe.rollout_ramp_steps="
+                             f"{self.rollout_ramp_steps} be >= 0")
+        if not self.srl_shift > 0:
+            raise ValueError(f"recipe.srl_shift={self.srl_shift} must be > 0 (1: re-noise at the student's input "
+                             "timestep)")
+
+    def rollout_probability(self, iteration: int) -> float:
+        """Probability that a trajectory's inputs are the student's own rollout at training `iteration`."""
+        if self.inputs == "teacher":
+            return 0.0
+        if self.inputs == "rollout":
+            return 1.0
+        ramp = self.rollout_ramp_steps
+        return self.rollout_prob * min(1.0, iteration / ramp) if ramp > 0 else self.rollout_prob  # scheduled sampling
 
 
 @torch.no_grad()
