@@ -3,7 +3,7 @@
 Every place in ard that needs a DiT goes through `build_dit` / `load_teacher` and `eps_from_output`;
 nothing else touches the diffusers quirks listed below.
 
-Quirks of diffusers' DiT (see ../shared/STACK_NOTES.md), handled here and only here:
+Quirks of diffusers' DiT (docs/method.md, "diffusers DiT quirks"), handled here and only here:
 - every block owns a label embedder that drops labels with p = 0.1 in train() mode, independently per
   block: `disable_label_dropout` sets it to 0 (CFG dropout is ours, done once per sample);
 - learned sigma: `out_channels == 2 * in_channels`; epsilon is the first `in_channels` channels

@@ -1,4 +1,4 @@
-"""Benchmarks of the trajectory store, printed as JSON (issue 3's figures).
+"""Benchmarks of the trajectory store, printed as JSON (the figures of docs/store.md's "Measured" section).
 
     python scripts/bench_store.py [--sections read,writer,kill,ddp] [--work DIR] > bench_store.json
 

@@ -2,7 +2,8 @@
 
     .venv/bin/python scripts/bench_student.py [--threads 1] [--repeats 5] [--sizes digits DiT-B/2]
 
-Sections (ARD_METHOD.md sec. 5: +1.1% FLOPs and +2.4% latency over the baseline; the issue's targets):
+Sections (targets: the paper's cost of history, +1.1% FLOPs and +2.4% latency over the baseline; docs/method.md,
+"Numbers to beat"):
 - flops: one 4-step sample of ARD (N = 6) against the baseline (N = 0), DiT-XL/2, counted by
   torch's FlopCounterMode on the meta device, against the analytic N * L^2 * D * S(S-1) MACs;
   also one teacher-forced training forward (plain and closed history start).

@@ -143,7 +143,7 @@ from ard.data.trajectories import TrajectoryDataModule
 from ard.store import format as fmt
 root, out = sys.argv[1], sys.argv[2]
 m = fmt.read_manifest(root)
-try:  # the limit bites: one np.memmap per shard (the reader before issue 12) runs out of descriptors
+try:  # the limit bites: one np.memmap per shard (the earlier reader's way) runs out of descriptors
     maps = [fmt.load_shard(root, m, k)["states"] for k in range(m["num_shards"])]
     sys.exit("np.load(mmap_mode='r') of every shard did not exceed the descriptor limit")
 except fmt.StoreError as e:

@@ -1,4 +1,5 @@
-"""Real samples in the student's space for the GAN stage's discriminator (ARD sec. 4), drawn at random.
+"""Real samples in the student's space for the GAN stage's discriminator (docs/method.md, "The GAN stage"), drawn
+at random.
 
 A source is named by one string:
     "digits:train" / "digits:val"  the real 8x8 digits in [-1, 1], the DigitsDataModule's fixed split (the
