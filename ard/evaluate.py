@@ -28,6 +28,10 @@ on the latents the model outputs. `export_npz` also writes every row's samples a
 Memory: every row streams batch by batch through sampling, decoding, features (once per row), the npz
 export and the picture (which keeps `grid_samples` images per row); the evaluation set is memory-mapped.
 What stays is one row's features and logits (N x (D + K) floats) and the real reference's.
+
+The pipeline (`evaluate`): resolve_teacher, build_rows (one RowSpec per row, the K-step teacher first: the
+reference), eval_set, then per row stream (sample, time, decode, features) and report_row (metrics), and
+write_report (report.json, report.md, samples.png, W&B).
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ import json
 import re
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -50,10 +55,12 @@ from ard.data.digits import to_uint8
 from ard.diffusion import (CfgChannels, Precision, TimestepSpacing, autocast, ddim_grid, ddim_sample,
                            ddim_sample_at, recorded_solver, solver_identity, student_grid_indices, trajectory_inputs)
 from ard.latents import LATENT_SCALE, decode_latents, load_vae
-from ard.metrics import (DigitFeatures, FeatureExtractor, FeatureStats, InceptionFeatures, adm_npz_writer,
+from ard.metrics import (DigitFeatures, FeatureExtractor, FeatureStats, InceptionFeatures, Reference, adm_npz_writer,
                          bootstrap_fid, digits_images, fid_from_features, fid_noise_floor, metrics_of_features,
                          reference_from_adm_npz, reference_from_images)
+from ard.metrics.table import metrics_table
 from ard.student import sample
+from ard.student.export import load_exported
 from ard.teacher import DIGITS_TEACHER, Numerics, check_teacher, load_teacher, num_classes, teacher_identity
 from ard.viz import image_grid, label_rows, save_png
 
@@ -61,6 +68,11 @@ Sampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (noise (B,C,H,
 Decoder = Callable[[torch.Tensor], torch.Tensor]  # model outputs (B,C,h,w) -> uint8 images (B,1|3,H,W) on CPU
 REPORT_KEYS = ("model", "steps", "nfe", "fid", "fid_sd", "fid_vs_teacher", "fid_vs_teacher_sd", "mse_vs_teacher",
                "mse_vs_teacher_se", "is", "precision", "recall", "num_samples", "sec_per_image", "gflops_per_image")
+REPORT_COLUMNS = ("model", "steps", "nfe", "fid", "fid_vs_teacher", "mse_vs_teacher", "is", "precision", "recall",
+                  "sec_per_image", "gflops_per_image")  # report.md's (ard.metrics.table.COLUMNS)
+NOISE_FLOOR_METHOD = {
+    "teacher": "FID of the teacher's N samples against N more from independent noises and labels (N vs N, as the rows)",
+    "real": "FID between two random halves of the real reference"}
 # The teacher's sampling settings without a store and without an explicit value (ard.diffusion.solver_identity).
 SOLVER_DEFAULTS = dict(num_steps=24, timestep_spacing="leading", guidance_scale=2.0, clip_sample=True,
                        cfg_channels="all", precision="fp32")
@@ -95,8 +107,6 @@ def undistilled_sampler(teacher, solver: dict, timesteps: list[int], noise_corre
 def student_sampler(directory: str, device: torch.device = torch.device("cpu"),
                     noise_correction: bool = False) -> tuple[Sampler, list[int]]:
     """A standalone student's S-step sampler and its boundary timesteps (S + 1, the last CLEAN)."""
-    from ard.modules.distill import load_exported
-
     student, boundaries = load_exported(directory)
     student = student.to(device)
     timesteps = torch.tensor(boundaries, device=device)  # (S+1,)
@@ -219,6 +229,58 @@ def eval_set(teacher, identity: dict, solver: dict, num_samples: int, seed: int,
                          "recompute") from None
 
 
+@dataclass
+class RowSpec:
+    """What one row of the report evaluates: a named sampler and the boundary timesteps it samples at."""
+
+    name: str
+    nfe: int  # network evaluations per sample (2 per step with CFG)
+    sampler: Sampler
+    timesteps: list[int]  # (S+1,), the last CLEAN
+    noise_correction: bool = False
+    reference: bool = False  # the K-step teacher: its samples are the evaluation set's (one batch timed)
+
+    @property
+    def steps(self) -> int:
+        """S, the steps it samples in."""
+        return len(self.timesteps) - 1
+
+
+@dataclass
+class Setup:
+    """What every row is measured with: the evaluation set (eval_set), decoder, extractor, real reference."""
+
+    data: dict[str, np.ndarray]
+    decode: Decoder
+    extractor: FeatureExtractor
+    real: Reference
+    device: torch.device
+    precision: Precision
+    batch_size: int
+    bootstrap: int
+    grid_samples: int
+    image_size: tuple[int, int]  # (H, W) of the decoded images
+    npz_dir: Path | None  # export_npz: where each row's ADM batch goes
+
+
+def build_rows(teacher, solver: dict, students: dict[str, str], undistilled_steps: list[int] | None,
+               noise_correction: bool, device: torch.device) -> list[RowSpec]:
+    """The report's rows in order: the K-step teacher (the reference), the undistilled teacher at each of
+    `undistilled_steps` (at the students' boundaries), the students."""
+    k, w = solver["num_steps"], solver["guidance_scale"]
+    cfg_passes = 1 if w == 1.0 else 2
+    name = f"teacher (DDIM, w={w:g})"
+    loaded = {row: student_sampler(directory, device, noise_correction) for row, directory in students.items()}
+    boundaries = {row: timesteps for row, (_, timesteps) in loaded.items()}
+    rows = [RowSpec(name, k * cfg_passes, teacher_sampler(teacher, solver), ddim_grid(k, solver["timestep_spacing"]),
+                    reference=True)]
+    for s in undistilled_steps or []:
+        timesteps = undistilled_timesteps(s, boundaries, solver)
+        rows.append(RowSpec(name, s * cfg_passes, undistilled_sampler(teacher, solver, timesteps, noise_correction),
+                            timesteps, noise_correction))
+    return rows + [RowSpec(row, len(ts) - 1, sampler, ts, noise_correction) for row, (sampler, ts) in loaded.items()]
+
+
 class Row:
     """One model streamed through the evaluation, batch by batch: the same-noise distance to the teacher,
     decoding, features and logits (once per sample), the npz export and the few images of the picture."""
@@ -248,38 +310,83 @@ class Row:
         return torch.cat(self.features), torch.cat(self.logits)
 
 
-def _npz_writer(out_dir: Path, export: bool, name: str, steps: int, count: int, size: tuple[int, int],
-                labels: np.ndarray):
-    if not export:
+def npz_writer(npz_dir: Path | None, name: str, steps: int, size: tuple[int, int], labels: np.ndarray):
+    """The ADM batch writer of one row, <npz_dir>/<name>-<steps>steps.npz; a no-op without npz_dir."""
+    if npz_dir is None:
         return nullcontext(None)
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
-    labels = tensor(labels)  # (N,)
-    return adm_npz_writer(out_dir / "npz" / f"{slug}-{steps}steps.npz", count, size, labels)
+    return adm_npz_writer(npz_dir / f"{slug}-{steps}steps.npz", len(labels), size, tensor(labels))
 
 
-def markdown_table(rows: list[dict], floors: dict[str, float]) -> str:
-    def pm(row, key):
-        return f"{row[key]:.2f} ± {row[key + '_sd']:.2f}"
+def stream(spec: RowSpec, setup: Setup) -> tuple[Row, float]:
+    """Stream one row's samples through a Row; returns it and the sampling seconds per image. The reference's
+    samples are the cached ones and one batch of its sampling is timed; every other row is sampled and timed."""
+    noise, labels, target = setup.data["noise"], setup.data["labels"], setup.data["teacher"]
+    n, b, where = len(noise), setup.batch_size, (setup.device, setup.precision)
+    if spec.reference:
+        timed = min(b, n)
+        seconds = sum(t for *_, t in sample_batches(spec.sampler, noise[:timed], labels[:timed], timed, *where))
+        batches = ((a, tensor(target[a:a + b]), 0.0) for a in range(0, n, b))
+    else:
+        timed, seconds = n, 0.0
+        batches = sample_batches(spec.sampler, noise, labels, b, *where)
+    row = Row(setup.decode, setup.extractor, setup.grid_samples)
+    with npz_writer(setup.npz_dir, spec.name, spec.steps, setup.image_size, labels) as write:
+        for a, final, t in batches:
+            check_finite_samples(final, f"{spec.name} ({spec.steps} steps): nothing reported; in the batch from "
+                                        f"sample {a}")
+            row.add(final, tensor(target[a:a + len(final)]), write)
+            seconds += t
+    return row, seconds / timed
 
-    lines = ["| model | steps | NFE | FID vs real | FID vs teacher | same-noise MSE | IS | precision | recall | "
-             "s / image | GFLOPs / image |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['steps']} | {r['nfe']} | {pm(r, 'fid')} | {pm(r, 'fid_vs_teacher')} | "
-                     f"{r['mse_vs_teacher']:.4f} ± {r['mse_vs_teacher_se']:.4f} | {r['is']:.2f} | "
-                     f"{r['precision']:.3f} | {r['recall']:.3f} | {r['sec_per_image']:.2e} | "
-                     f"{r['gflops_per_image']:.4f} |")
+
+def teacher_floor(setup: Setup, teacher: FeatureStats) -> float:
+    """FID of the teacher's N samples from N more independent noises and labels against its N (the rows' footing)."""
+    floor = Row(setup.decode, setup.extractor, 0)
+    for a in range(0, len(setup.data["floor_teacher"]), setup.batch_size):
+        floor.add(tensor(setup.data["floor_teacher"][a:a + setup.batch_size]))
+    return fid_from_features(floor.gathered()[0], teacher, setup.device)
+
+
+def report_row(spec: RowSpec, row: Row, sec: float, teacher: FeatureStats, setup: Setup) -> dict:
+    """One row of report.json: REPORT_KEYS, the boundary timesteps and whether noise correction was on."""
+    feats, logits = row.gathered()  # (N, D), (N, K)
+    dev = setup.device
+    vs_real = metrics_of_features(feats, logits, setup.real, bootstrap=setup.bootstrap, device=dev)
+    sq = torch.cat(row.sq)  # (N,) per-sample squared distance to the teacher's final sample
+    noise, labels = (tensor(setup.data[k][:1]).to(dev) for k in ("noise", "labels"))  # (1, C, h, w), (1,)
+    gflops = gflops_per_image(spec.sampler, noise, labels)
+    return {"model": spec.name, "steps": spec.steps, "nfe": spec.nfe, "fid": vs_real["fid"],
+            "fid_sd": vs_real["fid_sd"], "fid_vs_teacher": fid_from_features(feats, teacher, dev),
+            "fid_vs_teacher_sd": float(bootstrap_fid(feats, teacher, setup.bootstrap, 0, dev).std()),
+            "mse_vs_teacher": float(sq.mean()), "mse_vs_teacher_se": float(sq.std() / len(sq) ** 0.5),
+            "is": vs_real["is"], "precision": vs_real["precision"], "recall": vs_real["recall"],
+            "num_samples": len(sq), "sec_per_image": sec, "gflops_per_image": gflops,
+            "timesteps": [int(t) for t in spec.timesteps], "noise_correction": spec.noise_correction}
+
+
+def report_markdown(rows: list[dict], floors: dict[str, float]) -> str:
+    """report.md: the rows' table and what its numbers are (the first row is the reference, the K-step teacher)."""
     undistilled = [r for r in rows[1:] if r["model"] == rows[0]["model"]]
     n = rows[0]["num_samples"]
-    lines.append("")
-    lines.append(f"{n} samples per model, the same noises and labels for every row; ± is the bootstrap sd of FID "
-                 "and the standard error of the MSE. " + "".join(
-                     f"The undistilled teacher at {r['steps']} steps samples at the students' boundary timesteps "
-                     f"{', '.join(str(t) for t in r['timesteps'][:-1])}. " for r in undistilled) +
-                 f"Noise floors: FID vs teacher {floors['teacher']:.2f} (the teacher's {n} samples against {n} more "
-                 f"from independent noises and labels), FID vs real {floors['real']:.2f} (two random halves of the "
-                 "real reference). samples.png: one row per model in the table's order, one noise and label per "
-                 "column.")
-    return "\n".join(lines) + "\n"
+    note = (f"{n} samples per model, the same noises and labels for every row; ± is the bootstrap sd of FID "
+            "and the standard error of the MSE. " + "".join(
+                f"The undistilled teacher at {r['steps']} steps samples at the students' boundary timesteps "
+                f"{', '.join(str(t) for t in r['timesteps'][:-1])}. " for r in undistilled) +
+            f"Noise floors: FID vs teacher {floors['teacher']:.2f} (the teacher's {n} samples against {n} more "
+            f"from independent noises and labels), FID vs real {floors['real']:.2f} (two random halves of the "
+            "real reference). samples.png: one row per model in the table's order, one noise and label per column.")
+    return metrics_table(rows, REPORT_COLUMNS) + "\n\n" + note + "\n"
+
+
+def write_report(out_dir: Path, report: dict, grid: list[torch.Tensor], grid_samples: int, wandb: bool) -> None:
+    """report.json, report.md, samples.png (one row of `grid_samples` images per model), the W&B log."""
+    write_text_atomic(out_dir / "report.json", json.dumps(report, indent=1))
+    write_text_atomic(out_dir / "report.md", report_markdown(report["rows"], report["noise_floor"]))
+    names = [f"{r['model']}, {r['steps']} steps" for r in report["rows"]]
+    picture = save_png(label_rows(image_grid(torch.cat(grid), nrow=grid_samples), names), out_dir / "samples.png")
+    if wandb:
+        _log_wandb(out_dir, report, picture)
 
 
 def evaluate(
@@ -373,84 +480,35 @@ def evaluate(
         raise ValueError(f"the teacher makes {teacher_model.config.in_channels}-channel latents: pass vae "
                          "(a diffusers AutoencoderKL directory)")
     decode = make_decoder(vae, latent_scale, batch_size, dev)
-    k, w, prec = solver["num_steps"], solver["guidance_scale"], solver["precision"]
-    cfg_passes = 1 if w == 1.0 else 2
-    name = f"teacher (DDIM, w={w:g})"
-    loaded = {row: student_sampler(directory, dev, noise_correction) for row, directory in (students or {}).items()}
-    models: list[tuple[str, int, Sampler, list[int]]] = [
-        (name, k * cfg_passes, teacher_sampler(teacher_model, solver), ddim_grid(k, solver["timestep_spacing"]))]
-    for s in undistilled_steps or []:
-        timesteps = undistilled_timesteps(s, {row: ts for row, (_, ts) in loaded.items()}, solver)
-        models.append((name, s * cfg_passes, undistilled_sampler(teacher_model, solver, timesteps, noise_correction),
-                       timesteps))
-    models += [(row, len(ts) - 1, sampler, ts) for row, (sampler, ts) in loaded.items()]
-
+    specs = build_rows(teacher_model, solver, students or {}, undistilled_steps, noise_correction, dev)
     config = teacher_model.config
     size = tuple(decode(torch.zeros(1, config.in_channels, config.sample_size, config.sample_size,
                                     device=dev)).shape[2:])  # (H, W) of the images
     real = (reference_from_images(digits_images("all"), features, cache) if reference == "digits"
             else reference_from_adm_npz(reference, features, cache, image_size=size))
-    data = eval_set(teacher_model, identity, solver, num_samples, seed, batch_size, cache, dev)
-    noise, labels, teacher_final = data["noise"], data["labels"], data["teacher"]
+    setup = Setup(eval_set(teacher_model, identity, solver, num_samples, seed, batch_size, cache, dev), decode,
+                  features, real, dev, solver["precision"], batch_size, bootstrap, grid_samples, size,
+                  out_dir / "npz" if export_npz else None)
 
     rows, grid, floors = [], [], {"real": fid_noise_floor(real.features)}
-    teacher_stats = None
-    for i, (row_name, nfe, sampler, timesteps) in enumerate(models):
-        steps = len(timesteps) - 1
-        row = Row(decode, features, grid_samples)
-        with _npz_writer(out_dir, export_npz, row_name, steps, num_samples, size, labels) as write:
-            if i == 0:  # the teacher's samples are cached: stream them, and time one batch of sampling
-                for a in range(0, num_samples, batch_size):
-                    row.add(tensor(teacher_final[a:a + batch_size]), None, write)
-                timed = min(batch_size, num_samples)
-                seconds = sum(t for _, _, t in sample_batches(sampler, noise[:timed], labels[:timed], timed, dev, prec))
-                sec = seconds / timed
-            else:
-                seconds = 0.0
-                for a, final, t in sample_batches(sampler, noise, labels, batch_size, dev, prec):
-                    check_finite_samples(final, f"{row_name} ({steps} steps): nothing reported; in the batch from "
-                                                f"sample {a}")
-                    row.add(final, tensor(teacher_final[a:a + len(final)]), write)
-                    seconds += t
-                sec = seconds / num_samples
-        feats, logits = row.gathered()  # (N, D), (N, K)
-        if i == 0:
-            teacher_stats = FeatureStats.of(feats)
-            floor = Row(decode, features, 0)
-            for a in range(0, num_samples, batch_size):
-                floor.add(tensor(data["floor_teacher"][a:a + batch_size]))
-            floors["teacher"] = fid_from_features(floor.gathered()[0], teacher_stats, dev)
-            del floor
-        vs_real = metrics_of_features(feats, logits, real, bootstrap=bootstrap, device=dev)
-        sq = torch.zeros(num_samples, dtype=torch.float64) if i == 0 else torch.cat(row.sq)  # (N,)
-        gflops = gflops_per_image(sampler, tensor(noise[:1]).to(dev), tensor(labels[:1]).to(dev))
-        rows.append({"model": row_name, "steps": steps, "nfe": nfe, "fid": vs_real["fid"], "fid_sd": vs_real["fid_sd"],
-                     "fid_vs_teacher": fid_from_features(feats, teacher_stats, dev),
-                     "fid_vs_teacher_sd": float(bootstrap_fid(feats, teacher_stats, bootstrap, 0, dev).std()),
-                     "mse_vs_teacher": float(sq.mean()), "mse_vs_teacher_se": float(sq.std() / len(sq) ** 0.5),
-                     "is": vs_real["is"], "precision": vs_real["precision"], "recall": vs_real["recall"],
-                     "num_samples": num_samples, "sec_per_image": sec, "gflops_per_image": gflops,
-                     "timesteps": [int(t) for t in timesteps], "noise_correction": noise_correction and i > 0})
+    for spec in specs:
+        row, sec = stream(spec, setup)
+        if spec.reference:  # the first row: every row's FID vs teacher is against its features
+            teacher_stats = FeatureStats.of(row.gathered()[0])
+            floors["teacher"] = teacher_floor(setup, teacher_stats)
+        rows.append(report_row(spec, row, sec, teacher_stats, setup))
         grid.append(torch.cat(row.grid))
-        del row, feats, logits
-        print(f"evaluated {row_name} ({steps} steps): FID {rows[-1]['fid']:.2f}, "
+        del row  # one row's features at a time
+        print(f"evaluated {spec.name} ({spec.steps} steps): FID {rows[-1]['fid']:.2f}, "
               f"FID vs teacher {rows[-1]['fid_vs_teacher']:.2f}, MSE {rows[-1]['mse_vs_teacher']:.4f}")
 
-    report = {"rows": rows, "noise_floor": floors, "noise_floor_method": {
-        "teacher": "FID of the teacher's N samples against N more from independent noises and labels (N vs N, "
-                   "as the rows)", "real": "FID between two random halves of the real reference"},
-        "settings": {
-            "teacher": teacher, "teacher_identity": identity, "store": store, "solver": solver,
-            "teacher_steps": k, "guidance_scale": w, "spacing": solver["timestep_spacing"],
-            "num_samples": num_samples, "seed": seed, "reference": reference, "extractor": features.identity,
-            "vae": vae, "precision": prec, "device": str(dev), "students": students or {}}}
-    write_text_atomic(out_dir / "report.json", json.dumps(report, indent=1))
-    table = markdown_table(rows, floors)
-    write_text_atomic(out_dir / "report.md", table)
-    names = [f"{r['model']}, {r['steps']} steps" for r in rows]
-    picture = save_png(label_rows(image_grid(torch.cat(grid), nrow=grid_samples), names), out_dir / "samples.png")
-    if wandb:
-        _log_wandb(out_dir, report, picture)
+    settings = {"teacher": teacher, "teacher_identity": identity, "store": store, "solver": solver,
+                "teacher_steps": solver["num_steps"], "guidance_scale": solver["guidance_scale"],
+                "spacing": solver["timestep_spacing"], "num_samples": num_samples, "seed": seed,
+                "reference": reference, "extractor": features.identity, "vae": vae, "precision": solver["precision"],
+                "device": str(dev), "students": students or {}}
+    write_report(out_dir, {"rows": rows, "noise_floor": floors, "noise_floor_method": NOISE_FLOOR_METHOD,
+                           "settings": settings}, grid, grid_samples, wandb)
     return rows
 
 

@@ -31,40 +31,20 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ard import checkpoints
 from ard.checks import check_finite_samples, check_writable
 from ard.data.digits import to_uint8
 from ard.diffusion import trajectory_inputs
 from ard.latents import LATENT_SCALE, decode_latents, load_vae
 from ard.metrics import save_npz_images
-from ard.modules.distill import ARDDistillation, load_exported
 from ard.student import ARDStudent, sample
+from ard.student.export import export_student, load_checkpoint_student, load_exported
 from ard.viz import image_grid, save_png
 
 
-def load_checkpoint(path: str | Path) -> ARDDistillation:
-    """The distillation module of a Lightning checkpoint, with its `state_dict` weights: the EMA weights
-    when it was trained with EMAWeightAveraging (the raw weights are under `current_model_state`).
-    Read weights-only (ard.checkpoints); one-line errors for anything else."""
-    checkpoint = checkpoints.load_checkpoint(path)
-    if checkpoint.get("boundary_timesteps") is None or "state_dict" not in checkpoint:
-        raise ValueError(f"{path}: no boundary timesteps or state_dict in the checkpoint (not written by fitting "
-                         "ARDDistillation)")
-    hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
-    hparams["init_student"] = None  # the weights come from the checkpoint, not from the directory the run started from
-    try:
-        module = ARDDistillation(**hparams)
-        module.load_state_dict(checkpoint["state_dict"])
-    except (TypeError, RuntimeError) as e:
-        raise ValueError(f"{path}: does not fit ARDDistillation ({str(e).strip().splitlines()[0][:200]})") from None
-    module.on_load_checkpoint(checkpoint)
-    return module.eval()
-
-
 def load_student(args) -> tuple[ARDStudent, list[int]]:
+    """The student and its boundary timesteps, from --checkpoint (its EMA weights) or --student."""
     if args.checkpoint:
-        module = load_checkpoint(args.checkpoint)
-        return module.student, module.timesteps
+        return load_checkpoint_student(args.checkpoint)[:2]
     return load_exported(args.student)
 
 
@@ -115,8 +95,8 @@ def run_sample(args) -> None:
 
 def run_export(args) -> None:
     check_writable(Path(args.out).parent, "--out (its parent)")
-    module = load_checkpoint(args.checkpoint)
-    print(f"wrote {module.export_student(args.out)}")
+    student, timesteps, recipe = load_checkpoint_student(args.checkpoint)
+    print(f"wrote {export_student(student, timesteps, args.out, recipe)}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

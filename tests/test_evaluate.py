@@ -251,4 +251,5 @@ def test_metrics_table_renders_registry_and_custom_columns():
     spread = replace(COLUMNS["fid"], pm="fid_spread", bracket="fid_bootstrap_sd")  # mean ± seed sd [bootstrap sd]
     no_pm = replace(COLUMNS["mse_vs_teacher"], pm=None)
     assert metrics_table([row, {"model": "x", "fid": 1.0, "fid_spread": None}], ["seeds", spread, no_pm]) == (
-        "| seeds | FID vs real | same-noise MSE |\n|---|---|---|\n| 3 | 36.62 ± 1.50 [6.00] | 0.0571 |\n| - | 1.00 | - |")
+        "| seeds | FID vs real | same-noise MSE |\n|---|---|---|\n"
+        "| 3 | 36.62 ± 1.50 [6.00] | 0.0571 |\n| - | 1.00 | - |")

@@ -60,6 +60,7 @@ def load_checkpoint_student(path: str | Path) -> tuple[ARDStudent, list[int], di
     before it was grouped). Read weights-only (ard.checkpoints); the student is rebuilt from the checkpoint's
     teacher and student settings, without the Lightning module. One-line errors for anything else."""
     from ard.checkpoints import load_checkpoint
+    from ard.student.recipe import Recipe
     from ard.teacher import load_teacher
 
     checkpoint = load_checkpoint(path)
@@ -68,8 +69,7 @@ def load_checkpoint_student(path: str | Path) -> tuple[ARDStudent, list[int], di
     if timesteps is None or state is None or "teacher" not in hparams:
         raise ValueError(f"{path}: no boundary timesteps, state_dict or teacher in the checkpoint (not written by "
                          "`ard fit` of a distillation module)")
-    flat = ("inputs", "rollout_prob", "rollout_ramp_steps", "targets", "target_substeps", "srl_shift")
-    recipe = hparams.get("recipe", {k: hparams[k] for k in flat if k in hparams})
+    recipe = hparams.get("recipe", {k: hparams[k] for k in Recipe.__dataclass_fields__ if k in hparams})
     if not isinstance(recipe, dict):
         raise ValueError(f"{path}: field 'hyper_parameters.recipe' must be a mapping, got {type(recipe).__name__}")
     settings = {k: hparams[k] for k in SETTING_TYPES if k in hparams}  # ARDStudent's knobs
