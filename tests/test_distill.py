@@ -1,9 +1,11 @@
 """ARD distillation through the `ard` CLI on a tiny store made here: a short fit lowers every step's loss,
-a crash (or SIGKILL) after a checkpoint and a resume give the same losses as an uninterrupted run, 2-process
-DDP (gloo, CPU) equals 1 process at the same global batch, a store that does not fit fails in one line,
-and sample_student.py gives the same samples from the checkpoint, the exported and the final EMA student."""
+a crash (or SIGKILL) after a checkpoint and a resume give the same losses as an uninterrupted run, a checkpoint
+of the earlier flat-knob layout resumes, 2-process DDP (gloo, CPU) equals 1 process at the same global batch, a
+store that does not fit fails in one line, and sample_student.py gives the same samples from the checkpoint, the
+exported and the final EMA student."""
 import csv
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -16,7 +18,8 @@ import torch
 
 from ard.cli import main as ard_main
 from ard.diffusion import ddim_grid
-from ard.modules.distill import ARDDistillation, load_exported
+from ard.modules.distill import ARDDistillation
+from ard.student.export import load_exported
 from test_store import precompute, tiny_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +58,7 @@ def args_for(root, teacher_dir, store, *extra, preset="configs/digits/ard.yaml")
     logger = '{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "%s", "name": "csv"}}'
     return ["fit", "-c", str(ROOT / preset),
             f"--model.init_args.teacher={teacher_dir}", "--model.init_args.history_blocks=2",
-            "--model.init_args.lr=1e-3", "--model.init_args.samples_per_class=2",
+            "--model.init_args.lr=1e-3", "--model.init_args.samples.per_class=2",
             f"--data.init_args.path={store}", f"--data.init_args.val_count={VAL}", "--data.init_args.batch_size=16",
             f"--trainer.default_root_dir={root}", "--trainer.max_steps=12", "--trainer.val_check_interval=6",
             "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
@@ -150,7 +153,7 @@ def test_ddp_two_processes_equal_one_process(tmp_path, teacher_dir, store):
     sampler gives rank r every W-th batch of one seeded permutation, so the global batches agree). Float
     sums differ in order, and Adam's first steps (update ~ lr * sign(g)) amplify that for tiny gradients, so
     the check is relative to the size of the update: a wrong batch or a wrong reduction is off by ~100%."""
-    common = ["--trainer.max_steps=4", "--trainer.limit_val_batches=0", "--model.init_args.samples_per_class=0"]
+    common = ["--trainer.max_steps=4", "--trainer.limit_val_batches=0", "--model.init_args.samples.per_class=0"]
     ard_main(args_for(tmp_path / "ddp1", teacher_dir, store, *common))
     proc = ard_subprocess(*args_for(tmp_path / "ddp2", teacher_dir, store, *common, "--trainer.accelerator=cpu",
                                     "--trainer.strategy=ddp", "--trainer.devices=2", "--data.init_args.batch_size=8"))
@@ -158,7 +161,7 @@ def test_ddp_two_processes_equal_one_process(tmp_path, teacher_dir, store):
     ckpts = [tmp_path / f"ddp{d}" / "checkpoints" / "last.ckpt" for d in (1, 2)]
     one, two = (torch.load(path, map_location="cpu", weights_only=True) for path in ckpts)
     assert one["global_step"] == two["global_step"] == 4
-    init = ARDDistillation(teacher=str(teacher_dir), history_blocks=2, samples_per_class=0).state_dict()
+    init = ARDDistillation(teacher=str(teacher_dir), history_blocks=2, samples=dict(per_class=0)).state_dict()
     for key in ("state_dict", "current_model_state"):  # EMA and raw weights
         assert set(one[key]) == set(two[key]) == set(init)
         gap = torch.cat([(two[key][n] - one[key][n]).flatten() for n in init]).norm()
@@ -177,12 +180,13 @@ def test_loss_of_a_global_batch_is_the_mean_of_its_shards(teacher_dir, store):
     data = TrajectoryDataModule(str(store), S, batch_size=16, val_count=VAL)
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
-    module = ARDDistillation(teacher=str(teacher_dir), history_blocks=2, samples_per_class=0,
+    module = ARDDistillation(teacher=str(teacher_dir), history_blocks=2, samples=dict(per_class=0),
                              step_weights=[0.1, 0.2, 0.3, 0.4])
 
     def grads(part):
         module.zero_grad()
-        (torch.tensor(module.step_weights) * module.step_losses(part)).sum().backward()
+        losses = module.loss_fn(module.student, part["states"], part["timesteps"], part["labels"]).mean(dim=0)
+        (torch.tensor(module.step_weights) * losses).sum().backward()
         return [p.grad.clone() for p in module.parameters() if p.grad is not None]
 
     full = grads(batch)
@@ -247,20 +251,36 @@ def test_baseline_preset_only_turns_history_off(capsys):
                       "trainer.logger.init_args.name": ("ard", "baseline")}
 
 
+def test_a_checkpoint_of_the_earlier_flat_layout_resumes(tmp_path, teacher_dir, store, uninterrupted):
+    """A checkpoint written before the recipe and sample-grid knobs were grouped (and the GAN knobs moved to their
+    own module) resumes: its hyperparameters are read in today's layout, and the run ends as the uninterrupted one."""
+    args = args_for(tmp_path, teacher_dir, store)
+    with pytest.raises(RuntimeError, match="crash before step 6"):
+        ard_main(args + crash_args(6))
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    hp = dict(ckpt["hyper_parameters"])
+    recipe, samples = hp.pop("recipe"), hp.pop("samples")
+    hp |= recipe | {"samples_per_class": samples["per_class"], "sample_classes": samples["classes"],
+                    "sample_seed": samples["seed"], "vae": samples["vae"], "latent_scale": samples["latent_scale"],
+                    "gan_weight": 0.0, "gan_warmup": 3000, "gan_fake": "teacher_forced"}
+    torch.save({**ckpt, "hyper_parameters": hp}, path)
+    ard_main(args)
+    resumed, reference = step_losses(tmp_path), step_losses(uninterrupted)
+    for step in range(4, 12):
+        assert resumed[step] == reference[step], step
+
+
 def test_sample_script_same_samples_from_checkpoint_export_and_final_student(tmp_path, uninterrupted):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import sample_student
-    finally:
-        sys.path.pop(0)
+    sample_student = runpy.run_path(str(ROOT / "scripts" / "sample_student.py"), run_name="sample_student")
     ckpt = uninterrupted / "checkpoints" / "last.ckpt"
-    sample_student.main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "export")])
+    sample_student["main"](["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "export")])
     common = ["--labels", "3", "1", "--per-label", "3", "--seed", "5", "--npz", "--batch-size", "4"]
     sources = {"checkpoint": ["--checkpoint", str(ckpt)], "export": ["--student", str(tmp_path / "export")],
                "final": ["--student", str(uninterrupted / "student_ema")]}
     arrays = {}
     for name, source in sources.items():
-        sample_student.main(["sample", *source, *common, "--out", str(tmp_path / name)])
+        sample_student["main"](["sample", *source, *common, "--out", str(tmp_path / name)])
         with np.load(tmp_path / name / "samples_6x8x8x3.npz") as z:
             arrays[name] = z["arr_0"]
             assert z["arr_1"].tolist() == [3, 3, 3, 1, 1, 1]  # the labels, for class-conditional evaluators
@@ -271,6 +291,6 @@ def test_sample_script_same_samples_from_checkpoint_export_and_final_student(tmp
     student, timesteps = load_exported(tmp_path / "export")
     assert timesteps == [ddim_grid(24)[i] for i in (0, 6, 12, 18, 24)]  # the store's grid at the boundaries
     assert not student.training
-    sample_student.main(["sample", *sources["export"], *common, "--noise-correction", "--out", str(tmp_path / "nc")])
+    sample_student["main"](["sample", *sources["export"], *common, "--noise-correction", "--out", str(tmp_path / "nc")])
     with np.load(tmp_path / "nc" / "samples_6x8x8x3.npz") as z:
         assert not np.array_equal(z["arr_0"], arrays["export"])  # the first step's direction term changed

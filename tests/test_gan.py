@@ -1,10 +1,15 @@
-"""ARD + GAN (ard/student/gan.py, ARDDistillation.gan_step) on a tiny teacher and store: losses on known logits,
-the adaptive weight by hand, which parameters get gradients in each step (never the frozen teacher, which stays
-bit-identical), a discriminator that separates a separable toy case, the GAN path during its warm-up equal to
+"""ARD + GAN (ard/student/gan.py, ard/modules/distill_gan.py) on a tiny teacher and store: losses on known logits,
+the adaptive weight by hand, the discriminator's losses equal to those of the code before it became an object
+(tests/data/discriminator_losses.json), which parameters get gradients in each step (never the frozen teacher,
+which stays bit-identical), a discriminator that separates a separable toy case, one iteration clock (the
+recipe's ramp, the warm-up, max_steps and checkpoints count iterations), the GAN path during its warm-up equal to
 regression-only training bit for bit, a crash and resume with identical losses, an export without the
-discriminator, and the presets (digits and ImageNet, the latter built on a tiny random DiT)."""
+discriminator, a GAN checkpoint of the earlier layout refused in one line, and the presets (digits and ImageNet,
+the latter built on a tiny random DiT)."""
 import csv
+import json
 import math
+import runpy
 from pathlib import Path
 
 import lightning as L
@@ -17,7 +22,9 @@ from safetensors.torch import load_file
 from ard.cli import main as ard_main
 from ard.data.real import RealSamples
 from ard.data.trajectories import TrajectoryDataModule
-from ard.modules.distill import ARDDistillation, load_exported
+from ard.modules.distill import ARDDistillation
+from ard.modules.distill_gan import ARDGANDistillation, GanStage
+from ard.student.export import load_exported
 from ard.student.gan import (HingeLoss, NonSaturatingLoss, TeacherDiscriminator, adaptive_weight, diff_augment,
                              draw_generator, draw_timesteps)
 from ard.teacher import load_teacher
@@ -92,7 +99,8 @@ def test_diff_augment_is_differentiable_and_moves_pixels():
 
 
 def test_local_batch_norm_needs_equal_virtual_batches():
-    disc = TeacherDiscriminator(width=8, num_layers=2)
+    disc = TeacherDiscriminator(width=8, num_layers=2, blocks=None, loss="hinge", renoise="none", noise_levels="uniform",
+                                augment="none")
     features, c = [torch.randn(16, 4, 8) for _ in range(2)], torch.randn(16, 8)
     assert disc(features, c).shape == (16, 2 * 4)  # one logit per token per head
     with pytest.raises(ValueError, match="virtual batches"):
@@ -109,9 +117,35 @@ def test_real_samples_errors_name_the_file(tmp_path):
 
 
 # ------------------------------------------------------------------ in-process training
-def module_for(teacher_dir, **kw) -> ARDDistillation:
-    return ARDDistillation(teacher=str(teacher_dir), history_blocks=2, samples_per_class=0, lr=1e-3,
-                           **{"gan_weight": 10.0, "gan_warmup": 1} | kw)
+def module_for(teacher_dir, recipe: dict | None = None, **gan) -> ARDGANDistillation:
+    return ARDGANDistillation(teacher=str(teacher_dir), history_blocks=2, samples=dict(per_class=0), lr=1e-3,
+                              recipe=recipe or {}, gan=dict(weight=10.0, warmup=1) | gan)
+
+
+def test_discriminator_losses_equal_those_before_it_became_an_object(teacher_dir):
+    """The generator loss, the discriminator loss and the logits of fixed real and fake samples, drawn in the
+    stage's order from one generator, equal the values the module computed before the discriminator owned
+    its settings (recorded with that code on the same tiny teacher)."""
+    pinned = json.loads((ROOT / "tests" / "data" / "discriminator_losses.json").read_text())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for key, want in pinned.items():
+            loss, renoise, augment = key.split("-")
+            torch.manual_seed(0)  # the heads' initialisation, as when the values were recorded
+            disc = module_for(teacher_dir, loss=loss, renoise=renoise, augment=augment, noise_levels="high",
+                              blocks=[0, 1]).discriminator
+            teacher = load_teacher(str(teacher_dir))
+            gen = torch.Generator().manual_seed(1)
+            real, fake = torch.randn(8, 1, 8, 8, generator=gen), torch.randn(8, 1, 8, 8, generator=gen)
+            labels, g = torch.arange(8), draw_generator(0, 0, 0)
+            got = {"g_loss": disc.generator_loss(teacher, fake, labels, g).mean()}
+            d_loss, logits_real, logits_fake = disc.discriminator_loss(teacher, real, labels, fake, labels, g)
+            got |= {"d_loss": d_loss.mean(), "logits_real": logits_real.mean(), "logits_fake": logits_fake.mean()}
+            for name, value in want.items():
+                assert float(got[name]) == pytest.approx(value, rel=1e-6), (key, name)
+    finally:
+        torch.set_num_threads(threads)
 
 
 class GradRecorder(L.Callback):
@@ -126,13 +160,13 @@ class GradRecorder(L.Callback):
 
 
 def test_only_the_heads_learn_in_the_discriminator_step_and_the_teacher_stays_frozen(tmp_path, teacher_dir, store):
-    module = module_for(teacher_dir, gan_fake="rollout", gan_renoise="same")
+    module = module_for(teacher_dir, fake="rollout", renoise="same")
     recorder = GradRecorder()
-    trainer = L.Trainer(accelerator="cpu", max_steps=8, default_root_dir=tmp_path, logger=False,
+    trainer = L.Trainer(accelerator="cpu", max_steps=4, default_root_dir=tmp_path, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, callbacks=[recorder])
     trainer.fit(module, TrajectoryDataModule(str(store), S, batch_size=16, val_count=VAL))
-    assert trainer.global_step == 8 and len(recorder.steps) == 8  # 4 iterations, 2 optimiser steps each
+    assert trainer.global_step == 4 and len(recorder.steps) == 8  # 4 iterations, 2 optimiser steps each
     heads = {n for n, _ in module.named_parameters() if n.startswith("discriminator.")}
     trainable = {n for n, p in module.named_parameters() if n.startswith("student.") and p.requires_grad}
     for i, (index, names) in enumerate(recorder.steps):
@@ -150,17 +184,14 @@ def test_only_the_heads_learn_in_the_discriminator_step_and_the_teacher_stays_fr
 
 def test_discriminator_separates_a_separable_toy_case(teacher_dir):
     """Real digits against constant grey images: a few discriminator steps drive the hinge loss down."""
-    module = module_for(teacher_dir, gan_renoise="none")
-    module.real["train"] = RealSamples("digits:train")
-    opt = torch.optim.AdamW(module.discriminator.parameters(), lr=1e-3)
+    disc = module_for(teacher_dir, renoise="none").discriminator
+    teacher, real_samples = load_teacher(str(teacher_dir)), RealSamples("digits:train")
+    opt = torch.optim.AdamW(disc.parameters(), lr=1e-3)
     losses = []
     for i in range(30):
         g = draw_generator(0, i, 0)
-        real, labels = module.real["train"].draw(16, g)
-        fake = torch.zeros_like(real)
-        t = torch.zeros(16, dtype=torch.long)
-        loss = module.gan_loss_fn.discriminator(module._logits(real, t, labels, g, grad_features=False),
-                                                module._logits(fake, t, labels, g, grad_features=False)).mean()
+        real, labels = real_samples.draw(16, g)
+        loss = disc.discriminator_loss(teacher, real, labels, torch.zeros_like(real), labels, g)[0].mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -172,15 +203,15 @@ def test_discriminator_separates_a_separable_toy_case(teacher_dir):
 @pytest.fixture(scope="module")
 def regression(tmp_path_factory, teacher_dir, store):
     root = tmp_path_factory.mktemp("regression")
-    ard_main(args_for(root, teacher_dir, store, "--trainer.max_steps=6", "--model.init_args.samples_per_class=0"))
+    ard_main(args_for(root, teacher_dir, store, "--trainer.max_steps=6", "--model.init_args.samples.per_class=0"))
     return root
 
 
 def test_gan_during_warmup_equals_regression_only_training(tmp_path, teacher_dir, store, regression):
     """lambda = 0 all along: the manual student step (clipped by hand) must be the automatic one, bit for bit,
     while the discriminator trains beside it (6 iterations = 12 optimiser steps)."""
-    ard_main(gan_args(tmp_path, teacher_dir, store, "--model.init_args.gan_warmup=1000", "--trainer.max_steps=12",
-                      "--model.init_args.samples_per_class=0"))
+    ard_main(gan_args(tmp_path, teacher_dir, store, "--model.init_args.gan.warmup=1000", "--trainer.max_steps=6",
+                      "--model.init_args.samples.per_class=0"))
     gan, reg = logged(tmp_path), logged(regression)
     assert sorted(gan) == sorted(reg) == list(range(6))
     for step in range(6):
@@ -193,19 +224,44 @@ def test_gan_during_warmup_equals_regression_only_training(tmp_path, teacher_dir
         assert torch.equal(files[0][name], files[1][name]), name  # the EMA students
 
 
-def test_gan_weight_zero_is_the_regression_module(teacher_dir):
-    plain = ARDDistillation(teacher=str(teacher_dir), history_blocks=2, samples_per_class=0)
-    off = ARDDistillation(teacher=str(teacher_dir), history_blocks=2, samples_per_class=0, gan_weight=0.0,
-                          gan_fake="rollout", gan_renoise="same", gan_augment="translation_cutout")
-    assert off.automatic_optimization and off.discriminator is None
-    assert isinstance(off.configure_optimizers(), torch.optim.AdamW)
-    assert plain.state_dict().keys() == off.state_dict().keys()
+def test_the_regression_module_holds_no_gan_state(teacher_dir):
+    plain = ARDDistillation(teacher=str(teacher_dir), history_blocks=2, samples=dict(per_class=0))
+    gan = module_for(teacher_dir)
+    assert plain.automatic_optimization and not gan.automatic_optimization and not hasattr(plain, "discriminator")
+    assert isinstance(plain.configure_optimizers(), torch.optim.AdamW)
+    assert {k for k in gan.state_dict() if k not in plain.state_dict()} == {
+        k for k in gan.state_dict() if k.startswith("discriminator.")}
+    with pytest.raises(ValueError, match=r"gan.weight=0.0 must be a finite number > 0"):
+        GanStage(weight=0.0)
+    with pytest.raises(ValueError, match=r"gan.fake='last' is not one of"):
+        GanStage(fake="last")
+
+
+def test_one_clock_the_recipe_ramp_ends_after_its_iterations(tmp_path, teacher_dir, store):
+    """Mixed inputs ramping to probability 1 over R GAN iterations: every row is a rollout from iteration R on
+    (with two optimiser steps per iteration counted, the ramp used to end after R / 2), and max_steps = R + 1
+    runs R + 1 iterations."""
+    ramp = 4
+    module = module_for(teacher_dir, recipe=dict(inputs="mixed", rollout_prob=1.0, rollout_ramp_steps=ramp), warmup=2)
+    fractions = []
+
+    class Fraction(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            fractions.append(float(trainer.callback_metrics["train/rollout_fraction"]))
+
+    trainer = L.Trainer(accelerator="cpu", max_steps=ramp + 1, default_root_dir=tmp_path, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, callbacks=[Fraction()])
+    trainer.fit(module, TrajectoryDataModule(str(store), S, batch_size=16, val_count=VAL))
+    assert trainer.global_step == ramp + 1 and len(fractions) == ramp + 1
+    assert module.recipe.rollout_probability(ramp) == 1.0 and fractions[0] == 0.0 and fractions[ramp] == 1.0
+    assert 0 < fractions[ramp // 2] < 1  # probability 0.5 at half the ramp: some rows, not all
 
 
 def gan_resume_args(root, teacher_dir, store, regression):
-    return gan_args(root, teacher_dir, store, "--model.init_args.gan_warmup=5", "--trainer.max_steps=16",
+    return gan_args(root, teacher_dir, store, "--model.init_args.gan.warmup=5", "--trainer.max_steps=8",
                     f"--model.init_args.init_student={regression / 'student_ema'}",
-                    "--model.init_args.gan_fake=rollout", "--model.init_args.gan_augment=translation_cutout")
+                    "--model.init_args.gan.fake=rollout", "--model.init_args.gan.augment=translation_cutout")
 
 
 @pytest.fixture(scope="module")
@@ -227,17 +283,17 @@ def test_gan_fit_logs_health_and_exports_the_student_alone(gan_run, regression):
     student, timesteps = load_exported(exported)
     assert student.settings() == load_exported(regression / "student_ema")[0].settings()
     ckpt = torch.load(gan_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert len(ckpt["optimizer_states"]) == 2 and ckpt["global_step"] == 16
+    assert len(ckpt["optimizer_states"]) == 2 and ckpt["global_step"] == 8  # iterations
     assert any(k.startswith("discriminator.") for k in ckpt["current_model_state"])
 
 
 def test_gan_crash_then_resume_gives_the_same_losses(tmp_path, teacher_dir, store, regression, gan_run):
-    """Crash before iteration 4 (global step 8: a mid-epoch checkpoint), re-run: iterations 4-7 (across the
-    end of the warm-up at 5) log exactly the uninterrupted run's losses and end with the same weights."""
+    """Crash before iteration 4 (a mid-epoch checkpoint), re-run: iterations 4-7 (across the end of the
+    warm-up at 5) log exactly the uninterrupted run's losses and end with the same weights."""
     args = gan_resume_args(tmp_path, teacher_dir, store, regression)
-    with pytest.raises(RuntimeError, match="crash before step 8"):
-        ard_main(args + crash_args(8))
-    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 8
+    with pytest.raises(RuntimeError, match="crash before step 4"):
+        ard_main(args + crash_args(4))
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 4
     ard_main(args)
     resumed, reference = logged(tmp_path), logged(gan_run)
     for step in range(4, 8):
@@ -254,12 +310,12 @@ def test_gan_under_ddp_two_processes(tmp_path, teacher_dir, store):
     """2 gloo processes with the ImageNet preset's strategy (each backward reaches one optimiser's parameters
     only) run 4 GAN iterations, with the GAN weight on from the second, to the end."""
     proc = ard_subprocess(*gan_args(
-        tmp_path, teacher_dir, store, "--trainer.max_steps=8", "--model.init_args.gan_warmup=1",
+        tmp_path, teacher_dir, store, "--trainer.max_steps=4", "--model.init_args.gan.warmup=1",
         "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp_find_unused_parameters_true",
-        "--data.init_args.batch_size=8", "--model.init_args.samples_per_class=0", "--trainer.limit_val_batches=0"))
+        "--data.init_args.batch_size=8", "--model.init_args.samples.per_class=0", "--trainer.limit_val_batches=0"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert ckpt["global_step"] == 8 and len(ckpt["optimizer_states"]) == 2
+    assert ckpt["global_step"] == 4 and len(ckpt["optimizer_states"]) == 2
     rows = logged(tmp_path)
     assert all(rows[step]["gan/weight"] > 0 for step in range(1, 4))
 
@@ -276,7 +332,7 @@ def test_real_data_of_another_shape_fails_in_one_line(tmp_path, teacher_dir, sto
     np.save(tmp_path / "latents.npy", np.zeros((4, 4, 8, 8), np.float32))
     np.save(tmp_path / "labels.npy", np.zeros(4, np.int64))
     with pytest.raises(SystemExit):
-        ard_main(gan_args(tmp_path / "run", teacher_dir, store, f"--model.init_args.gan_real={tmp_path}"))
+        ard_main(gan_args(tmp_path / "run", teacher_dir, store, f"--model.init_args.gan.real={tmp_path}"))
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ard: error:")]
     assert len(err) == 1 and "samples of shape [4, 8, 8]" in err[0] and "needs shape [1, 8, 8]" in err[0], err
 
@@ -294,9 +350,12 @@ def test_digits_gan_presets_resolve(capsys):
     ard = print_config(capsys, "digits/ard.yaml")
     gan = print_config(capsys, "digits/ard.yaml", "digits/ard_gan.yaml")
     base = print_config(capsys, "digits/ard.yaml", "digits/ard_gan.yaml", "digits/baseline_gan.yaml")
-    assert gan["model.init_args.gan_weight"] == 10.0 and gan["trainer.gradient_clip_val"] is None
-    assert gan["model.init_args.init_student"] == "runs/digits/ard/student_ema"
-    assert ard["model.init_args.gan_weight"] == 0
+    assert gan["model.class_path"] == "ard.modules.distill_gan.ARDGANDistillation"
+    assert gan["model.init_args.gan.weight"] == 10.0 and gan["trainer.gradient_clip_val"] is None
+    assert gan["model.init_args.init_student"] == "runs/digits/ard/student_ema" and gan["trainer.max_steps"] == 1000
+    assert ard["model.class_path"] == "ard.modules.distill.ARDDistillation" and not any("gan" in k for k in ard)
+    assert {k: v for k, v in gan.items() if k.startswith("model.init_args.recipe")} == {
+        k: v for k, v in ard.items() if k.startswith("model.init_args.recipe")}  # the stage keeps ard.yaml's recipe
     assert {k for k in gan if gan[k] != base[k]} == {"model.init_args.history_blocks", "model.init_args.init_student",
                                                       "trainer.default_root_dir", "trainer.logger.init_args.name"}
     assert base["model.init_args.init_student"] == "runs/digits/baseline/student_ema"
@@ -312,33 +371,26 @@ def test_imagenet_gan_preset_builds_on_a_tiny_random_dit(tmp_path, capsys):
                            attention_head_dim=8)
     np.save(tmp_path / "latents.npy", np.random.default_rng(0).standard_normal((16, 4, 8, 8)).astype(np.float16))
     np.save(tmp_path / "labels.npy", np.arange(16, dtype=np.int64) * 60)
-    kwargs |= dict(teacher=str(teacher), teacher_size=None, vae=None, samples_per_class=0, init_student=None,
-                   gan_real=str(tmp_path), gan_holdout=str(tmp_path))
-    module = ARDDistillation(**kwargs)
-    assert len(module.discriminator.heads) == 7  # gan_blocks: all blocks (history in the lowest 6)
-    module.timesteps = [999, 750, 500, 250, -1]
-    module._setup_gan()
+    kwargs |= dict(teacher=str(teacher), teacher_size=None, samples=dict(per_class=0), init_student=None,
+                   gan=dict(kwargs["gan"], real=str(tmp_path), holdout=str(tmp_path)))
+    module = ARDGANDistillation(**kwargs)
+    assert len(module.discriminator.heads) == 7  # gan.blocks: all blocks (history in the lowest 6)
     g = draw_generator(0, 0, 0)
-    real, labels = module.real["train"].draw(8, g)
+    real, labels = RealSamples(module.gan.real).draw(8, g)
     assert real.shape == (8, 4, 8, 8) and real.dtype == torch.float32
-    logits = module._logits(real, module._timesteps(8, g), labels, g)
+    disc = module.discriminator
+    logits = disc.logits(module.frozen_teacher(), real, disc.timesteps(8, g), labels, g)
     assert logits.shape == (8, 7 * 16)  # 7 heads x 16 tokens (8x8 latents, patch 2)
     optimisers = module.configure_optimizers()
-    assert [o.param_groups[0]["lr"] for o in optimisers] == [kwargs["lr"], kwargs["gan_lr"]]
+    assert [o.param_groups[0]["lr"] for o in optimisers] == [kwargs["lr"], kwargs["gan"]["lr"]]
 
 
 def test_encode_real_latents_from_an_image_folder(tmp_path):
     """An image folder (class subfolders, any sizes and modes) -> centre-cropped, VAE-encoded real latents."""
-    import sys
-
     from diffusers import AutoencoderKL
     from PIL import Image
 
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import encode_real_latents
-    finally:
-        sys.path.pop(0)
+    encode_real_latents = runpy.run_path(str(ROOT / "scripts" / "encode_real_latents.py"), run_name="encode_real_latents")
     torch.manual_seed(0)
     AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                   block_out_channels=(4,) * 4, layers_per_block=1, latent_channels=4, norm_num_groups=2,
@@ -349,7 +401,7 @@ def test_encode_real_latents_from_an_image_folder(tmp_path):
         (tmp_path / "images" / name).parent.mkdir(parents=True, exist_ok=True)
         shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
         Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(tmp_path / "images" / name)
-    encode_real_latents.main(["--images", str(tmp_path / "images"), "--vae", str(tmp_path / "vae"),
+    encode_real_latents["main"](["--images", str(tmp_path / "images"), "--vae", str(tmp_path / "vae"),
                               "--out", str(tmp_path / "latents"), "--batch-size", "2", "--device", "cpu"])
     real = RealSamples(str(tmp_path / "latents"))
     assert real.shape == (4, 32, 32) and real.images.dtype == np.float16

@@ -56,7 +56,7 @@ def test_every_preset_resolves_and_they_agree(capsys):
     # the evaluation takes the store's sampling settings (a differing one is refused): it names that store
     assert ev["store"] == traj["data"]["init_args"]["path"] and ev["teacher_steps"] in (None, 24)
     assert t["guidance_scale"] == ev["guidance_scale"] == 1.5
-    assert t["teacher"] == a["teacher"] == ev["teacher"] and a["vae"] == ev["vae"]
+    assert t["teacher"] == a["teacher"] == ev["teacher"] and a["samples"]["vae"] == ev["vae"]
     assert ard["data"]["init_args"]["path"] == traj["data"]["init_args"]["path"]
     saved = t["save_indices"]
     assert all(s * 24 // a["num_steps"] in saved for s in range(a["num_steps"] + 1))  # the store serves S = 4
@@ -91,8 +91,8 @@ def test_distillation_presets_train_two_steps(tiny, overlay, tmp_path):
     assert m["state"] == {"shape": [4, 32, 32], "dtype": "float16", "numpy_dtype": "<f2", "x0": False}
     logger = '{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "%s"}}' % tmp_path
     ard_main(["fit", "-c", str(PRESETS / "ard.yaml"), *overlay, f"--model.init_args.teacher={teacher}",
-              "--model.init_args.teacher_size=null", f"--model.init_args.vae={vae}",
-              "--model.init_args.samples_per_class=1", "--model.init_args.sample_classes=[207, 360]",
+              "--model.init_args.teacher_size=null", f"--model.init_args.samples.vae={vae}",
+              "--model.init_args.samples.per_class=1", "--model.init_args.samples.classes=[207, 360]",
               "--model.init_args.gradient_checkpointing=true",
               f"--data.init_args.path={root / 'store'}", "--data.init_args.batch_size=2",
               "--data.init_args.val_count=4", "--data.init_args.num_workers=1", "--trainer.accelerator=cpu",
@@ -116,9 +116,9 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny):
     grads, losses = [], []
     for checkpointing in (False, True):
         module = ARDDistillation(str(teacher), num_steps=steps, history_blocks=6, history_start="closed",
-                                 samples_per_class=0, gradient_checkpointing=checkpointing)
+                                 samples=dict(per_class=0), gradient_checkpointing=checkpointing)
         with mock.patch("torch.utils.checkpoint.checkpoint", wraps=torch.utils.checkpoint.checkpoint) as ckpt:
-            loss = module.step_losses(batch)  # (S,)
+            loss = module.loss_fn(module.student, batch["states"], batch["timesteps"], batch["labels"]).mean(0)  # (S,)
             loss.sum().backward()
         assert ckpt.call_count == (TINY_XL["num_layers"] if checkpointing else 0)  # every block recomputed
         losses.append(loss.detach())

@@ -11,7 +11,7 @@ from ard.diffusion import alpha_bar, ddim_grid, ddim_sample, make_scheduler
 from ard.student.exposure import exposure_errors
 from ard.modules.distill import ARDDistillation, load_exported
 from ard.student import ARDStudent, HistoryContext, StepMSELoss, sample
-from ard.student.recipe import (rollout_probability, shift_timesteps, shifted_reconstruction, student_inputs,
+from ard.student.recipe import (Recipe, shift_timesteps, shifted_reconstruction, student_inputs,
                                 substep_paths, teacher_from_state)
 from test_distill import S, args_for, step_losses, store, teacher_dir  # noqa: F401 (fixtures)
 from ard.teacher import eps_from_output
@@ -58,9 +58,9 @@ def test_rollout_inputs_are_the_students_own_samples_without_gradient(teacher):
 
 
 def test_rollout_probability_schedules():
-    assert rollout_probability("teacher", 0.7, 0, 5) == 0 and rollout_probability("rollout", 0.7, 10, 0) == 1
-    assert rollout_probability("mixed", 0.7, 0, 0) == 0.7
-    assert [rollout_probability("mixed", 0.8, 100, s) for s in (0, 50, 100, 500)] == [0, 0.4, 0.8, 0.8]
+    assert Recipe("teacher", 0.7).rollout_probability(5) == 0 and Recipe("rollout", 0.7, 10).rollout_probability(0) == 1
+    assert Recipe("mixed", 0.7).rollout_probability(0) == 0.7
+    assert [Recipe("mixed", 0.8, 100).rollout_probability(s) for s in (0, 50, 100, 500)] == [0, 0.4, 0.8, 0.8]
 
 
 @pytest.mark.parametrize("steps", [2, 4])
@@ -101,7 +101,7 @@ def test_noise_correction_replaces_exactly_the_first_steps_epsilon(teacher):
         plain, corrected = (sample(student, noise, labels, timesteps, nc) for nc in (False, True))
         # step 0 by hand: x0 from the model's eps, direction sqrt(1 - b) x_T instead of sqrt(1 - b) eps
         history = HistoryContext(num_steps=S, step=0, cache=student.new_cache(3))
-        eps = eps_from_output(teacher, student._transformer(noise, timesteps[:, 0], labels, history, step=0)[0])
+        eps = eps_from_output(teacher, student._transformer(noise, timesteps[:, 0], labels, history, step=0))
         a, b = (alpha_bar(student.scheduler, timesteps[:, i]).float().view(-1, 1, 1, 1) for i in (0, 1))
         torch.testing.assert_close(corrected[:, 1] - plain[:, 1], (1 - b).sqrt() * (noise - eps), atol=1e-5, rtol=0)
         # later steps: the same function of the same inputs (the cache holds the corrected states' keys)
@@ -129,10 +129,10 @@ def test_exposure_errors_split_teacher_forcing_from_own_states(teacher):
 
 
 @pytest.mark.parametrize("recipe", [
-    ["--model.init_args.inputs=rollout", "--model.init_args.targets=teacher_from_state",
-     "--model.init_args.target_substeps=3"],
-    ["--model.init_args.inputs=mixed", "--model.init_args.rollout_ramp_steps=4",
-     "--model.init_args.targets=shifted_reconstruction", "--model.init_args.srl_shift=2.0"],
+    ["--model.init_args.recipe.inputs=rollout", "--model.init_args.recipe.targets=teacher_from_state",
+     "--model.init_args.recipe.target_substeps=3"],
+    ["--model.init_args.recipe.inputs=mixed", "--model.init_args.recipe.rollout_ramp_steps=4",
+     "--model.init_args.recipe.targets=shifted_reconstruction", "--model.init_args.recipe.srl_shift=2.0"],
 ])
 def test_recipes_train_through_the_cli_and_round_trip_into_the_export(tmp_path, teacher_dir, store, recipe):
     from ard.cli import main as ard_main
@@ -144,21 +144,20 @@ def test_recipes_train_through_the_cli_and_round_trip_into_the_export(tmp_path, 
     export = tmp_path / "student_ema"
     settings = json.loads((export / "ard_sampling.json").read_text())
     for arg in recipe:
-        key, value = arg.split("init_args.")[1].split("=")
+        key, value = arg.split("init_args.recipe.")[1].split("=")
         assert str(settings["recipe"][key]) == value, key
     student, timesteps = load_exported(export)
     assert len(timesteps) == S + 1 and student.history_blocks == 2
 
 
 def test_bad_recipe_knobs_fail_in_one_line(teacher_dir):
-    with pytest.raises(ValueError, match="inputs='rolout'"):
-        ARDDistillation(teacher=str(teacher_dir), history_blocks=2, inputs="rolout", samples_per_class=0)
-    with pytest.raises(ValueError, match="targets='shifted_reconstruction' needs an x0-prediction"):
-        ARDDistillation(teacher=str(teacher_dir), history_blocks=2, targets="shifted_reconstruction",
-                        output="next_state", samples_per_class=0)
-    with pytest.raises(ValueError, match="rollout_prob=1.5 must lie in"):
-        ARDDistillation(teacher=str(teacher_dir), history_blocks=2, inputs="mixed", rollout_prob=1.5,
-                        samples_per_class=0)
-    with pytest.raises(ValueError, match="srl_shift=0.0 must be > 0"):
-        ARDDistillation(teacher=str(teacher_dir), history_blocks=2, targets="shifted_reconstruction",
-                        srl_shift=0.0, samples_per_class=0)
+    with pytest.raises(ValueError, match="recipe.inputs='rolout'"):
+        Recipe(inputs="rolout")
+    with pytest.raises(ValueError, match="recipe.targets='shifted_reconstruction' needs an x0-prediction"):
+        ARDDistillation(teacher=str(teacher_dir), history_blocks=2, recipe=Recipe(targets="shifted_reconstruction"),
+                        output="next_state", samples=dict(per_class=0))
+    with pytest.raises(ValueError, match="recipe.rollout_prob=1.5 must lie in"):
+        ARDDistillation(teacher=str(teacher_dir), history_blocks=2, recipe=dict(inputs="mixed", rollout_prob=1.5),
+                        samples=dict(per_class=0))
+    with pytest.raises(ValueError, match="recipe.srl_shift=0.0 must be > 0"):
+        Recipe(targets="shifted_reconstruction", srl_shift=0.0)

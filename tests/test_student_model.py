@@ -189,7 +189,7 @@ def test_any_number_of_steps(teacher, layout):
             assert (student(states, timesteps, labels) - cached(student, states, timesteps, labels)).abs().max() <= 1e-5
 
 
-def test_loss_features_and_gradient_checkpointing(teacher):
+def test_loss_and_gradient_checkpointing(teacher):
     student = open_gates(ARDStudent(teacher, S, history_blocks=2, heads="per_step", history_start="closed"))
     states, timesteps, labels = inputs()
     trajectory = torch.cat([states, torch.randn(B, 1, 1, 8, 8)], dim=1)  # (B, S+1, C, H, W)
@@ -206,8 +206,6 @@ def test_loss_features_and_gradient_checkpointing(teacher):
     for n, p in student.named_parameters():
         if n in grads:
             torch.testing.assert_close(p.grad, grads[n], atol=1e-6, rtol=1e-5)
-    out, features = student(states, timesteps, labels, return_features=True)
-    assert len(features) == 3 and features[0].shape == (B, S, 16, 128)
 
 
 def test_save_load_round_trip(teacher, tmp_path):

@@ -18,7 +18,7 @@ ard.student.exposure) and the sample grid, both made with the EMA weights; the s
 kept in every checkpoint so that a checkpoint can be sampled without the store; the standalone EMA student
 (`<default_root_dir>/student_ema/`, ard.student.export) written when fitting ends.
 
-The GAN stage (ARD sec. 4) is a subclass with its own file: ard/modules/distill_gan.py.
+The GAN stage (docs/method.md, "The GAN stage") is a subclass with its own file: ard/modules/distill_gan.py.
 """
 from __future__ import annotations
 
@@ -225,7 +225,7 @@ class ARDDistillation(L.LightningModule):
                                          generator)  # (B, S, C, H, W), (B,)
         teacher = self.frozen_teacher() if self.recipe.targets != "trajectory" else None
         losses, predictions = self.loss_fn(self.student, batch["states"], batch["timesteps"], batch["labels"],
-                                           inputs, teacher, generator)  # (B, S), (B, S, C, H, W)
+                                           inputs, teacher, generator, return_states=True)  # (B, S), (B, S, C, H, W)
         per_step = losses.mean(dim=0)  # (S,) L_s
         stop_on_non_finite(self.trainer, "loss", {f"train/loss_step{s}": v for s, v in enumerate(per_step)})
         loss = (per_step.new_tensor(self.step_weights) * per_step).sum()  # sum_s w_s L_s

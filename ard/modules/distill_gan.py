@@ -1,4 +1,4 @@
-"""ARD + GAN (Kim et al. 2025, sec. 4): the second stage, fine-tuning an exported regression student with a
+"""ARD + GAN (docs/method.md, "The GAN stage"): the second stage, fine-tuning an exported regression student with a
 GAN loss beside the regression loss.
 
     ard fit -c configs/digits/ard.yaml -c configs/digits/ard_gan.yaml   # after stage 1 has finished
@@ -66,7 +66,7 @@ class GanStage:
 
 
 class ARDGANDistillation(ARDDistillation):
-    """The GAN stage: ARDDistillation's regression plus a discriminator on the frozen teacher (ARD sec. 4)."""
+    """The GAN stage: ARDDistillation's regression plus a discriminator on the frozen teacher (ARD + GAN)."""
 
     def __init__(self, gan: GanStage = GanStage(), **kwargs):
         """
@@ -106,7 +106,7 @@ class ARDGANDistillation(ARDDistillation):
                                            weight_decay=hp.weight_decay, betas=tuple(hp.betas))]
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        """One student step on L_reg + lambda L_gan, then one discriminator step (ARD sec. 4). Returns the
+        """One student step on L_reg + lambda L_gan, then one discriminator step (ARD + GAN). Returns the
         student's loss (detached: both steps are taken here)."""
         regression = self.regression(batch)
         iteration, teacher, labels = self.global_step, self.frozen_teacher(), batch["labels"]
@@ -164,7 +164,7 @@ class ARDGANDistillation(ARDDistillation):
             self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=lambda: None)
 
     def _last_layer(self) -> torch.Tensor:
-        """Weight of the layer that outputs the final state: the adaptive weight's W (ARD sec. 4)."""
+        """Weight of the layer that outputs the final state: the adaptive weight's W (docs/method.md, "The GAN stage")."""
         head = self.student.transformer if self.student.heads is None else self.student.heads[-1]
         return head.proj_out_2.weight
 

@@ -1,4 +1,4 @@
-"""The GAN stage of ARD (Kim et al. 2025, sec. 4, "ARD + GAN"): a discriminator on the frozen teacher's features.
+"""The GAN stage of ARD ("ARD + GAN", docs/method.md, "The GAN stage"): a discriminator on the frozen teacher's features.
 
 Discriminator (what the authors' re-implementation builds, after StyleGAN-T's projected discriminator): the
 frozen teacher minus its final layer returns the tokens after a chosen list of blocks and its own conditioning
@@ -189,7 +189,7 @@ GAN_LOSSES: dict[str, type] = {"hinge": HingeLoss, "non_saturating": NonSaturati
 def adaptive_weight(reg_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor,
                     max_weight: float = 1e4) -> torch.Tensor:
     """lambda = ||d L_reg / d W|| / (||d L_gan / d W|| + 1e-4), clamped to [0, max_weight], detached; W is
-    the last layer's weight (VQGAN eq. 7; ARD sec. 4). Both graphs are kept for the backward that follows."""
+    the last layer's weight (VQGAN eq. 7; docs/method.md, "The GAN stage"). Both graphs are kept for the backward that follows."""
     reg_grad, = torch.autograd.grad(reg_loss, last_layer, retain_graph=True)
     gan_grad, = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)
     return (reg_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()

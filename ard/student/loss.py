@@ -15,9 +15,9 @@ class StepMSELoss:
     """Mean squared error between the student's predictions and their targets at each student step.
 
     __call__(student, trajectory (B, S+1, C, H, W), timesteps (B, S+1), labels (B,), inputs=None, teacher=None,
-    generator=None) -> (loss (B, S), the predicted next states (B, S, C, H, W) with their graph): one pass of the
-    student over `inputs` (B, S, C, H, W) (default: the teacher's states x_{tau_0..tau_{S-1}}, teacher forcing),
-    regressing, per `targets`,
+    generator=None, return_states=False) -> loss (B, S) (and with return_states the predicted next states
+    (B, S, C, H, W), with their graph): one pass of the student over `inputs` (B, S, C, H, W) (default: the
+    teacher's states x_{tau_0..tau_{S-1}}, teacher forcing), regressing, per `targets`,
         trajectory:             x_{tau_1..tau_S} of the trajectory;
         teacher_from_state:     the frozen `teacher`'s DDIM from each input state to the next boundary;
         shifted_reconstruction: (in x0 space) the teacher's x0-estimate of the student's re-noised x0.
@@ -35,7 +35,7 @@ class StepMSELoss:
 
     def __call__(self, student: ARDStudent, trajectory: torch.Tensor, timesteps: torch.Tensor,
                  labels: torch.Tensor, inputs: torch.Tensor | None = None, teacher=None,
-                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 generator: torch.Generator | None = None, return_states: bool = False):
         inputs = trajectory[:, :-1] if inputs is None else inputs  # (B, S, C, H, W)
         if self.targets == "shifted_reconstruction":
             states, pred = student(inputs, timesteps, labels, return_x0=True)  # (B, S, C, H, W) each: x0 regressed
@@ -47,4 +47,5 @@ class StepMSELoss:
             target = trajectory[:, 1:] if self.targets == "trajectory" else teacher_from_state(
                 teacher, inputs.float(), self.substep_paths, labels, self.guidance_scale, self.clip_sample,
                 self.cfg_channels)
-        return (pred.float() - target.float()).square().flatten(2).mean(dim=2), states  # (B, S), (B, S, C, H, W)
+        loss = (pred.float() - target.float()).square().flatten(2).mean(dim=2)  # (B, S)
+        return (loss, states) if return_states else loss

@@ -5,7 +5,7 @@ block runs the teacher's own code on tokens (B*S, L, D) and each row gets the ti
 own timestep (token-wise time embedding, ARD sec. 3.2). Only the self-attention of the lowest N blocks
 is replaced (`HistoryAttnProcessor`); blocks above N attend within their own row, i.e. their own step.
 
-Output (ARD sec. 3.3; STACK_NOTES pilot): the head's output, first C channels (learned-sigma teachers
+Output (ARD sec. 3.3; docs/method.md, "Output parametrisation"): the head's output, first C channels (learned-sigma teachers
 predict 2C), is read as
     eps        -> x0 = (x - sqrt(1 - a_s) eps) / sqrt(a_s), then one DDIM jump to tau_{s+1} (Song et al.
                   2021, eq. 12, sigma = 0): the untrained student is the teacher run with S big steps;
@@ -44,7 +44,7 @@ FORMAT_VERSION = 1
 class ARDStudent(nn.Module):
     """ARD student around a deep copy of `teacher` (a diffusers DiTTransformer2DModel).
 
-    Knobs (ARD_METHOD.md sec. 3):
+    Knobs (docs/method.md, "Student steps", "History attention and masks M1-M4"):
         num_steps:      S, student steps (any S >= 1).
         history_blocks: N, lowest blocks with history attention (0 = step-distillation baseline); 6 as
                         in the paper (6 of 28 for DiT-XL/2).
