@@ -8,9 +8,10 @@ that `scripts/bench_bad_inputs.py` can count the outcomes.
 """
 import json
 import os
+import runpy
 import shutil
-import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -25,11 +26,8 @@ from ard.store.cli import main as store_main
 from test_store import file_digests, precompute, tiny_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import convert_dit_checkpoint  # noqa: E402
-import sample_student  # noqa: E402
-
-sys.path.pop(0)
+convert_dit_checkpoint = SimpleNamespace(**runpy.run_path(str(ROOT / "scripts/convert_dit_checkpoint.py")))
+sample_student = SimpleNamespace(**runpy.run_path(str(ROOT / "scripts/sample_student.py")))
 UNWRITABLE = Path("/sys/ard-bad-inputs")  # sysfs refuses new files even to root (permission bits do not bind it)
 N, VAL = 32, 8
 

@@ -1,33 +1,48 @@
-"""The digits benchmark's bookkeeping (scripts/bench_digits.py): the discriminator's health read from a GAN stage's
-CSV log, the GAN verdict against the continued student and the teacher, and merging the rows of a committed report."""
+"""The digits benchmark's bookkeeping (ard.bench, scripts/bench_digits.py): the discriminator's health read from a
+GAN stage's CSV log, the verdicts, merging the rows of a committed report, the stages' `ard fit` arguments, the
+committed reports regenerated from their JSON, the recipe grid, and the docs refreshed from the reports."""
 import csv
 import json
-import sys
+import re
+import runpy
 from pathlib import Path
 
 import pytest
+import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import bench_digits as bench  # noqa: E402
+from ard.bench import ROOT, docs, registry
+from ard.bench.aggregate import gan_verdict, verdict
+from ard.bench.probes import HEALTH, health
+from ard.bench.overview import recipe_grid
+from ard.bench.render import pilot_markdown, report_markdown
+from ard.bench.reports import EVAL_KEYS, build_report, load_report, merge_committed
+from ard.bench.runs import fit, stage_args
+from ard.cli import main as ard_main
 
 TEACHER = {"model": "teacher (DDIM, w=2)", "steps": 24, "fid": 31.4, "is": 9.6, "precision": 0.85, "recall": 0.67}
+RESULTS = ROOT / "docs" / "results"
+BENCHMARK_REPORTS = ("digits-benchmark", "digits-benchmark-long", "digits-recipes", "digits-recipes-rollout",
+                     "digits-recipes-s2", "digits-recipes-if", "digits-gan")
+# The committed reports were written before the exposure measurement moved to ard.student (d7f97d7); the tool
+# names its new place
+MOVED = ("ard.metrics.exposure", "ard.student.exposure")
 
 
 def test_health_averages_the_last_iterations(tmp_path):
-    """Lightning's step counts two optimiser steps per GAN iteration: the window of 50 iterations is 100 steps."""
+    """The GAN stage's `step` counts iterations: the window of 50 iterations is the last 50 steps."""
     log = tmp_path / "csv" / "version_0"
     log.mkdir(parents=True)
     with open(log / "metrics.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["step", *bench.HEALTH, "train/loss"])
+        w = csv.DictWriter(f, fieldnames=["step", *HEALTH, "train/loss"])
         w.writeheader()
-        for step in range(0, 401, 10):  # logged every 10 steps; steps 310..400 are the last 50 iterations
+        for step in range(0, 201, 10):  # logged every 10 iterations; 160..200 are within the last 50
             w.writerow({"step": step, "gan/d_loss": step, "gan/logits_real": 1.0, "gan/logits_fake": -1.0,
                         "gan/logits_holdout": "" if step % 20 else 0.5, "gan/weight": 2.0})
-        w.writerow({"step": 400, "train/loss": 0.1})  # a row without the GAN's keys is ignored
-    h = bench.health(tmp_path, window=50)
-    assert h["d_loss"] == pytest.approx(sum(range(310, 401, 10)) / 10)
+        w.writerow({"step": 200, "train/loss": 0.1})  # a row without the GAN's keys is ignored
+    h = health(tmp_path, window=50)
+    assert h["d_loss"] == pytest.approx(sum(range(160, 201, 10)) / 5)
     assert (h["logits_real"], h["logits_fake"], h["logits_holdout"], h["weight"]) == (1.0, -1.0, 0.5, 2.0)
-    assert bench.health(tmp_path / "none") == {}
+    assert health(tmp_path / "none") == {}
 
 
 def test_gan_verdict_compares_with_the_continued_student_and_the_teacher():
@@ -37,7 +52,7 @@ def test_gan_verdict_compares_with_the_continued_student_and_the_teacher():
            {"model": "baseline-gan", "steps": 2, "fid": 34.0, "precision": 0.80},
            {"model": "baseline-continued", "steps": 2, "fid": 36.0, "precision": 0.80},
            {"model": "ard-gan", "steps": 4, "fid": 20.0, "precision": 0.90}]  # no continued student at S = 4: no row
-    checks = {(c["model"], c["steps"]): c for c in bench.gan_verdict(agg, teacher_steps=24)}
+    checks = {(c["model"], c["steps"]): c for c in gan_verdict(agg, teacher_steps=24)}
     assert set(checks) == {("ard-gan", 2), ("baseline-gan", 2)}
     ard, base = checks["ard-gan", 2], checks["baseline-gan", 2]
     assert ard["fid_reduction"] == pytest.approx(0.25) and ard["reduction_ok"]
@@ -49,7 +64,7 @@ def test_gan_verdict_compares_with_the_continued_student_and_the_teacher():
 def committed(tmp_path, runs, **settings):
     results = tmp_path / "results"
     results.mkdir(exist_ok=True)
-    base = {k: 1 for k in bench.EVAL_KEYS} | {"seeds": [0, 1], "students": {"ard-seed0": "a0", "ard-seed1": "a1"}}
+    base = {k: 1 for k in EVAL_KEYS} | {"seeds": [0, 1], "students": {"ard-seed0": "a0", "ard-seed1": "a1"}}
     (results / "x.json").write_text(json.dumps({"settings": base | settings, "runs": runs}))
     return str(results), base | {"seeds": [2], "students": {"ard-seed2": "a2"}, "teacher_steps": 24}
 
@@ -59,21 +74,21 @@ def test_merge_keeps_committed_rows_not_evaluated_now(tmp_path):
            {"model": "ard-seed2", "steps": 4, "fid": 9.0}]
     results, settings = committed(tmp_path, old)
     new = [dict(TEACHER), {"model": "ard-seed2", "steps": 4, "fid": 3.0}]
-    rows, merged = bench.merge_committed(new, settings, results, "x")
+    rows, merged = merge_committed(new, settings, results, "x")
     assert sorted((r["model"], r["fid"]) for r in rows if r["steps"] == 4) == [
         ("ard-seed0", 1.0), ("ard-seed1", 2.0), ("ard-seed2", 3.0)]  # the new seed-2 row replaces the committed one
     assert sum(r["model"].startswith("teacher") for r in rows) == 1
     assert merged["seeds"] == [0, 1, 2] and set(merged["students"]) == {"ard-seed0", "ard-seed1", "ard-seed2"}
-    assert bench.merge_committed(new, settings, results, "y") == (new, settings)  # nothing committed: unchanged
+    assert merge_committed(new, settings, results, "y") == (new, settings)  # nothing committed: unchanged
 
 
 def test_merge_refuses_another_evaluation(tmp_path):
     results, settings = committed(tmp_path, [TEACHER], num_samples=1000)
     with pytest.raises(SystemExit, match="num_samples"):
-        bench.merge_committed([TEACHER], settings, results, "x")
+        merge_committed([TEACHER], settings, results, "x")
     results, settings = committed(tmp_path, [TEACHER])
     with pytest.raises(SystemExit, match="not the same evaluation set"):
-        bench.merge_committed([TEACHER | {"fid": 30.0}], settings, results, "x")
+        merge_committed([TEACHER | {"fid": 30.0}], settings, results, "x")
 
 
 def test_verdict_compares_a_second_stage_with_the_baselines_same_stage():
@@ -84,7 +99,7 @@ def test_verdict_compares_a_second_stage_with_the_baselines_same_stage():
     agg = [TEACHER | {"fid_bootstrap_sd": 1.0, "fid_vs_teacher": 0.0, "fid_vs_teacher_bootstrap_sd": 1.0},
            row("baseline", 10.0), row("ard", 9.0), row("baseline-gan", 30.0), row("ard-gan", 6.0),
            row("baseline-continued", 20.0), row("ard-continued", 8.0), row("ard+rollout", 5.0)]
-    checks = {c["model"]: c for c in bench.verdict(agg, teacher_steps=24)}
+    checks = {c["model"]: c for c in verdict(agg, teacher_steps=24)}
     assert {m: c["baseline"] for m, c in checks.items()} == {
         "ard": "baseline", "ard-gan": "baseline-gan", "ard-continued": "baseline-continued"}  # no baseline+rollout row
     assert checks["ard-gan"]["fid_vs_teacher"]["ratio"] == pytest.approx(0.2)
@@ -99,23 +114,90 @@ def test_a_finished_run_of_another_length_is_refused(tmp_path):
     (run_dir / "student_ema").mkdir(parents=True)
     (run_dir / "student_ema" / "ard_sampling.json").write_text("{}")
     (run_dir / "train_seconds.json").write_text(json.dumps({"seconds": 1.0, "threads": 1, "iterations": 400}))
-    assert bench.fit(tmp_path, tmp_path / "store", "baseline", 2, 0, 400, 1) == run_dir / "student_ema"
+    assert fit(tmp_path, tmp_path / "store", "baseline", 2, 0, 400, 1) == run_dir / "student_ema"
     with pytest.raises(SystemExit, match="trained 400 iterations, not 1200"):
-        bench.fit(tmp_path, tmp_path / "store", "baseline", 2, 0, 1200, 1)
+        fit(tmp_path, tmp_path / "store", "baseline", 2, 0, 1200, 1)
 
 
-def test_recipe_grid_takes_each_cell_from_the_report_with_most_seeds(tmp_path):
-    def report(name, rows, max_steps=1200):
+def test_stage_arguments():
+    """A GAN stage trains max_steps iterations (Lightning counts iterations, not optimiser steps) with the GAN
+    preset and its seed; the continued comparison is the regression module with the preset's batch and lr."""
+    run_dir, init = Path("/w/runs/ard-gan-S2-seed3"), Path("/w/runs/ard-S2-seed3/student_ema")
+    assert stage_args("ard-N1+rollout", run_dir, 3, 600, None, ()) == [
+        "--trainer.max_steps=600", "--trainer.logger=false"]
+    gan = stage_args("ard-gan", run_dir, 3, 200, init, ("--model.init_args.gan.warmup=5",))
+    assert gan[:3] == ["-c", registry.GAN_PRESET, "--trainer.max_steps=200"]  # after the preset: it sets its own
+    assert gan[-2:] == ["--model.init_args.gan.seed=3", "--model.init_args.gan.warmup=5"]
+    assert f"--model.init_args.init_student={init}" in gan and not any(a.startswith("--model.class_path") for a in gan)
+    continued = stage_args("ard-continued", run_dir, 3, 200, init, ("--model.init_args.gan.warmup=5",))
+    assert continued[:5] == ["-c", registry.GAN_PRESET, "--trainer.max_steps=200",
+                             "--model.class_path=ard.modules.distill.ARDDistillation",
+                             "--trainer.gradient_clip_val=1.0"]
+    assert not any(a.startswith("--model.init_args.gan.") for a in continued)
+    assert any(a.startswith("--trainer.logger=") and str(run_dir) in a for a in continued)  # the CSV log
+
+
+def test_overrides_are_those_of_the_fit_cli(monkeypatch, capsys):
+    """The registry's overrides and the stages' arguments parse with today's `ard fit` (--print_config: parsed and
+    type-checked, nothing built), each group in one call: every model's, every recipe's, the GAN stage with every
+    pilot knob (max_steps counts iterations), and the continued comparison (the regression module, the preset's
+    batch and lr, no GAN)."""
+    monkeypatch.chdir(ROOT)  # the tool runs `ard fit` from the repository
+
+    def config(*args: str) -> dict:
+        with pytest.raises(SystemExit) as exit_info:
+            ard_main(["fit", "-c", "configs/digits/ard.yaml", *args, "--print_config"])
+        assert not exit_info.value.code, capsys.readouterr().err
+        return yaml.safe_load(capsys.readouterr().out)
+
+    assert config(*(a for o in registry.MODELS.values() for a in o))["model"]["init_args"]["history_blocks"] == 0
+    recipe = config(*(a for o in registry.RECIPES.values() for a in o))["model"]["init_args"]["recipe"]
+    assert (recipe["inputs"], recipe["targets"], recipe["srl_shift"]) == ("rollout", "shifted_reconstruction", 0.1)
+    run_dir, init = ROOT / "runs" / "x", ROOT / "runs" / "y" / "student_ema"
+    knobs = tuple(a for o in registry.PILOT_KNOBS.values() for a in o)
+    gan = config(*stage_args("ard-gan", run_dir, 3, 200, init, knobs), *registry.VARIANTS["ard"])
+    assert gan["model"]["class_path"] == "ard.modules.distill_gan.ARDGANDistillation"
+    assert gan["model"]["init_args"]["gan"]["seed"] == 3 and gan["trainer"]["max_steps"] == 200
+    continued = config(*stage_args("ard-continued", run_dir, 3, 200, init, knobs), *registry.VARIANTS["ard"])
+    model = continued["model"]
+    assert model["class_path"] == "ard.modules.distill.ARDDistillation" and "gan" not in model["init_args"]
+    kept = model["init_args"]["lr"], model["init_args"]["init_student"], continued["data"]["init_args"]["batch_size"]
+    assert kept == (gan["model"]["init_args"]["lr"], str(init), gan["data"]["init_args"]["batch_size"])
+    assert continued["trainer"]["gradient_clip_val"] == 1.0 and continued["trainer"]["max_steps"] == 200
+
+
+@pytest.mark.parametrize("name", BENCHMARK_REPORTS)
+def test_committed_reports_regenerate(name):
+    """Every committed benchmark report: its runs aggregate and judge to its JSON, and its JSON renders to its
+    Markdown, the text committed."""
+    report = load_report(RESULTS, name)
+    rebuilt = build_report(report["runs"], report["noise_floor"], report["settings"])
+    assert json.loads(json.dumps(rebuilt["aggregated"])) == report["aggregated"]
+    assert json.loads(json.dumps(rebuilt["verdict"])) == report["verdict"]
+    assert json.loads(json.dumps(rebuilt["gan_verdict"])) == report.get("gan_verdict", [])
+    committed_md = (RESULTS / f"{name.replace('-', '_')}.md").read_text().replace(*MOVED)
+    assert report_markdown(report) == committed_md
+
+
+def test_committed_pilot_and_grid_regenerate():
+    pilot = json.loads((RESULTS / "gan_pilot.json").read_text())
+    assert pilot_markdown(pilot) == (RESULTS / "gan_pilot.md").read_text()
+    grid = (RESULTS / "digits_recipes_grid.md").read_text()
+    names = re.findall(r"\([a-z]\) `([\w-]+)`", grid.splitlines()[0])
+    assert recipe_grid({n: load_report(RESULTS, n) for n in names}) == grid
+
+
+def test_recipe_grid_takes_each_cell_from_the_report_with_most_seeds():
+    def report(rows, max_steps=1200):
         agg = [{"model": m, "steps": s, "seeds": n, "fid_vs_teacher": fid, "fid_vs_teacher_spread": 1.0,
                 "mse_vs_teacher": 0.03, "mse_vs_teacher_spread": 0.001} for m, s, n, fid in rows]
-        (tmp_path / f"{name}.json").write_text(json.dumps(
-            {"settings": {"max_steps": max_steps, "num_trajectories": 8192}, "aggregated": agg}))
+        return {"settings": {"max_steps": max_steps, "num_trajectories": 8192}, "aggregated": agg}
 
-    report("old", [("baseline", 4, 3, 30.0), ("ard-N2", 4, 1, 31.0), ("teacher (DDIM, w=2)", 4, 1, 99.0),
-                   ("baseline [nc]", 4, 3, 29.0)])
-    report("new", [("ard-N2", 4, 3, 32.0), ("ard-N2+rollout", 4, 1, 20.0), ("ard-closed-gatelr+rollout", 4, 1, 19.0),
-                   ("baseline+rollout", 2, 2, 25.0), ("ard-N1+backward", 4, 2, 31.5)])
-    table = bench.recipe_grid(str(tmp_path), ["old", "new"])
+    old = report([("baseline", 4, 3, 30.0), ("ard-N2", 4, 1, 31.0), ("teacher (DDIM, w=2)", 4, 1, 99.0),
+                  ("baseline [nc]", 4, 3, 29.0)])
+    new = report([("ard-N2", 4, 3, 32.0), ("ard-N2+rollout", 4, 1, 20.0), ("ard-closed-gatelr+rollout", 4, 1, 19.0),
+                  ("baseline+rollout", 2, 2, 25.0), ("ard-N1+backward", 4, 2, 31.5)])
+    table = recipe_grid({"old": old, "new": new})
     s4 = table.split("| S = 2 |")[0]
     rows = {line.split(" | ")[0].strip("| "): line for line in s4.splitlines() if line.startswith("| ")}
     assert "| baseline | 30.0 ± 1.0 / 0.0300 ± 0.0010 (3, a) | not run |" in table  # S = 4, from the first report
@@ -130,6 +212,51 @@ def test_recipe_grid_takes_each_cell_from_the_report_with_most_seeds(tmp_path):
     assert "29.0" not in table.split("| S = 4 [nc] |")[0] and "| S = 2 [nc]" not in table
     assert nc.splitlines()[0] == " teacher forcing |" and "| baseline | 29.0 ± 1.0 / 0.0300 ± 0.0010 (3, a) |" in nc
     assert "ard-N2" not in nc
-    report("short", [("baseline", 4, 3, 30.0)], max_steps=400)
-    with pytest.raises(SystemExit, match="short.json: trained 400 iterations"):
-        bench.recipe_grid(str(tmp_path), ["short"])
+    with pytest.raises(SystemExit, match="report short: trained 400 iterations"):
+        recipe_grid({"short": report([("baseline", 4, 3, 30.0)], max_steps=400)})
+
+
+def test_refresh_docs_fills_every_section_from_the_committed_reports(tmp_path, capsys):
+    """--refresh-docs rewrites a doc's report sections and its results summary, nothing else."""
+    results = tmp_path / "docs" / "results"
+    results.mkdir(parents=True)
+    for stem in ("digits_benchmark", "digits_recipes_rollout", "gan_pilot", "digits_recipes_grid"):
+        for suffix in (".json", ".md"):
+            if (RESULTS / f"{stem}{suffix}").exists():
+                (results / f"{stem}{suffix}").write_text((RESULTS / f"{stem}{suffix}").read_text())
+    (results / "bench_store.json").write_text('{"rows": []}')  # another benchmark's JSON, no report: not summarised
+    doc, readme = tmp_path / "docs" / "benchmarks.md", tmp_path / "README.md"
+    doc.write_text("# Benchmarks\n\n<!-- digits-benchmark:start -->\nold\n<!-- digits-benchmark:end -->\nreading\n"
+                   "<!-- digits-recipes-grid:start --><!-- digits-recipes-grid:end -->\n<!-- gan-pilot:start -->\n"
+                   "<!-- gan-pilot:end -->\n")
+    readme.write_text("intro\n<!-- results-summary:start -->\n<!-- results-summary:end -->\nmore\n")
+    script = runpy.run_path(str(ROOT / "scripts/bench_digits.py"))
+    script["main"](["--refresh-docs", str(doc), "--results", str(results)])
+    assert capsys.readouterr().out == f"{doc}: digits-benchmark, digits-recipes-grid, gan-pilot\n"
+    text = doc.read_text()
+    for name in ("digits-benchmark", "digits-recipes-grid", "gan-pilot"):
+        body = (results / f"{name.replace('-', '_')}.md").read_text()
+        assert f"<!-- {name}:start -->\n{body}<!-- {name}:end -->" in text
+    assert text.startswith("# Benchmarks\n\n") and "<!-- digits-benchmark:end -->\nreading\n" in text
+    assert docs.refresh(doc, results) == []  # refreshed: nothing changes
+
+    assert docs.refresh(readme, results) == ["results-summary"]
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("<!-- results-summary:end -->\nmore\n")
+    summary = text.split("<!-- results-summary:start -->\n")[1].split("<!-- results-summary:end -->")[0]
+    assert summary.startswith("Digits (the shipped teacher, 24 DDIM steps, CFG 2): ") and "(FID floor 2.48)" in summary
+    lines = summary.splitlines()
+    assert lines[2:] == [
+        "| report | S | recipe, iterations | seeds | baseline | best ARD | ratio |",
+        "|---|---|---|---|---|---|---|",
+        # the S where the baseline is furthest from the teacher (S = 2: 9.9 bootstrap sds; S = 3, 4: 7.2, 7.6)
+        "| [digits_benchmark](docs/results/digits_benchmark.md) | 2 | teacher forcing, 400 | 3 | 27.76 ± 1.11 / "
+        "0.0560 ± 0.0012 | ard-closed: 26.00 ± 1.26 / 0.0558 ± 0.0011 | 0.94 |",
+        # of the ARD students, those with the most seeds (not ard-closed-gatelr+rollout: 20.70, one seed)
+        "| [digits_recipes_rollout](docs/results/digits_recipes_rollout.md) | 4 | rollout, 1200 | 3 | 21.59 ± 1.31 / "
+        "0.0271 ± 0.0003 | ard-N2+rollout: 21.63 ± 1.65 / 0.0276 ± 0.0003 | 1.00 |",
+        "",  # the reports without a verdict, links relative to the doc
+        "Also: [digits_recipes_grid](docs/results/digits_recipes_grid.md), [gan_pilot](docs/results/gan_pilot.md)."]
+    doc.write_text("<!-- digits-gan:start -->\n<!-- digits-gan:end -->\n")
+    with pytest.raises(SystemExit, match="section digits-gan has no report"):
+        docs.refresh(doc, results)

@@ -2,8 +2,9 @@
 on a tiny DiT of DiT-XL/2's structure on CPU, so the GPU run does not fail on the code itself, and the CPU-checkable
 figures hold: the KV cache reproduces the one-pass forward, bf16 attention is close to fp32 but not equal."""
 import json
-import sys
+import runpy
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,12 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import gpu_check
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
-    return gpu_check
+    return SimpleNamespace(**runpy.run_path(str(ROOT / "scripts/gpu_check.py")))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

@@ -2,6 +2,7 @@
 import json
 import os
 import random
+import runpy
 import shutil
 import signal
 import subprocess
@@ -103,11 +104,7 @@ def test_ard_predict_on_the_digits_preset(tmp_path, teacher, store, capsys):
 
 
 def test_script_is_a_thin_wrapper_over_ard_predict():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        from precompute_trajectories import predict_args
-    finally:
-        sys.path.pop(0)
+    predict_args = runpy.run_path(str(ROOT / "scripts/precompute_trajectories.py"))["predict_args"]
     assert predict_args(["-c", "C.yaml", "--out", "D", "--num-trajectories", "7", "--devices", "2", "--batch-size",
                          "5", "--trainer.max_epochs=1"]) == [
         "predict", "-c", "C.yaml", "--data.init_args.path=D", "--data.init_args.num_trajectories=7",

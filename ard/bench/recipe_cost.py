@@ -1,0 +1,55 @@
+"""The cost of one training iteration of a training recipe (scripts/bench_recipes.py): a real `ard fit` of the
+digits preset with a benchmark student's and recipe's overrides (registry.MODELS, RECIPES), each iteration timed
+from batch start to batch end in wall and process CPU seconds."""
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+
+import lightning as L
+
+from ard.bench import ROOT
+from ard.bench.registry import MODELS, RECIPES
+from ard.cli import ARDCLI
+
+
+class IterationTimer(L.Callback):
+    """Wall and process CPU seconds of every training iteration (batch start to batch end)."""
+
+    def __init__(self):
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self._start = time.perf_counter(), time.process_time()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.wall.append(time.perf_counter() - self._start[0])
+        self.cpu.append(time.process_time() - self._start[1])
+
+
+class TimedCLI(ARDCLI):
+    """`ard fit` with an IterationTimer on the trainer."""
+
+    def before_fit(self) -> None:
+        self.timer = IterationTimer()
+        self.trainer.callbacks.append(self.timer)
+
+
+def time_recipe(store: str, steps: int, model: str, recipe: str, warmup: int, iterations: int,
+                extra: tuple[str, ...] = ()) -> dict:
+    """Median wall and CPU seconds per iteration of one recipe (the first `warmup` iterations dropped), S = `steps`,
+    no validation, checkpoint, logger or sample grid; `extra`: more `ard fit` overrides (another teacher, batch)."""
+    with tempfile.TemporaryDirectory() as root:
+        cli = TimedCLI(args=["fit", "-c", str(ROOT / "configs/digits/ard.yaml"), f"--data.init_args.path={store}",
+                             f"--data.init_args.student_steps={steps}", f"--model.init_args.num_steps={steps}",
+                             "--model.init_args.samples.per_class=0", f"--trainer.default_root_dir={root}",
+                             f"--trainer.max_steps={warmup + iterations}", "--trainer.logger=false",
+                             "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
+                             "--trainer.enable_model_summary=false", *MODELS[model], *RECIPES[recipe], *extra])
+    if len(cli.timer.cpu) != warmup + iterations:
+        raise RuntimeError(f"timed {len(cli.timer.cpu)} iterations, not {warmup + iterations}")
+    wall, cpu = cli.timer.wall[warmup:], cli.timer.cpu[warmup:]
+    return dict(wall_s=statistics.median(wall), cpu_s=statistics.median(cpu), iterations=len(cpu),
+                batch_size=cli.config.fit.data.init_args.batch_size)

@@ -1,0 +1,69 @@
+"""The benchmark's experiments: the students, training recipes and GAN stages it trains (as `ard fit` overrides of
+configs/digits/ard.yaml), the variant names of older reports, and the GAN pilot's knob settings."""
+from __future__ import annotations
+
+
+def knobs(group: str = "", **values) -> list[str]:
+    """`ard fit` overrides of the model's init args, in a nested group or flat (group ""):
+    knobs("recipe", inputs="rollout") -> ["--model.init_args.recipe.inputs=rollout"]."""
+    prefix = f"--model.init_args.{group + '.' if group else ''}"
+    return [f"{prefix}{k}={v}" for k, v in values.items()]
+
+
+# Students: name -> overrides of the student's knobs (ard.student.ARDStudent).
+MODELS: dict[str, list[str]] = {
+    "baseline": knobs(history_blocks=0),
+    "ard": knobs(history_blocks=6),  # history in all 6 blocks, plain start
+    "ard-N1": knobs(history_blocks=1),
+    "ard-N2": knobs(history_blocks=2),
+    "ard-N3": knobs(history_blocks=3),
+    "ard-closed": knobs(history_start="closed"),
+    "ard-closed-gatelr": knobs(history_start="closed", history_gate_lr=0.05),
+    "ard-M3": knobs(mask="noise_and_current"),
+    "baseline-direct": knobs(history_blocks=0, output="next_state", heads="per_step"),
+    "ard-direct": knobs(output="next_state", heads="per_step"),
+}
+# Training recipes (ard/student/recipe.py): suffix -> overrides; "" is teacher forcing on the stored trajectory.
+RECIPES: dict[str, list[str]] = {
+    "": knobs("recipe", inputs="teacher", targets="trajectory"),  # stated, whatever the preset says
+    "rollout": knobs("recipe", inputs="rollout"),
+    "mixed": knobs("recipe", inputs="mixed", rollout_prob=1.0, rollout_ramp_steps=600),
+    "backward": knobs("recipe", inputs="rollout", targets="teacher_from_state"),
+    "srl": knobs("recipe", inputs="rollout", targets="shifted_reconstruction"),
+    # SRL re-noised far below the student's timestep, so that its top steps' targets keep the student's x0
+    "srl-shift0.1": knobs("recipe", inputs="rollout", targets="shifted_reconstruction", srl_shift=0.1),
+}
+# A variant is a model, optionally followed by "+" and a recipe: "ard-N2+rollout".
+VARIANTS: dict[str, list[str]] = {m + ("+" + r if r else ""): MODELS[m] + RECIPES[r] for m in MODELS for r in RECIPES}
+# Reports written while the closed history start was the student's default named their variants by it:
+RENAMED_SINCE_PLAIN_DEFAULT = {"ard": "ard-closed", "ard-plain": "ard", "ard-direct": "ard-closed-direct"}
+NC = " [nc]"  # name suffix of a student's rows sampled with noise correction (ARDStudent.step)
+
+GAN_PRESET = "configs/digits/ard_gan.yaml"  # the GAN stage (ard.modules.distill_gan.ARDGANDistillation)
+# ARD + GAN (sec. 4): name -> (the regression variant whose student of the same S and seed it fine-tunes with
+# GAN_PRESET, with the GAN or not); "-continued": that student trained equally long (same batch and lr) without
+# the GAN, the comparison the GAN stage must beat
+GAN_VARIANTS: dict[str, tuple[str, bool]] = {
+    "baseline-gan": ("baseline", True),
+    "ard-gan": ("ard", True),
+    "baseline-continued": ("baseline", False),
+    "ard-continued": ("ard", False),
+}
+
+
+def second_stage(regression: str, adversarial: bool) -> str:
+    """The GAN_VARIANTS name of the second stage of `regression` with the GAN or without it (`-continued`)."""
+    return next(v for v, (reg, adv) in GAN_VARIANTS.items() if reg == regression and adv == adversarial)
+
+
+# The GAN pilot (scripts/pilot_gan.py): knob setting -> overrides of GAN_PRESET
+PILOT_KNOBS: dict[str, list[str]] = {
+    "renoise-none": knobs("gan", renoise="none"),
+    "renoise-independent-uniform": knobs("gan", renoise="independent", noise_levels="uniform"),
+    "renoise-same-uniform": knobs("gan", renoise="same", noise_levels="uniform"),
+    "renoise-independent-high": knobs("gan", renoise="independent", noise_levels="high"),
+    "rollout-independent-uniform": knobs("gan", fake="rollout", renoise="independent", noise_levels="uniform"),
+    "weight1-independent-uniform": knobs("gan", weight=1, renoise="independent", noise_levels="uniform"),
+    "augment-independent-uniform": knobs("gan", augment="translation_cutout", renoise="independent",
+                                         noise_levels="uniform"),
+}

@@ -1,0 +1,85 @@
+"""The benchmark's subprocesses: the training store (scripts/precompute_trajectories.py) and one `ard fit` per
+student, each resumable, one thread each, with its log beside its run directory and its wall time recorded."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ard.atomic import write_text_atomic
+from ard.bench import ROOT
+from ard.bench.registry import GAN_PRESET, GAN_VARIANTS, VARIANTS
+
+# The GAN stage's CSV logger (the discriminator's health, ard.bench.probes.health), under <run>/csv/
+CSV_LOGGER = '{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "%s", "name": "csv"}}'
+
+
+def run(cmd: list[str], log: Path, threads: int) -> None:
+    """Run `cmd` from the repository root with `threads` threads, its output to `log`; raise if it fails."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "WANDB_SILENT": "true"}
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}); see {log}")
+
+
+def precompute(store: Path, num_trajectories: int, log: Path) -> None:
+    """The digits training store (K = 24 DDIM, CFG 2, every grid state); a complete store is kept as it is."""
+    manifest = store / "manifest.json"
+    if not (manifest.exists() and json.loads(manifest.read_text()).get("complete")):
+        run([sys.executable, "scripts/precompute_trajectories.py", "-c", "configs/digits/trajectories.yaml",
+             "--out", str(store), "--num-trajectories", str(num_trajectories)], log, 2)
+
+
+def stage_args(variant: str, run_dir: Path, seed: int, max_steps: int, init: Path | None,
+               gan_args: tuple[str, ...]) -> list[str]:
+    """The `ard fit` overrides of a student's stage: a regression student from the teacher's weights, or a second
+    stage from `init` (an exported student) with GAN_PRESET: the GAN stage (its CSV log holds the discriminator's
+    health; `gan_args` adds overrides), or the continued comparison, the regression module with the preset's batch
+    and lr. Every stage trains `max_steps` iterations (the GAN stage counts iterations, not optimiser steps)."""
+    steps = [f"--trainer.max_steps={max_steps}"]  # after the preset, which sets its own
+    if variant not in GAN_VARIANTS:
+        return steps + ["--trainer.logger=false"]
+    adversarial = GAN_VARIANTS[variant][1]
+    stage = ["-c", GAN_PRESET, *steps]
+    if not adversarial:  # the preset's batch and lr carry over to the regression module, its GAN group is dropped
+        stage += ["--model.class_path=ard.modules.distill.ARDDistillation", "--trainer.gradient_clip_val=1.0"]
+    stage += [f"--model.init_args.init_student={init}", f"--trainer.logger={CSV_LOGGER % run_dir}",
+              "--trainer.log_every_n_steps=10"]
+    return stage + ([f"--model.init_args.gan.seed={seed}", *gan_args] if adversarial else [])
+
+
+def fit(work: Path, store: Path, variant: str, steps: int, seed: int, max_steps: int, threads: int,
+        init: Path | None = None, gan_args: tuple[str, ...] = ()) -> Path:
+    """Train one student of `variant` (VARIANTS or GAN_VARIANTS) with S = `steps`, `max_steps` iterations, into
+    <work>/runs/<variant>-S<steps>-seed<seed> (resumable); returns its exported EMA student. A finished run trained
+    for another number of iterations is refused: run directories are named by variant, S and seed only."""
+    run_dir = work / "runs" / f"{variant}-S{steps}-seed{seed}"
+    done = run_dir / "train_seconds.json"
+    trained = json.loads(done.read_text()).get("iterations", max_steps) if done.exists() else max_steps
+    if trained != max_steps:
+        raise SystemExit(f"{run_dir} was trained {trained} iterations, not {max_steps}: use another --work for "
+                         "another training length")
+    if not (run_dir / "student_ema" / "ard_sampling.json").exists():
+        start = time.time()
+        run([sys.executable, "-m", "ard.cli", "fit", "-c", "configs/digits/ard.yaml",
+             *stage_args(variant, run_dir, seed, max_steps, init, gan_args),
+             f"--data.init_args.path={store}", f"--data.init_args.student_steps={steps}",
+             f"--model.init_args.num_steps={steps}", f"--seed_everything={seed}", f"--data.init_args.seed={seed}",
+             f"--trainer.default_root_dir={run_dir}", f"--trainer.val_check_interval={max_steps}",
+             "--trainer.enable_progress_bar=false", *VARIANTS[GAN_VARIANTS.get(variant, (variant,))[0]]],
+            run_dir.with_suffix(".log"), threads)
+        seconds = time.time() - start
+        write_text_atomic(done, json.dumps({"seconds": seconds, "threads": threads, "iterations": max_steps}))
+        print(f"trained {run_dir.name} in {seconds:.0f} s", flush=True)
+    return run_dir / "student_ema"
+
+
+def train_seconds(student_dir: Path) -> float | None:
+    """Wall seconds the student's `ard fit` took (one thread, the machine's load as it was; None: unknown)."""
+    path = student_dir.parent / "train_seconds.json"
+    return json.loads(path.read_text())["seconds"] if path.exists() else None
