@@ -2,6 +2,8 @@
 the docs' results summary (one headline comparison per report)."""
 from __future__ import annotations
 
+import textwrap
+
 from ard.bench.aggregate import TARGET_RATIO
 from ard.bench.registry import GAN_VARIANTS, NC, VARIANTS
 from ard.bench.render import mean_sd, table
@@ -104,8 +106,15 @@ def summary_table(reports: dict[str, dict], links: dict[str, str]) -> str:
                f"{values(lambda r: r['noise_floor']['teacher'], '{:.2f}')}); ratio: ARD's degradation over the "
                f"baseline's (the paper's target: <= {TARGET_RATIO:g}).")
     others = [f"[{n}]({links[n]})" for n in reports if n not in judged]
-    lines = [caption, ""] + table(["report", "S", "recipe, iterations", "seeds", "baseline", "best ARD", "ratio"], rows)
-    return "\n".join(lines + (["", "Also: " + ", ".join(others) + "."] if others else [])) + "\n"
+    header = ["report", "S", "recipe, iterations", "seeds", "baseline", "best ARD", "ratio"]
+    text = [_wrap(caption), "\n".join(table(header, rows))]
+    text += [_wrap("Also: " + ", ".join(others) + ".")] if others else []
+    return "\n\n".join(text) + "\n"
+
+
+def _wrap(paragraph: str) -> str:
+    """A paragraph in lines of at most 115 characters, as the README's."""
+    return textwrap.fill(paragraph, 115, break_long_words=False, break_on_hyphens=False)
 
 
 def _summary_cells(report: dict, check: dict) -> list[str]:
