@@ -49,7 +49,7 @@ def fit_args(root, teacher, store, *extra):
     """`ard fit` of the ARD preset on the tiny teacher and store, 2 steps, CSV logs, a checkpoint every step."""
     logger = '{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "%s", "name": "csv"}}'
     return ["fit", "-c", str(ROOT / "configs/digits/ard.yaml"), f"--model.init_args.teacher={teacher}",
-            "--model.init_args.history_blocks=1", "--model.init_args.samples_per_class=0",
+            "--model.init_args.history_blocks=1", "--model.init_args.samples.per_class=0",
             f"--data.init_args.path={store}", f"--data.init_args.val_count={VAL}", "--data.init_args.batch_size=8",
             f"--trainer.default_root_dir={root}", "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
             "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
