@@ -11,7 +11,9 @@ and backward, the optimiser step, the EMA update): wall time and this process's 
 iterations; the ratio to teacher forcing uses CPU time (the 2-core machine may be shared: wall time depends on
 the other jobs, the CPU time of a one-thread process much less). `mixed` draws rollout inputs with a probability
 ramped over bench_digits's 600 iterations: in the first iterations timed here it costs about what teacher forcing
-does, at the end of its ramp what `rollout` does. The code is ard.bench.recipe_cost.
+does, at the end of its ramp what `rollout` does. With --gan, one iteration of the GAN stage on teacher-forced
+inputs is timed too (a student step on L_reg + lambda L_gan with the fake taken from the regression pass, then a
+discriminator step; ard.bench.registry.GAN_ITERATION). The code is ard.bench.recipe_cost.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import warnings
 import torch
 
 from ard.bench.recipe_cost import time_recipe
-from ard.bench.registry import MODELS, RECIPES
+from ard.bench.registry import GAN_ITERATION, MODELS, RECIPES
 
 
 def main() -> None:
@@ -37,6 +39,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="iterations not timed")
     parser.add_argument("--iterations", type=int, default=20, help="timed iterations per recipe")
     parser.add_argument("--args", nargs="*", default=[], help="more `ard fit` overrides of every run")
+    parser.add_argument("--gan", action="store_true", help="also time a GAN stage iteration on teacher-forced "
+                        "inputs (ard.bench.registry.GAN_ITERATION: the fake is the regression pass's last step)")
     args = parser.parse_args()
     if "" not in args.recipes:
         parser.error('--recipes must include "" (teacher forcing): the ratios are against it')
@@ -47,6 +51,9 @@ def main() -> None:
     for steps in args.steps:
         times = {r: time_recipe(args.store, steps, args.model, r, args.warmup, args.iterations, tuple(args.args))
                  for r in args.recipes}
+        if args.gan:
+            times["GAN stage"] = time_recipe(args.store, steps, args.model, "", args.warmup, args.iterations,
+                                             (*GAN_ITERATION, *args.args))
         for recipe, t in times.items():
             rows.append(dict(steps=steps, model=args.model, recipe=recipe or "teacher forcing", **t,
                              cpu_ratio_to_teacher_forcing=t["cpu_s"] / times[""]["cpu_s"]))

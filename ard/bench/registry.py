@@ -56,6 +56,12 @@ def second_stage(regression: str, adversarial: bool) -> str:
     return next(v for v, (reg, adv) in GAN_VARIANTS.items() if reg == regression and adv == adversarial)
 
 
+# One iteration of the GAN stage as bench_recipes times it: the regression module's preset (its batch and lr, so
+# that the ratio to teacher forcing is the stage's own cost) turned into the GAN module, adversarial from the first
+# iteration, the teacher-forced fake (taken from the regression pass)
+GAN_ITERATION: list[str] = ["--model.class_path=ard.modules.distill_gan.ARDGANDistillation",
+                            *knobs("gan", weight=10.0, warmup=0, fake="teacher_forced"), "--trainer.gradient_clip_val=null"]
+
 # The GAN pilot (scripts/pilot_gan.py): knob setting -> overrides of GAN_PRESET
 PILOT_KNOBS: dict[str, list[str]] = {
     "renoise-none": knobs("gan", renoise="none"),
