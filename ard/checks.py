@@ -1,20 +1,64 @@
 """Checks of input that every stage shares, each a one-line ValueError naming the file, field or value and
-what would be accepted: finite numbers, writable output locations, step counts and boundary timesteps.
+what would be accepted: the knobs' ranges, finite numbers, writable output locations, step counts and boundary
+timesteps.
+
+Ranges: a numeric knob declares its range once, in its annotation (`lr: Positive = 1e-4`), with the range types
+below. `check_knobs` checks those annotations first thing when a knob group (a dataclass) or a module is made,
+from the command line (right after parsing, before any teacher, store or data is loaded) or from Python alike.
 
 Stages call them before their expensive work (writability, counts, timesteps) and on what they are about to
 train on, write or report (finite values), so nothing is trained, exported, sampled or reported on NaN / inf.
 """
 from __future__ import annotations
 
+import dataclasses
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import get_args
+from typing import Annotated, Any, get_args, get_origin, get_type_hints
 
 import torch
+from pydantic import Field, TypeAdapter, ValidationError
 
 CLEAN = -1  # timestep label of the final (clean) state, alpha_bar = 1 (the one definition; ard.diffusion re-exports it)
 NUM_TRAIN_TIMESTEPS = 1000  # the DiT schedule's timesteps: a state's timestep lies in [0, 1000)
+
+
+# Range types of numeric knobs (pydantic constraints, which jsonargparse checks at parse time)
+Finite = Annotated[float, Field(allow_inf_nan=False)]  # any finite number
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]  # finite, >= 0 (loss weights, decay)
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]  # finite, > 0 (learning rates, scales, shifts)
+Probability = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]  # in [0, 1]
+Beta = Annotated[float, Field(ge=0, lt=1)]  # an Adam moment decay, in [0, 1)
+AtLeastOne = Annotated[int, Field(ge=1)]  # counts of steps, sub-steps, samples per batch
+AtLeastTwo = Annotated[int, Field(ge=2)]  # sample counts of statistics (a covariance needs two)
+NonNegativeInt = Annotated[int, Field(ge=0)]  # iterations, indices, counts that may be 0
+
+
+def _ranged(hint: Any) -> bool:
+    """Whether a type hint carries a range (an Annotated type, alone, in a union or in a container)."""
+    return get_origin(hint) is Annotated or any(_ranged(a) for a in get_args(hint))
+
+
+def check_knobs(owner: type | Callable, values: Mapping[str, Any], prefix: str = "") -> None:
+    """Check `values` against the ranges declared in `owner`'s annotations (a dataclass's fields or a function's
+    parameters); one-line ValueError naming the knob (`prefix` + name), its value and the allowed range."""
+    hints = get_type_hints(owner, include_extras=True)
+    for name, value in values.items():
+        hint = hints.get(name)
+        if hint is None or not _ranged(hint):
+            continue
+        try:
+            TypeAdapter(hint).validate_python(value)
+        except ValidationError as e:
+            errors = e.errors(include_url=False)  # a union gives one per member: the deepest names the bad part
+            reason = max(errors, key=lambda err: len(err["loc"]))["msg"].replace("Input should", "must")
+            raise ValueError(f"{prefix}{name}={value!r}: {reason}") from None
+
+
+def check_fields(instance: Any, prefix: str) -> None:
+    """`check_knobs` for a dataclass instance (called from its __post_init__), e.g. prefix "recipe."."""
+    check_knobs(type(instance), {f.name: getattr(instance, f.name) for f in dataclasses.fields(instance)}, prefix)
 
 
 def check_choice(name: str, value: str, kind) -> str:

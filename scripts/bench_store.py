@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ard.diffusion import solver_identity
 from ard.store import format as fmt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,8 +45,10 @@ BATCH = 256
 # ------------------------------------------------------------------------------------------------ read
 def synthetic_store(root: Path, n: int, saved: int, shape: tuple, dtype: str, shard_size: int) -> np.ndarray:
     """A store of random states written through the store's own writer; returns all states (n, saved, *shape)."""
-    m = fmt.new_manifest(teacher={}, solver={"num_steps": 24}, grid_indices=list(range(saved)),
-                         grid_timesteps=[1000 - i for i in range(saved - 1)] + [-1], state_shape=shape, dtype=dtype,
+    m = fmt.new_manifest(teacher={"weights_sha256": "0" * 64, "config_sha256": "0" * 64},  # no teacher: made up
+                         solver=solver_identity(saved - 1, "leading", 1.0, False, "all", "fp32"),
+                         grid_indices=list(range(saved)),
+                         grid_timesteps=[999 - i for i in range(saved - 1)] + [-1], state_shape=shape, dtype=dtype,
                          with_x0=False, num_classes=10, num_trajectories=n, shard_size=shard_size, seed=0,
                          micro_batch_size=shard_size)
     fmt.create_store(root, m)

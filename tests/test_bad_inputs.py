@@ -119,8 +119,8 @@ def predict_args(teacher, out, *extra, n=N):
 
 
 @pytest.mark.parametrize("extra, needles", [
-    (["--data.init_args.num_trajectories=0"], ["num_trajectories (0)", ">= 1"]),
-    (["--model.init_args.micro_batch_size=0"], "micro_batch_size must be at least 1, got 0"),
+    (["--data.init_args.num_trajectories=0"], "data.num_trajectories=0: must be greater than or equal to 1"),
+    (["--model.init_args.micro_batch_size=0"], "model.micro_batch_size=0: must be greater than or equal to 1"),
     (["--model.init_args.save_indices=[0, 6]"], ["save_indices must", "include 0 (the noise) and 24"]),
     (["--model.init_args.timestep_spacing=trailing"], "trailing"),
     (["--data.init_args.dtype=float8"], ['key "data.dtype"', "float8", "float16"]),
@@ -168,7 +168,7 @@ def test_precompute_bad_teacher(tmp_path, capsys, store, case):
     (["--model.init_args.lr=abc"], ['key "model.lr"', "Got value: abc"]),
     (["--model.init_args.lrr=1"], "lrr"),
     (["--trainer.max_steps=x"], ['key "trainer.max_steps"', "Got value: x"]),
-    (["--model.init_args.history_blocks=-1"], "history_blocks=-1 must lie in [0, 1]"),
+    (["--model.init_args.history_blocks=-1"], "model.history_blocks=-1: must be greater than or equal to 0"),
 ])
 def test_cli_parse_errors_keep_the_reason(tmp_path, capsys, teacher, store, extra, needles):
     expect_one_line(capsys, lambda: ard_main(fit_args(tmp_path, teacher, store, *extra)), needles)
@@ -232,6 +232,81 @@ def test_damaged_store_stops_training(tmp_path, capsys, teacher, store, damage, 
     expect_one_line(capsys, lambda: ard_main(fit_args(tmp_path / "run", teacher, out)), needle, [out])
 
 
+def edit_manifest(out: Path, field: str, value=None, delete: bool = False) -> None:
+    """Change (or delete) one dotted manifest field and recompute store_id: a careful hand edit, not rot."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    *parents, key = field.split(".")
+    node = manifest
+    for name in parents:
+        node = node[name]
+    if delete:
+        del node[key]
+    else:
+        node[key] = value
+    manifest["store_id"] = fmt.store_id(manifest)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+
+
+MANIFEST_EDITS = [
+    ("solver.guidance_scale", "2.0", False, "field 'solver.guidance_scale' is \"2.0\": must be a valid number"),
+    ("solver.num_steps", None, True, "field 'solver.num_steps' missing"),
+    ("num_classes", 10.0, False, "field 'num_classes' is 10.0: must be a valid integer"),
+    ("state.dtype", "float8", False, "field 'state.dtype' is \"float8\""),
+    ("grid.timesteps", [943, 697, 1205, 451, -1], False, "grid.timesteps [943, 697, 1205, 451, -1] must decrease"),
+    ("grid.indices", [0, 6, 12, 18, 23], False, "grid.indices [0, 6, 12, 18, 23] must ascend strictly from 0"),
+    ("teacher.family", "pixart", False, "version 1 holds class-conditional DDIM stores of DiT teachers only"),
+]
+
+
+@pytest.mark.parametrize("field, value, delete, needle", MANIFEST_EDITS)
+def test_a_manifest_off_its_schema_is_refused_by_every_reader(tmp_path, capsys, teacher, store, field, value, delete,
+                                                              needle):
+    """A typed manifest: a string where a number belongs, a missing field, a grid off its solver, checked on open
+    by `ard-store info` / `verify`, `ard fit` and `ard-eval --store`, each with the field's dotted path."""
+    out = copy(store, tmp_path / "store")
+    edit_manifest(out, field, value, delete)
+    line = expect_one_line(capsys, lambda: store_main(["info", str(out)]), [str(out / "manifest.json"), needle], [out])
+    assert line == expect_one_line(capsys, lambda: store_main(["verify", str(out)]), needle, [out])
+    expect_one_line(capsys, lambda: ard_main(fit_args(tmp_path / "run", teacher, out)), needle, [out])
+    assert not (tmp_path / "run").exists()
+    expect_one_line(capsys, lambda: eval_main(eval_args(tmp_path, teacher, "--store", str(out))), needle, [out])
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--model.init_args.gan.weight=-1"], "gan.weight=-1.0: must be greater than 0"),
+    (["--model.init_args.gan.weight=.nan"], "gan.weight=nan: must be a finite number"),
+    (["--model.init_args.gan.weight=.nan", "--model.init_args.gan.warmup=0"], "gan.weight=nan: must be a finite"),
+    (["--model.init_args.gan.warmup=-5"], "gan.warmup=-5: must be greater than or equal to 0"),
+    (["--model.init_args.gan.grad_clip=0"], "gan.grad_clip=0.0: must be greater than 0"),
+])
+def test_gan_knobs_out_of_range_stop_before_training(tmp_path, capsys, teacher, store, run, extra, needle):
+    """The GAN stage's knobs are refused when the stage is made (a negative weight would train the student to look
+    fake; NaN would pass a comparison); nothing is trained or exported."""
+    args = fit_args(tmp_path / "gan", teacher, store, "-c", str(ROOT / "configs/digits/ard_gan.yaml"),
+                    f"--model.init_args.init_student={run / 'student_ema'}", *extra)
+    expect_one_line(capsys, lambda: ard_main(args), needle, [run])
+    assert not (tmp_path / "gan").exists()
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--model.init_args.recipe.targets=teacher_from_state", "--model.init_args.recipe.target_substeps=0"],
+     "recipe.target_substeps=0: must be greater than or equal to 1"),
+    (["--model.init_args.recipe.rollout_prob=1.5"], "recipe.rollout_prob=1.5: must be less than or equal to 1"),
+    (["--model.init_args.recipe.srl_shift=.inf"], "recipe.srl_shift=inf: must be a finite number"),
+    (["--model.init_args.lr=0"], "model.lr=0.0: must be greater than 0"),
+    (["--model.init_args.weight_decay=-0.1"], "model.weight_decay=-0.1: must be greater than or equal to 0"),
+    (["--model.init_args.betas=[0.9, 1.0]"], "model.betas=(0.9, 1.0): must be less than 1"),
+    (["--model.init_args.step_weights=[1, -1, 1, 1]"], "must be greater than or equal to 0"),
+    (["--model.init_args.step_weights=[0, 0, 0, 0]"], "needs 4 weights >= 0, not all 0"),
+    (["--model.init_args.samples.per_class=-1"], "samples.per_class=-1: must be greater than or equal to 0"),
+    (["--data.init_args.batch_size=0"], "data.batch_size=0: must be greater than or equal to 1"),
+    (["--data.init_args.num_workers=-2"], "data.num_workers=-2: must be greater than or equal to 0"),
+])
+def test_distillation_knobs_out_of_range_stop_before_training(tmp_path, capsys, teacher, store, extra, needle):
+    expect_one_line(capsys, lambda: ard_main(fit_args(tmp_path / "run", teacher, store, *extra)), needle, [store])
+    assert not (tmp_path / "run").exists()
+
+
 def test_store_records_the_bound_of_its_values(store):
     manifest = fmt.read_manifest(store)
     for k, entry in enumerate(manifest["shards"]):
@@ -248,7 +323,7 @@ def test_store_cli_bad_directory(tmp_path, capsys):
     (["--model.init_args.num_steps=2"], "data.student_steps=4 but model.num_steps=2"),
     (["--data.init_args.batch_size=64"], "make no full batch of 64"),
     (["--data.init_args.val_count=32"], "val_count=32 must be smaller"),
-    (["--model.init_args.step_weights=[1.0]"], "step_weights has 1 entries"),
+    (["--model.init_args.step_weights=[1.0]"], "step_weights=[1.0]: num_steps=4 needs 4 weights"),
 ])
 def test_fit_bad_settings(tmp_path, capsys, teacher, store, extra, needles):
     expect_one_line(capsys, lambda: ard_main(fit_args(tmp_path / "run", teacher, store, *extra)), needles, [store])

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from ard.diffusion import ddim_sample, trajectory_inputs
+from ard.diffusion import ddim_sample, solver_identity, trajectory_inputs
 from ard.modules.precompute import PrecomputeTrajectories
 from ard.store import format as fmt
 from ard.store.jobs import StoreShards
@@ -20,6 +20,12 @@ from ard.teacher import build_dit
 
 SAVE = [0, 6, 12, 18, 24]  # the boundaries of a 4-step student on the K = 24 grid (and of S = 2)
 N, SHARD, MICRO = 40, 16, 8  # three shards: 16, 16, 8 trajectories
+
+
+def scratch(num_steps: int) -> dict:
+    """The teacher and solver fields of a scratch store (random states written directly): valid, made up."""
+    return dict(teacher={"weights_sha256": "0" * 64, "config_sha256": "0" * 64},
+                solver=solver_identity(num_steps, "leading", 1.0, False, "all", "fp32"))
 
 
 def tiny_teacher(path: Path, size: str = "digits", **overrides) -> Path:
@@ -95,7 +101,7 @@ def test_store_holds_the_samplers_trajectories_bit_for_bit(store, teacher):
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 def test_storage_dtypes_round_trip(tmp_path, dtype):
-    m = fmt.new_manifest(teacher={}, solver={"num_steps": 2}, grid_indices=[0, 1, 2], grid_timesteps=[500, 0, -1],
+    m = fmt.new_manifest(**scratch(2), grid_indices=[0, 1, 2], grid_timesteps=[500, 0, -1],
                          state_shape=(2, 4, 4), dtype=dtype, with_x0=False, num_classes=3, num_trajectories=5,
                          shard_size=3, seed=0, micro_batch_size=2)
     fmt.create_store(tmp_path / "s", m)
@@ -222,7 +228,7 @@ def test_foreign_or_unwritable_output_is_refused(tmp_path, teacher):
 
 
 def test_writer_refuses_non_finite_states_and_leaves_no_shard(tmp_path):
-    m = fmt.new_manifest(teacher={}, solver={}, grid_indices=[0, 1], grid_timesteps=[0, -1], state_shape=(1, 2, 2),
+    m = fmt.new_manifest(**scratch(1), grid_indices=[0, 1], grid_timesteps=[0, -1], state_shape=(1, 2, 2),
                          dtype="float16", with_x0=False, num_classes=2, num_trajectories=4, shard_size=4, seed=0,
                          micro_batch_size=4)
     fmt.create_store(tmp_path, m)

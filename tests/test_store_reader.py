@@ -11,6 +11,7 @@ import torch
 
 from ard.data.trajectories import BatchIndexSampler, TrajectoryDataModule
 from ard.store import format as fmt
+from test_store import scratch
 from test_store import N, SAVE, store, teacher  # noqa: F401 (fixtures)
 
 
@@ -122,7 +123,7 @@ MANY_SHARDS, PER_SHARD = 300, 2  # more shards than the 256 file descriptors of 
 def many_shard_store(tmp_path_factory) -> tuple[str, np.ndarray]:
     """A store of random fp16 states (600 trajectories x 3 states of 1x2x2) in 300 shards, and its states."""
     root = tmp_path_factory.mktemp("many") / "store"
-    m = fmt.new_manifest(teacher={}, solver={"num_steps": 2}, grid_indices=[0, 1, 2], grid_timesteps=[999, 499, -1],
+    m = fmt.new_manifest(**scratch(2), grid_indices=[0, 1, 2], grid_timesteps=[999, 499, -1],
                          state_shape=(1, 2, 2), dtype="float16", with_x0=False, num_classes=10,
                          num_trajectories=MANY_SHARDS * PER_SHARD, shard_size=PER_SHARD, seed=0, micro_batch_size=1)
     states = np.random.default_rng(0).standard_normal((MANY_SHARDS * PER_SHARD, 3, 1, 2, 2)).astype(np.float16)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from ard.checks import AtLeastOne, NonNegativeInt, check_knobs
 from ard.diffusion import student_grid_indices
 from ard.store.format import MANIFEST, MAX_OPEN_SHARDS, StoreError, TrajectoryStore, to_float32
 
@@ -116,9 +117,9 @@ class BatchIndexSampler(DistributedSampler):
 class TrajectoryDataModule(L.LightningDataModule):
     """A trajectory store (ard.store) as batches of an S-step student; checks the store when opened."""
 
-    def __init__(self, path: str, student_steps: int, batch_size: int = 64, val_count: int = 512, seed: int = 0,
-                 num_workers: int = 0, with_x0: bool = False, check_finite: bool = True,
-                 max_open_shards: int = MAX_OPEN_SHARDS):
+    def __init__(self, path: str, student_steps: AtLeastOne, batch_size: AtLeastOne = 64, val_count: AtLeastOne = 512,
+                 seed: NonNegativeInt = 0, num_workers: NonNegativeInt = 0, with_x0: bool = False,
+                 check_finite: bool = True, max_open_shards: AtLeastOne = MAX_OPEN_SHARDS):
         """
         Args:
             path: the store directory (written by `ard predict -c configs/<setting>/trajectories.yaml`).
@@ -133,6 +134,7 @@ class TrajectoryDataModule(L.LightningDataModule):
             max_open_shards: shards kept memory-mapped per process and state field (an LRU). The maps hold no
                 file descriptor, so this bounds address space and map count, not `ulimit -n`.
         """
+        check_knobs(TrajectoryDataModule.__init__, {k: v for k, v in locals().items() if k != "self"}, "data.")
         super().__init__()
         self.save_hyperparameters()
         self.path = path

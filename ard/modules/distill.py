@@ -31,7 +31,8 @@ import lightning as L
 import numpy as np
 import torch
 
-from ard.checks import check_finite_weights, stop_on_non_finite
+from ard.checks import (AtLeastOne, Beta, NonNegative, NonNegativeInt, Positive, check_fields, check_finite_weights,
+                        check_knobs, stop_on_non_finite)
 from ard.diffusion import ddim_grid, recorded_solver
 from ard.student import ARDStudent, HeadKind, HistoryStart, MaskKind, OutputKind, StepMSELoss, sample
 from ard.student.exposure import exposure_errors
@@ -52,11 +53,14 @@ RECIPE_SEED = 1_000_003  # seed of the recipe's draws (ard.student.gan.draw_gene
 class SampleGrid:
     """The sample grid drawn at every validation (`model.init_args.samples`)."""
 
-    per_class: int = 8  # columns: samples per class (0: no grid)
-    classes: list[int] | None = None  # rows, one class each; None: every class
+    per_class: NonNegativeInt = 8  # columns: samples per class (0: no grid)
+    classes: list[NonNegativeInt] | None = None  # rows, one class each; None: every class
     seed: int = 0  # seed of the grid's noise: the same noise every time, so that grids are comparable
     vae: str | None = None  # diffusers AutoencoderKL directory decoding latent states (latent teachers)
-    latent_scale: float = 0.18215  # latents = scale * VAE latents (sd-vae-ft-ema)
+    latent_scale: Positive = 0.18215  # latents = scale * VAE latents (sd-vae-ft-ema)
+
+    def __post_init__(self):
+        check_fields(self, "samples.")
 
 
 class Regression(NamedTuple):
@@ -75,20 +79,20 @@ class ARDDistillation(L.LightningModule):
         teacher: str = str(DIGITS_TEACHER),
         teacher_size: str | None = None,
         numerics: Numerics | None = None,
-        num_steps: int = 4,
-        history_blocks: int = _STUDENT["history_blocks"].default,
+        num_steps: AtLeastOne = 4,
+        history_blocks: NonNegativeInt = _STUDENT["history_blocks"].default,
         mask: MaskKind = _STUDENT["mask"].default,
-        window: int = _STUDENT["window"].default,
+        window: AtLeastOne = _STUDENT["window"].default,
         heads: HeadKind = _STUDENT["heads"].default,
         output: OutputKind = _STUDENT["output"].default,
         history_start: HistoryStart = _STUDENT["history_start"].default,
         clip_x0: bool = _STUDENT["clip_x0"].default,
-        step_weights: Literal["uniform"] | list[float] = "uniform",
+        step_weights: Literal["uniform"] | list[NonNegative] = "uniform",
         recipe: Recipe = Recipe(),
-        lr: float = 1e-4,
-        history_gate_lr: float | None = None,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
+        lr: Positive = 1e-4,
+        history_gate_lr: Positive | None = None,
+        weight_decay: NonNegative = 0.0,
+        betas: tuple[Beta, Beta] = (0.9, 0.999),
         samples: SampleGrid = SampleGrid(),
         gradient_checkpointing: bool = False,
         init_student: str | None = None,
@@ -126,12 +130,14 @@ class ARDDistillation(L.LightningModule):
                 instead of the teacher's weights (the GAN stage, or a continued run); its settings and
                 boundary timesteps must equal this run's.
         """
+        check_knobs(ARDDistillation.__init__, {k: v for k, v in locals().items() if k != "self"}, "model.")
         super().__init__()
         recipe = Recipe(**recipe) if isinstance(recipe, dict) else recipe  # (hyperparameters of a checkpoint)
         samples = SampleGrid(**samples) if isinstance(samples, dict) else samples
         self.save_hyperparameters()  # (Lightning stores the dataclasses as plain dicts)
-        if step_weights != "uniform" and len(step_weights) != num_steps:
-            raise ValueError(f"step_weights has {len(step_weights)} entries; num_steps={num_steps} needs {num_steps}")
+        if step_weights != "uniform" and (len(step_weights) != num_steps or not sum(step_weights) > 0):
+            raise ValueError(f"step_weights={list(step_weights)}: num_steps={num_steps} needs {num_steps} weights "
+                             ">= 0, not all 0")
         self.step_weights = [1.0 / num_steps] * num_steps if step_weights == "uniform" else list(step_weights)
         self.recipe, self.samples = recipe, samples
         if recipe.targets == "shifted_reconstruction" and output == "next_state":
@@ -177,7 +183,8 @@ class ARDDistillation(L.LightningModule):
                              f"the store's {self.timesteps}")
         solver = recorded_solver(datamodule.manifest["solver"], manifest)
         grid = ddim_grid(solver["num_steps"], solver["timestep_spacing"])  # the teacher's K + 1 grid timesteps
-        substeps = self.recipe.target_substeps or (solver["num_steps"] // self.hparams.num_steps)
+        substeps = self.recipe.target_substeps
+        substeps = solver["num_steps"] // self.hparams.num_steps if substeps is None else substeps
         paths = (substep_paths(grid, datamodule.boundaries, substeps)
                  if self.recipe.targets == "teacher_from_state" else None)
         self.loss_fn = StepMSELoss(self.recipe.targets, solver["guidance_scale"], solver["clip_sample"],

@@ -22,12 +22,11 @@ heads); the exported student is the student alone.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from ard.checks import check_choice
+from ard.checks import NonNegativeInt, Positive, check_choice, check_fields
 from ard.data.real import RealSamples
 from ard.modules.distill import ARDDistillation, Regression
 from ard.student.gan import (AugmentKind, FakeKind, GanLossKind, NoiseLevels, RenoiseKind, TeacherDiscriminator,
@@ -39,30 +38,25 @@ from ard.student.sampling import rollout_final
 class GanStage:
     """The GAN stage's knobs (`model.init_args.gan`); the re-implementation's values unless a comment says."""
 
-    weight: float = 10.0  # factor times the adaptive weight of the GAN loss (the re-implementation: 10)
-    warmup: int = 3000  # iterations with the GAN weight at 0 while the discriminator learns (paper: 3000)
+    weight: Positive = 10.0  # factor times the adaptive weight of the GAN loss (the re-implementation: 10)
+    warmup: NonNegativeInt = 3000  # iterations with the GAN weight at 0 while the discriminator learns (paper: 3000)
     loss: GanLossKind = "hinge"  # "hinge" (the re-implementation, LADD) or "non_saturating" (DMD2)
-    blocks: list[int] | None = None  # teacher blocks whose tokens the heads see; None: all (the re-implementation)
+    blocks: list[NonNegativeInt] | None = None  # teacher blocks the heads see; None: all (the re-implementation)
     fake: FakeKind = "teacher_forced"  # the last step of the one-pass forward, or of the student's own rollout
     renoise: RenoiseKind = "independent"  # real and fake shown clean ("none"), or re-noised: "same" t or not
     noise_levels: NoiseLevels = "uniform"  # re-noising timesteps: "uniform" (DMD2) or "high" (LADD's logit-normal)
     augment: AugmentKind = "none"  # "translation_cutout": DiffAugment on real and fake, against memorisation
     real: str = "digits:train"  # real samples (ard.data.real.RealSamples): "digits:train" or a latents directory
     holdout: str | None = "digits:val"  # real samples never shown to the heads, whose logits detect memorisation
-    lr: float = 1e-3  # discriminator AdamW learning rate (the re-implementation: 1e-3; the student's is `lr`)
-    grad_clip: float | None = 1.0  # max gradient norm of both steps (the trainer's gradient_clip_val must be null)
+    lr: Positive = 1e-3  # discriminator AdamW learning rate (the re-implementation: 1e-3; the student's is `lr`)
+    grad_clip: Positive | None = 1.0  # max gradient norm of both steps (the trainer's gradient_clip_val must be null)
     seed: int = 0  # seed of the stage's draws, combined with the iteration and the rank (a resume draws the same)
 
     def __post_init__(self):
         for name, kind in (("loss", GanLossKind), ("fake", FakeKind), ("renoise", RenoiseKind),
                            ("noise_levels", NoiseLevels), ("augment", AugmentKind)):
             check_choice(f"gan.{name}", getattr(self, name), kind)
-        if not (math.isfinite(self.weight) and self.weight > 0):
-            raise ValueError(f"gan.weight={self.weight} must be a finite number > 0 (no GAN: the regression module, "
-                             "ard.modules.distill.ARDDistillation)")
-        if self.warmup < 0 or not self.lr > 0 or (self.grad_clip is not None and not self.grad_clip > 0):
-            raise ValueError(f"gan.warmup={self.warmup} must be >= 0, gan.lr={self.lr} > 0 and gan.grad_clip="
-                             f"{self.grad_clip} > 0 or null")
+        check_fields(self, "gan.")  # weight > 0: without the GAN, train the regression module (ARDDistillation)
 
 
 class ARDGANDistillation(ARDDistillation):

@@ -24,7 +24,7 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Literal, Sequence, get_args
+from typing import Any, Sequence, get_args
 
 import numpy as np
 import torch
@@ -32,13 +32,11 @@ import torch
 from ard.atomic import write_text_atomic
 from ard.checks import can_write
 from ard.store.mapping import MappedFiles
+from ard.store.schema import FORMAT, NUMPY_DTYPE, VERSIONS, StoreDtype, check_manifest
 
-FORMAT = "ard-trajectory-store"
-VERSION = 1
+VERSION = 1  # what this writer writes: class-conditional DDIM stores (ard.store.schema: the versions read)
 MANIFEST = "manifest.json"
 SIDECAR = "shard.json"
-StoreDtype = Literal["float16", "bfloat16", "float32"]
-NUMPY_DTYPE: dict[str, str] = {"float16": "<f2", "bfloat16": "<u2", "float32": "<f4"}  # as written in the .npy
 TORCH_DTYPE: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 FINITE_CHUNK = 1024  # trajectories converted at a time when checking for NaN / inf
 STATE_FIELDS = ("states", "x0")  # (n, G, C, H, W) arrays of a shard; x0 only when the store has it
@@ -135,8 +133,6 @@ def new_manifest(*, teacher: dict, solver: dict, grid_indices: Sequence[int], gr
                         ("micro_batch_size", micro_batch_size), ("num_classes", num_classes)):
         if int(value) < 1:
             raise StoreError(f"{name} must be at least 1, got {value}")
-    if len(grid_indices) != len(grid_timesteps) or len(grid_indices) < 2:
-        raise StoreError(f"grid: {len(grid_indices)} indices and {len(grid_timesteps)} timesteps (need >= 2, equal)")
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -157,40 +153,28 @@ def new_manifest(*, teacher: dict, solver: dict, grid_indices: Sequence[int], gr
         "complete": False,
     }
     manifest["store_id"] = store_id(manifest)
+    try:
+        check_manifest(manifest, "the new store's manifest")
+    except ValueError as e:
+        raise StoreError(str(e)) from None
     return manifest
 
 
-REQUIRED = {"format": str, "version": int, "store_id": str, "teacher": dict, "solver": dict, "grid": dict,
-            "state": dict, "num_classes": int, "num_trajectories": int, "shard_size": int, "num_shards": int,
-            "micro_batch_size": int, "seed": int, "shards": list, "complete": bool}
-
-
 def read_manifest(root: str | Path) -> dict:
-    """Parse and check DIR/manifest.json; StoreError naming the file and field when it is not a valid one."""
+    """Parse and check DIR/manifest.json against the schema (ard.store.schema: types, ranges, relations) and its
+    store_id; StoreError naming the file and field when it is not a valid one."""
     path = Path(root) / MANIFEST
     if not Path(root).is_dir():
         raise StoreError(f"{root}: not a directory (no trajectory store here)")
     m = _read_json(path, "not a trajectory store, or the precompute never started")
     if m.get("format") != FORMAT:
         raise StoreError(f"{path}: field 'format' is {m.get('format')!r}, expected {FORMAT!r}")
-    if m.get("version") != VERSION:
-        raise StoreError(f"{path}: field 'version' is {m.get('version')!r}; this ard reads version {VERSION}")
-    for key, kind in REQUIRED.items():
-        if not isinstance(m.get(key), kind) or (kind is int and isinstance(m.get(key), bool)):
-            raise StoreError(f"{path}: field {key!r} missing or not a {kind.__name__}")
-    grid, state = m["grid"], m["state"]
-    if not (isinstance(grid.get("indices"), list) and isinstance(grid.get("timesteps"), list)
-            and len(grid["indices"]) == len(grid["timesteps"]) >= 2):
-        raise StoreError(f"{path}: field 'grid' needs equal-length lists 'indices' and 'timesteps' (>= 2)")
-    if state.get("dtype") not in NUMPY_DTYPE or state.get("numpy_dtype") != NUMPY_DTYPE.get(state.get("dtype")):
-        raise StoreError(f"{path}: field 'state.dtype' is {state.get('dtype')!r} / numpy_dtype "
-                         f"{state.get('numpy_dtype')!r}; expected one of {list(NUMPY_DTYPE)} with its numpy dtype")
-    if not (isinstance(state.get("shape"), list) and len(state["shape"]) == 3):
-        raise StoreError(f"{path}: field 'state.shape' must be [C, H, W], got {state.get('shape')!r}")
-    if m["num_shards"] != math.ceil(m["num_trajectories"] / max(m["shard_size"], 1)):
-        raise StoreError(f"{path}: field 'num_shards' is {m['num_shards']}, but num_trajectories="
-                         f"{m['num_trajectories']} / shard_size={m['shard_size']} needs "
-                         f"{math.ceil(m['num_trajectories'] / max(m['shard_size'], 1))}")
+    if m.get("version") not in VERSIONS:
+        raise StoreError(f"{path}: field 'version' is {m.get('version')!r}; this ard reads versions {list(VERSIONS)}")
+    try:
+        check_manifest(m, str(path))
+    except ValueError as e:
+        raise StoreError(str(e)) from None
     if m["store_id"] != store_id(m):
         raise StoreError(f"{path}: field 'store_id' does not match the manifest's contents (edited by hand?)")
     return m
@@ -219,7 +203,7 @@ def check_output(root: str | Path, manifest: dict) -> dict | None:
             raise StoreError(f"{path}: field {field!r} is {json.dumps(old)} in the existing store but this run "
                              f"has {json.dumps(new)}: a different store; choose another output directory")
     elif root.exists():
-        others = [p.name for p in root.iterdir() if not p.name.startswith(f".{MANIFEST}.tmp")]
+        others = [p.name for p in root.iterdir() if not p.name.startswith(f".{MANIFEST}.tmp") and p.name != ".ard.lock"]
         if others:
             raise StoreError(f"{root}: output directory is not empty and holds no {MANIFEST} (found "
                              f"{sorted(others)[0]!r}); refusing to write a store into it")

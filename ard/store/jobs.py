@@ -14,6 +14,7 @@ import warnings
 import lightning as L
 from torch.utils.data import DataLoader, IterableDataset
 
+from ard.checks import AtLeastOne, check_knobs
 from ard.store.format import StoreDtype, StoreError, completed_shards, read_manifest, shard_span
 
 # Lightning warns about what this design does on purpose: a sized iterable dataset (one process reads it)
@@ -38,7 +39,8 @@ class ShardList(IterableDataset):
 class StoreShards(L.LightningDataModule):
     """The trajectory store at `path` as predict batches: one batch per shard still missing."""
 
-    def __init__(self, path: str, num_trajectories: int, shard_size: int = 1024, dtype: StoreDtype = "float32"):
+    def __init__(self, path: str, num_trajectories: AtLeastOne, shard_size: AtLeastOne = 1024,
+                 dtype: StoreDtype = "float32"):
         """
         Args:
             path: the store directory (created if missing; re-running resumes it).
@@ -52,8 +54,7 @@ class StoreShards(L.LightningDataModule):
         self.num_trajectories = num_trajectories
         self.shard_size = shard_size
         self.dtype = dtype
-        if num_trajectories < 1 or shard_size < 1:
-            raise ValueError(f"num_trajectories ({num_trajectories}) and shard_size ({shard_size}) must be >= 1")
+        check_knobs(StoreShards.__init__, dict(num_trajectories=num_trajectories, shard_size=shard_size), "data.")
         self.num_shards = math.ceil(num_trajectories / shard_size)
         self.assigned: list[dict] = []  # this rank's shards in the current run (set by predict_dataloader)
         self.complete_at_start: list[int] = []  # shards complete before the current run (all ranks agree)

@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 from einops import rearrange
 
-from ard.checks import check_choice
+from ard.checks import AtLeastOne, NonNegativeInt, Positive, Probability, check_choice, check_fields
 from ard.diffusion import CfgChannels, alpha_bar, ddim_path, guided_x0, make_scheduler, q_sample
 from ard.student.model import ARDStudent
 from ard.student.sampling import sample
@@ -44,21 +44,16 @@ class Recipe:
     `model.init_args.recipe` of the distillation presets. Checked here, once, when it is made."""
 
     inputs: InputKind = "teacher"  # the teacher's stored states (ARD), the student's own rollout, or a mix
-    rollout_prob: float = 0.5  # "mixed": probability of rollout inputs per trajectory (after the ramp)
-    rollout_ramp_steps: int = 0  # "mixed": iterations over which that probability ramps up from 0 (0: constant)
+    rollout_prob: Probability = 0.5  # "mixed": probability of rollout inputs per trajectory (after the ramp)
+    rollout_ramp_steps: NonNegativeInt = 0  # "mixed": iterations over which that probability ramps up (0: constant)
     targets: TargetKind = "trajectory"  # the stored next state, the teacher run from the input, or SRL
-    target_substeps: int | None = None  # "teacher_from_state": teacher DDIM sub-steps per student step (None: K / S)
-    srl_shift: float = 1.0  # "shifted_reconstruction": time shift of the re-noising timestep (1: the input's)
+    target_substeps: AtLeastOne | None = None  # "teacher_from_state": teacher DDIM sub-steps per step (None: K / S)
+    srl_shift: Positive = 1.0  # "shifted_reconstruction": time shift of the re-noising timestep (1: the input's)
 
     def __post_init__(self):
         check_choice("recipe.inputs", self.inputs, InputKind)
         check_choice("recipe.targets", self.targets, TargetKind)
-        if not 0 <= self.rollout_prob <= 1 or self.rollout_ramp_steps < 0:
-            raise ValueError(f"recipe.rollout_prob={self.rollout_prob} must lie in [0, 1] and recipe.rollout_ramp_steps="
-                             f"{self.rollout_ramp_steps} be >= 0")
-        if not self.srl_shift > 0:
-            raise ValueError(f"recipe.srl_shift={self.srl_shift} must be > 0 (1: re-noise at the student's input "
-                             "timestep)")
+        check_fields(self, "recipe.")
 
     def rollout_probability(self, iteration: int) -> float:
         """Probability that a trajectory's inputs are the student's own rollout at training `iteration`."""
