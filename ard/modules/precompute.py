@@ -8,6 +8,10 @@ Determinism: trajectory i's noise and label are functions of (seed, i) alone (`t
 shard is always computed as the same micro-batches of `micro_batch_size` consecutive indices, whatever the
 number of processes; float results depend on batch composition, so this fixes them (on the same hardware
 and software) for any DDP world size and any sequence of interruptions.
+
+One writer per store: global rank 0 locks the store directory (`ard.runlock`) in `prepare_data`, before the
+writer's setup checks or creates the manifest, and a callback the module adds releases it when the run ends,
+however it ends; a second precompute into the same store stops with one line naming the first.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import torch
 
 from ard.diffusion import (CfgChannels, TimestepSpacing, ddim_grid, ddim_sample, precision_of_trainer,
                            solver_identity, trajectory_inputs)
+from ard.runlock import DirectoryLock
 from ard.teacher import DIGITS_TEACHER, Numerics, load_teacher, num_classes, teacher_identity
 
 
@@ -62,6 +67,7 @@ class PrecomputeTrajectories(L.LightningModule):
         self.identity = teacher_identity(self.teacher)
         cfg = self.teacher.config
         self.state_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)  # (C, H, W)
+        self.store_lock: DirectoryLock | None = None  # held by global rank 0 while predicting
 
     def store_identity(self) -> dict:
         """The manifest fields this module decides (see ard.store.format.new_manifest)."""
@@ -78,6 +84,23 @@ class PrecomputeTrajectories(L.LightningModule):
             seed=hp.seed,
             micro_batch_size=hp.micro_batch_size,
         )
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """The callback that releases the store lock however predicting ends."""
+        return [ReleaseStoreLock()]
+
+    def prepare_data(self) -> None:
+        """Lock the store on global rank 0 (data.path; Lightning calls this hook before any setup hook, so before
+        the writer's): a one-line ValueError naming the process that is writing it."""
+        path = getattr(self.trainer.datamodule, "path", None)
+        if path is not None and self.trainer.is_global_zero:
+            self.store_lock = DirectoryLock(path, "data.path").acquire()
+
+    def release_store_lock(self) -> None:
+        """Delete the store's lock file and unlock it (nothing when this process holds no lock)."""
+        if self.store_lock is not None:
+            self.store_lock.release()
+            self.store_lock = None
 
     def setup(self, stage: str) -> None:
         from ard.store.writer import TrajectoryStoreWriter
@@ -119,3 +142,14 @@ class PrecomputeTrajectories(L.LightningModule):
         if hp.with_x0:
             out["x0"] = torch.cat(x0s)  # (n, G, C, H, W)
         return out
+
+
+class ReleaseStoreLock(L.Callback):
+    """Releases PrecomputeTrajectories' store lock when predicting ends, normally or by an exception (a module
+    has no exception hook, a callback has)."""
+
+    def teardown(self, trainer: L.Trainer, pl_module: PrecomputeTrajectories, stage: str) -> None:
+        pl_module.release_store_lock()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: PrecomputeTrajectories, exception: BaseException) -> None:
+        pl_module.release_store_lock()
