@@ -33,6 +33,8 @@ Beta = Annotated[float, Field(ge=0, lt=1)]  # an Adam moment decay, in [0, 1)
 AtLeastOne = Annotated[int, Field(ge=1)]  # counts of steps, sub-steps, samples per batch
 AtLeastTwo = Annotated[int, Field(ge=2)]  # sample counts of statistics (a covariance needs two)
 NonNegativeInt = Annotated[int, Field(ge=0)]  # iterations, indices, counts that may be 0
+Indices = Annotated[list[NonNegativeInt], Field(min_length=1)]  # a non-empty list of indices (blocks, classes)
+Weights = Annotated[list[NonNegative], Field(min_length=1)]  # a non-empty list of weights (per-step loss weights)
 
 
 def _ranged(hint: Any) -> bool:
@@ -48,8 +50,10 @@ def check_knobs(owner: type | Callable, values: Mapping[str, Any], prefix: str =
         hint = hints.get(name)
         if hint is None or not _ranged(hint):
             continue
+        if isinstance(value, list) and get_origin(hint) is tuple:
+            value = tuple(value)  # YAML has no tuples
         try:
-            TypeAdapter(hint).validate_python(value)
+            TypeAdapter(hint).validate_python(value, strict=True)  # no "2" for 2, no 2.5 for an integer
         except ValidationError as e:
             errors = e.errors(include_url=False)  # a union gives one per member: the deepest names the bad part
             reason = max(errors, key=lambda err: len(err["loc"]))["msg"].replace("Input should", "must")

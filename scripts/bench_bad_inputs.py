@@ -1,6 +1,8 @@
-"""Run every bad-input case of tests/test_bad_inputs.py and print the outcome table as JSON.
+"""Run every bad-input case (tests/test_bad_inputs*.py) and print the outcome table as JSON.
 
-    python scripts/bench_bad_inputs.py
+    python scripts/bench_bad_inputs.py                  # this checkout's cases against this checkout's code
+    python scripts/bench_bad_inputs.py --code DIR       # the same cases against the package in DIR (an earlier
+                                                        # checkout, e.g. a `git worktree`): the "before" column
 
 A case is a clear named error (or a correct success) when its test passes; a failing test's message starts
 with the kind of failure (`expect_one_line` in the test module): TRACEBACK (an exception or more than one
@@ -9,6 +11,7 @@ file, field or value). Goal: every case clear; 0 tracebacks, 0 silent, 0 damage.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -22,12 +25,17 @@ ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("TRACEBACK", "SILENT", "DAMAGE", "UNCLEAR")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--code", default=str(ROOT), help="repository whose `ard` package the cases run against")
+    args = parser.parse_args(argv)
+    code = Path(args.code).resolve()
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "junit.xml"
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONPATH": str(code)}
+        files = sorted(str(p) for p in (ROOT / "tests").glob("test_bad_inputs*.py"))
         subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
-                        str(ROOT / "tests" / "test_bad_inputs.py")], cwd=ROOT, env=env, capture_output=True)
+                        f"--rootdir={ROOT}", *files], cwd=code, env=env, capture_output=True)
         cases = ET.parse(report).getroot().iter("testcase")
         outcomes = Counter()
         failures = []
@@ -42,8 +50,8 @@ def main() -> None:
             kind = next((k for k in KINDS if k in text), "other failure")
             outcomes[kind] += 1
             failures.append({"case": case.get("name"), "kind": kind, "message": text[:300]})
-    table = {"tried": sum(outcomes.values()), "clear": outcomes["clear"], "tracebacks": outcomes["TRACEBACK"],
-             "silent": outcomes["SILENT"], "damage": outcomes["DAMAGE"], "unclear": outcomes["UNCLEAR"],
+    table = {"code": str(code), "tried": sum(outcomes.values()), "clear": outcomes["clear"],
+             "tracebacks": outcomes["TRACEBACK"], "silent": outcomes["SILENT"], "damage": outcomes["DAMAGE"], "unclear": outcomes["UNCLEAR"],
              "other_failures": outcomes["other failure"], "failures": failures}
     print(json.dumps(table, indent=1))
 

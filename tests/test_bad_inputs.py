@@ -572,3 +572,142 @@ def test_converter_refuses_nan_weights(tmp_path, capsys):
                                                                  "digits", "--out", str(out)]),
                     "weight 'proj_out_2.bias' holds NaN or inf")
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------- new stages
+def version_2(out: Path, edit) -> None:
+    """Turn the copied store into a version-2 store (its sidecars follow the new store_id), `edit`ing the manifest."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest.update(version=2, conditioning={"kind": "class"})
+    edit(manifest)
+    manifest["store_id"] = fmt.store_id(manifest)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    for sidecar in out.glob("shards/*/shard.json"):
+        sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "store_id": manifest["store_id"]}))
+
+
+def text_store(out: Path, encoder: Path) -> Path:
+    """A version-2 text store: the tiny store's 10 labels index 10 prompts, whose embeddings are stored once."""
+    from ard.conditioning import encoder_identity
+
+    save_file({"embed.weight": torch.ones(16, 8)}, encoder.mkdir(parents=True) or encoder / "model.safetensors")
+    (out / "conditioning").mkdir()
+    files = {"prompts": out / "conditioning/prompts.jsonl", "embeddings": out / "conditioning/embeddings.npy",
+             "lengths": out / "conditioning/lengths.npy"}
+    files["prompts"].write_text("".join(json.dumps({"id": str(i), "text": f"a digit {i}"}) + "\n" for i in range(10)))
+    np.save(files["embeddings"], np.zeros((10, 4, 8), np.float32))
+    np.save(files["lengths"], np.full(10, 3, np.int64))
+    entries = {k: {"file": str(p.relative_to(out)), "sha256": fmt.sha256_file(p), "bytes": p.stat().st_size}
+               for k, p in files.items()}
+    entries["prompts"]["count"] = 10
+    entries["embeddings"].update(shape=[10, 4, 8], dtype="float32")
+    encoder_entry = {"name": "tiny", "weights_sha256": encoder_identity(encoder), "max_tokens": 8, "dim": 8,
+                     "masked": True}
+    version_2(out, lambda m: m.update(conditioning={"kind": "text", "encoder": encoder_entry, **entries}))
+    return out
+
+
+def test_a_text_store_is_read_and_verified(tmp_path, capsys, store):
+    out = text_store(copy(store, tmp_path / "store"), tmp_path / "encoder")
+    store_main(["verify", str(out)])
+    assert "ok" in capsys.readouterr().out
+    assert fmt.TrajectoryStore(out).manifest["conditioning"]["kind"] == "text"
+
+
+@pytest.mark.parametrize("damage, needle", [
+    ("truncate", "embeddings.npy: 80 bytes, manifest.json field 'conditioning.embeddings.bytes' says"),
+    ("flip", "prompts.jsonl: sha256 does not match manifest.json field 'conditioning.prompts.sha256'"),
+    ("missing", "lengths.npy: missing (the manifest's conditioning.lengths.file)"),
+])
+def test_a_damaged_conditioning_sidecar_is_found(tmp_path, capsys, store, damage, needle):
+    out = text_store(copy(store, tmp_path / "store"), tmp_path / "encoder")
+    if damage == "truncate":
+        (out / "conditioning/embeddings.npy").write_bytes((out / "conditioning/embeddings.npy").read_bytes()[:80])
+    elif damage == "flip":
+        (out / "conditioning/prompts.jsonl").write_text((out / "conditioning/prompts.jsonl").read_text().replace("7", "8"))
+    else:
+        (out / "conditioning/lengths.npy").unlink()
+    expect_one_line(capsys, lambda: store_main(["verify", str(out)]), needle, [out], prefix="bad")
+    if damage != "flip":  # the reader checks sizes on open (verify reads every byte)
+        with pytest.raises(fmt.StoreError, match=needle.split(":")[0]):
+            fmt.TrajectoryStore(out)
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda c: c["embeddings"].update(shape=[10, 12, 8]), "needs tokens <= encoder.max_tokens=8"),
+    (lambda c: c["prompts"].update(file="../elsewhere.jsonl"), "must be a relative path inside the store"),
+    (lambda c: c["encoder"].update(max_tokens="77"), "field 'conditioning.encoder.max_tokens' is \"77\""),
+    (lambda c: c.pop("encoder"), "field 'conditioning.encoder' missing"),
+])
+def test_a_text_manifest_off_its_schema(tmp_path, capsys, store, edit, needle):
+    out = text_store(copy(store, tmp_path / "store"), tmp_path / "encoder")
+    version_2(out, lambda m: edit(m["conditioning"]))
+    expect_one_line(capsys, lambda: store_main(["info", str(out)]), needle, [out])
+
+
+def flow(sigmas):
+    def edit(m):
+        m["solver"] = {"name": "flow_euler", "num_steps": 24, "shift": 3.0, "guidance_scale": 2.0,
+                       "prediction_type": "flow", "precision": "fp32"}
+        m["grid"]["sigmas"] = sigmas
+        m["teacher"]["family"] = "sd3"
+    return edit
+
+
+@pytest.mark.parametrize("sigmas, needle", [
+    ([1.0, 0.9, 0.95, 0.3, 0.0], "grid.sigmas [1.0, 0.9, 0.95, 0.3, 0.0] must decrease strictly"),
+    ([1.0, 0.9, 0.6, 0.3, 0.1], "end at 0 (the clean state)"),
+    ([1.5, 0.9, 0.6, 0.3, 0.0], "from at most 1"),
+    ([1.0, 0.6, 0.3, 0.0], "one per saved state (5)"),
+])
+def test_a_flow_grid_that_is_not_monotone_or_does_not_end_clean(tmp_path, capsys, store, sigmas, needle):
+    out = copy(store, tmp_path / "store")
+    version_2(out, flow(sigmas))
+    expect_one_line(capsys, lambda: store_main(["info", str(out)]), needle, [out])
+
+
+def test_a_store_of_another_teacher_family_is_refused(tmp_path, capsys, teacher, store):
+    out = copy(store, tmp_path / "store")
+    version_2(out, lambda m: m["teacher"].update(family="pixart"))
+    expect_one_line(capsys, lambda: ard_main(fit_args(tmp_path / "run", teacher, out)),
+                    ["field 'teacher.family' is 'pixart'", "'dit'"], [out])
+    expect_one_line(capsys, lambda: eval_main(eval_args(tmp_path, teacher, "--store", str(out))),
+                    "field 'teacher.family' is 'pixart'", [out])
+
+
+def test_encoder_paths_missing_or_not_the_stores(tmp_path, store):
+    from ard.conditioning import check_encoder
+
+    out = text_store(copy(store, tmp_path / "store"), tmp_path / "encoder")
+    recorded = fmt.read_manifest(out)["conditioning"]["encoder"]
+    check_encoder(tmp_path / "encoder", recorded, "manifest.json")  # the store's own encoder passes
+    with pytest.raises(FileNotFoundError, match="none: text encoder directory not found"):
+        check_encoder(tmp_path / "none", recorded, "manifest.json")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no \\*.safetensors weights"):
+        check_encoder(tmp_path / "empty", recorded, "manifest.json")
+    save_file({"embed.weight": torch.zeros(16, 8)}, (tmp_path / "other").mkdir() or tmp_path / "other/m.safetensors")
+    with pytest.raises(ValueError, match="field 'conditioning.encoder.weights_sha256' .* not the encoder the store"):
+        check_encoder(tmp_path / "other", recorded, "manifest.json")
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b"", "holds no prompt"),
+    (b"\n  \n", "holds no prompt"),
+    (b'{"id": "a", "text": "caf\xe9"}\n', "line 1: not UTF-8 (byte"),
+    (b'{"id": "a", "text": "one"}\n{"id": "b", "text": "two"}\n{"id": "a", "text": "three"}\n',
+     "line 3: id 'a' already on line 1"),
+    (b'{"id": "a", "text": "one two three four five six"}\n', "prompt 'a' has 6 tokens, the encoder takes at most 4"),
+    (b'{"id": "a", "text": "one"\n', "line 1: not JSON"),
+    (b'["a", "one"]\n', "line 1: expected an object with string fields 'id' and 'text'"),
+    (b'{"id": "a", "text": "  "}\n', "line 1: field 'text' is empty"),
+    (b'{"id": 3, "text": "one"}\n', "expected an object with string fields"),
+])
+def test_bad_prompt_files(tmp_path, content, needle):
+    from ard.conditioning import read_prompts
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as e:
+        read_prompts(path, max_tokens=4, count_tokens=lambda text: len(text.split()))
+    assert needle in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value)

@@ -199,7 +199,7 @@ def test_loss_of_a_global_batch_is_the_mean_of_its_shards(teacher_dir, store):
 @pytest.mark.parametrize("extra, needle", [
     (["--model.init_args.num_steps=2"], "data.student_steps=4 but model.num_steps=2"),
     (["--data.init_args.student_steps=3", "--model.init_args.num_steps=3"], "lacks [8, 16], needed by a 3-step student"),
-    (["--model.init_args.step_weights=[1.0, 2.0]"], "step_weights has 2 entries; num_steps=4 needs 4"),
+    (["--model.init_args.step_weights=[1.0, 2.0]"], "step_weights=[1.0, 2.0]: num_steps=4 needs 4 weights"),
 ])
 def test_a_store_or_config_that_does_not_fit_fails_in_one_line(tmp_path, teacher_dir, store, capsys, extra, needle):
     with pytest.raises(SystemExit) as exit_info:

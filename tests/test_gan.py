@@ -231,7 +231,7 @@ def test_the_regression_module_holds_no_gan_state(teacher_dir):
     assert isinstance(plain.configure_optimizers(), torch.optim.AdamW)
     assert {k for k in gan.state_dict() if k not in plain.state_dict()} == {
         k for k in gan.state_dict() if k.startswith("discriminator.")}
-    with pytest.raises(ValueError, match=r"gan.weight=0.0 must be a finite number > 0"):
+    with pytest.raises(ValueError, match=r"gan.weight=0.0: must be greater than 0"):
         GanStage(weight=0.0)
     with pytest.raises(ValueError, match=r"gan.fake='last' is not one of"):
         GanStage(fake="last")

@@ -156,8 +156,8 @@ def test_bad_recipe_knobs_fail_in_one_line(teacher_dir):
     with pytest.raises(ValueError, match="recipe.targets='shifted_reconstruction' needs an x0-prediction"):
         ARDDistillation(teacher=str(teacher_dir), history_blocks=2, recipe=Recipe(targets="shifted_reconstruction"),
                         output="next_state", samples=dict(per_class=0))
-    with pytest.raises(ValueError, match="recipe.rollout_prob=1.5 must lie in"):
+    with pytest.raises(ValueError, match="recipe.rollout_prob=1.5: must be less than or equal to 1"):
         ARDDistillation(teacher=str(teacher_dir), history_blocks=2, recipe=dict(inputs="mixed", rollout_prob=1.5),
                         samples=dict(per_class=0))
-    with pytest.raises(ValueError, match="recipe.srl_shift=0.0 must be > 0"):
+    with pytest.raises(ValueError, match="recipe.srl_shift=0.0: must be greater than 0"):
         Recipe(targets="shifted_reconstruction", srl_shift=0.0)

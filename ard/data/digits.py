@@ -1,10 +1,15 @@
 """scikit-learn's bundled digits (8x8, 10 classes) as images in [-1, 1]: the embedded default's data."""
 from __future__ import annotations
 
+from typing import Annotated
+
 import lightning as L
 import numpy as np
 import torch
+from pydantic import Field
 from torch.utils.data import DataLoader, TensorDataset
+
+from ard.checks import AtLeastOne, NonNegativeInt, check_knobs
 
 
 def load_digits_split(split: str = "train", val_fraction: float = 0.2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,8 +41,8 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 class DigitsDataModule(L.LightningDataModule):
     """Real 8x8 digits with a fixed, seeded train/val split; batches are (images, labels)."""
 
-    def __init__(self, batch_size: int = 128, val_fraction: float = 0.2, split_seed: int = 0,
-                 num_workers: int = 0):
+    def __init__(self, batch_size: AtLeastOne = 128, val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2,
+                 split_seed: NonNegativeInt = 0, num_workers: NonNegativeInt = 0):
         """
         Args:
             batch_size: images per batch (per process under DDP).
@@ -45,6 +50,7 @@ class DigitsDataModule(L.LightningDataModule):
             split_seed: seed of the fixed train/val permutation.
             num_workers: DataLoader workers (0: load in the main process; the data is 450 KB).
         """
+        check_knobs(DigitsDataModule.__init__, {k: v for k, v in locals().items() if k != "self"}, "data.")
         super().__init__()
         self.save_hyperparameters()
 

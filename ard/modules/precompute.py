@@ -18,6 +18,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 
+from ard.checks import AtLeastOne, Indices, NonNegative, NonNegativeInt, check_knobs
 from ard.diffusion import (CfgChannels, TimestepSpacing, ddim_grid, ddim_sample, precision_of_trainer,
                            solver_identity, trajectory_inputs)
 from ard.runlock import DirectoryLock
@@ -27,10 +28,10 @@ from ard.teacher import DIGITS_TEACHER, Numerics, load_teacher, num_classes, tea
 class PrecomputeTrajectories(L.LightningModule):
     """Samples the teacher's DDIM (eta = 0) + CFG trajectories of one store shard per predict batch."""
 
-    def __init__(self, teacher: str = str(DIGITS_TEACHER), teacher_size: str | None = None, num_steps: int = 24,
-                 timestep_spacing: TimestepSpacing = "leading", guidance_scale: float = 2.0,
-                 clip_sample: bool = False, save_indices: list[int] | None = None, with_x0: bool = False,
-                 seed: int = 0, micro_batch_size: int = 256, numerics: Numerics | None = None,
+    def __init__(self, teacher: str = str(DIGITS_TEACHER), teacher_size: str | None = None, num_steps: AtLeastOne = 24,
+                 timestep_spacing: TimestepSpacing = "leading", guidance_scale: NonNegative = 2.0,
+                 clip_sample: bool = False, save_indices: Indices | None = None, with_x0: bool = False,
+                 seed: NonNegativeInt = 0, micro_batch_size: AtLeastOne = 256, numerics: Numerics | None = None,
                  cfg_channels: CfgChannels = "all"):
         """
         Args:
@@ -53,6 +54,7 @@ class PrecomputeTrajectories(L.LightningModule):
                 sample.py (ard.diffusion.guided_eps). The autocast precision is the trainer's `precision`
                 (32-true, bf16-mixed or 16-mixed); both are recorded in the manifest's `solver` field.
         """
+        check_knobs(PrecomputeTrajectories.__init__, {k: v for k, v in locals().items() if k != "self"}, "model.")
         super().__init__()
         self.save_hyperparameters()
         self.grid = ddim_grid(num_steps, timestep_spacing)  # K + 1 timesteps, last = CLEAN; refuses bad spacings
@@ -60,8 +62,6 @@ class PrecomputeTrajectories(L.LightningModule):
         if self.save_indices[0] != 0 or self.save_indices[-1] != num_steps:
             raise ValueError(f"save_indices must lie in [0, {num_steps}] and include 0 (the noise) and {num_steps} "
                              f"(the final sample); got {save_indices}")
-        if micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be at least 1, got {micro_batch_size}")
         self.teacher = load_teacher(teacher, teacher_size, numerics)
         self.teacher.requires_grad_(False)
         self.identity = teacher_identity(self.teacher)

@@ -15,6 +15,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from ard.checks import AtLeastOne, AtLeastTwo, NonNegative, NonNegativeInt, Positive, Probability, check_knobs
 from ard.diffusion import ddim_sample, make_scheduler, q_sample
 from ard.teacher import build_dit, eps_from_output, null_class
 from ard.viz import image_grid, log_image, save_png
@@ -35,10 +36,11 @@ def diffusion_loss(model, x0: torch.Tensor, labels: torch.Tensor, t: torch.Tenso
 class TeacherTraining(L.LightningModule):
     """DiT teacher trained from scratch with epsilon prediction and 10% label dropout for CFG."""
 
-    def __init__(self, size: str = "digits", lr: float = 1e-3, weight_decay: float = 0.0,
-                 warmup_steps: int = 500, label_dropout: float = 0.1, num_train_timesteps: int = 1000,
-                 sample_guidance_scale: float = 2.0, sample_steps: int = 24, clip_sample: bool = True,
-                 samples_per_class: int = 8, seed: int = 0):
+    def __init__(self, size: str = "digits", lr: Positive = 1e-3, weight_decay: NonNegative = 0.0,
+                 warmup_steps: NonNegativeInt = 500, label_dropout: Probability = 0.1,
+                 num_train_timesteps: AtLeastTwo = 1000, sample_guidance_scale: NonNegative = 2.0,
+                 sample_steps: AtLeastOne = 24, clip_sample: bool = True, samples_per_class: NonNegativeInt = 8,
+                 seed: NonNegativeInt = 0):
         """
         Args:
             size: a key of ard.teacher.DIT_SIZES.
@@ -53,6 +55,7 @@ class TeacherTraining(L.LightningModule):
             samples_per_class: columns of the validation sample grid (one row per class).
             seed: seed of the validation noise (same noise every time, so grids are comparable).
         """
+        check_knobs(TeacherTraining.__init__, {k: v for k, v in locals().items() if k != "self"}, "model.")
         super().__init__()
         self.save_hyperparameters()
         self.model = build_dit(size)

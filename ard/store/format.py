@@ -169,7 +169,7 @@ def read_manifest(root: str | Path) -> dict:
     m = _read_json(path, "not a trajectory store, or the precompute never started")
     if m.get("format") != FORMAT:
         raise StoreError(f"{path}: field 'format' is {m.get('format')!r}, expected {FORMAT!r}")
-    if m.get("version") not in VERSIONS:
+    if isinstance(m.get("version"), bool) or m.get("version") not in VERSIONS:
         raise StoreError(f"{path}: field 'version' is {m.get('version')!r}; this ard reads versions {list(VERSIONS)}")
     try:
         check_manifest(m, str(path))
@@ -395,6 +395,25 @@ def stored_bytes(sidecars: dict[int, dict] | list[dict]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- verify
+def conditioning_files(manifest: dict) -> dict[str, dict]:
+    """The conditioning sidecars of a text store ({"prompts" | "embeddings" | "lengths": their manifest entry:
+    file, sha256, bytes}); none for a class-conditional store."""
+    cond = manifest.get("conditioning") or {}
+    return {name: cond[name] for name in ("prompts", "embeddings", "lengths")} if cond.get("kind") == "text" else {}
+
+
+def check_conditioning_file(root: str | Path, name: str, entry: dict, deep: bool) -> None:
+    """A conditioning sidecar is there with the size the manifest records (and, `deep`, its sha256)."""
+    path = Path(root) / entry["file"]
+    if not path.is_file():
+        raise StoreError(f"{path}: missing (the manifest's conditioning.{name}.file)")
+    if path.stat().st_size != entry["bytes"]:
+        raise StoreError(f"{path}: {path.stat().st_size} bytes, {MANIFEST} field 'conditioning.{name}.bytes' says "
+                         f"{entry['bytes']} (truncated or corrupt)")
+    if deep and sha256_file(path) != entry["sha256"]:
+        raise StoreError(f"{path}: sha256 does not match {MANIFEST} field 'conditioning.{name}.sha256' (corrupt)")
+
+
 def verify_shard(root: str | Path, manifest: dict, shard: int) -> None:
     """Check one shard completely (sidecar, manifest entry, sizes, sha256, shapes, dtypes, indices, labels,
     finite values); StoreError naming the file and field of the first problem."""
@@ -447,6 +466,11 @@ def verify(root: str | Path, progress: bool = False) -> tuple[dict, list[str]]:
             verify_shard(root, manifest, k)
         except StoreError as e:
             problems.append(str(e))
+    for name, entry in conditioning_files(manifest).items():
+        try:
+            check_conditioning_file(root, name, entry, deep=True)
+        except StoreError as e:
+            problems.append(str(e))
     listed = sorted(e.get("shard") for e in manifest["shards"] if isinstance(e, dict))
     if not problems and (listed != list(range(manifest["num_shards"])) or not manifest["complete"]):
         problems.append(f"{Path(root) / MANIFEST}: field 'shards' lists {len(listed)} of {manifest['num_shards']} "
@@ -480,6 +504,8 @@ class TrajectoryStore:
             first = min(set(range(m["num_shards"])) - set(done))
             raise StoreError(f"{shard_dir(self.root, first)}: missing (store incomplete, {len(done)} of "
                              f"{m['num_shards']} shards: re-run the precompute command)")
+        for name, entry in conditioning_files(m).items():
+            check_conditioning_file(self.root, name, entry, deep=False)
         self.dtype: StoreDtype = m["state"]["dtype"]
         self.has_x0 = m["state"]["x0"]
         self.num_trajectories = m["num_trajectories"]

@@ -58,7 +58,7 @@ class Teacher(Strict):
 
 class DDIMSolver(Strict):
     name: Literal["ddim"]
-    eta: Literal[0.0]  # deterministic DDIM: the trajectory is a function of its noise
+    eta: Annotated[float, Field(ge=0, le=0)]  # 0, deterministic DDIM: the trajectory is a function of its noise
     num_steps: Annotated[int, Field(ge=1, le=MAX_TRAIN_TIMESTEPS)]
     timestep_spacing: Literal["leading", "trailing"]
     guidance_scale: NonNegative
@@ -111,7 +111,7 @@ class FileEntry(Strict):
     sha256: Sha256
     bytes: Index
     shape: list[Index]
-    dtype: str
+    dtype: Literal[(*NUMPY_DTYPE.values(), "<i8")]  # states / x0 in the store's dtype, labels and index int64
 
 
 class ShardEntry(Strict):
@@ -183,7 +183,7 @@ class TextConditioning(Strict):
 
 class Manifest(Strict):
     format: Literal[FORMAT]
-    version: Literal[VERSIONS]
+    version: Annotated[int, Field(ge=min(VERSIONS), le=max(VERSIONS))]  # (a Literal would take True for 1)
     store_id: Sha256
     teacher: Teacher
     solver: Annotated[Union[DDIMSolver, FlowSolver], Field(discriminator="name")]
