@@ -31,8 +31,8 @@ import lightning as L
 import numpy as np
 import torch
 
-from ard.checks import (AtLeastOne, Beta, NonNegative, NonNegativeInt, Positive, check_fields, check_finite_weights,
-                        check_knobs, stop_on_non_finite)
+from ard.checks import (AtLeastOne, Beta, Indices, NonNegative, NonNegativeInt, Positive, Weights, check_fields,
+                        check_finite_weights, check_knobs, stop_on_non_finite)
 from ard.diffusion import ddim_grid, recorded_solver
 from ard.student import ARDStudent, HeadKind, HistoryStart, MaskKind, OutputKind, StepMSELoss, sample
 from ard.student.exposure import exposure_errors
@@ -54,7 +54,7 @@ class SampleGrid:
     """The sample grid drawn at every validation (`model.init_args.samples`)."""
 
     per_class: NonNegativeInt = 8  # columns: samples per class (0: no grid)
-    classes: list[NonNegativeInt] | None = None  # rows, one class each; None: every class
+    classes: Indices | None = None  # rows, one class each; None: every class
     seed: int = 0  # seed of the grid's noise: the same noise every time, so that grids are comparable
     vae: str | None = None  # diffusers AutoencoderKL directory decoding latent states (latent teachers)
     latent_scale: Positive = 0.18215  # latents = scale * VAE latents (sd-vae-ft-ema)
@@ -87,7 +87,7 @@ class ARDDistillation(L.LightningModule):
         output: OutputKind = _STUDENT["output"].default,
         history_start: HistoryStart = _STUDENT["history_start"].default,
         clip_x0: bool = _STUDENT["clip_x0"].default,
-        step_weights: Literal["uniform"] | list[NonNegative] = "uniform",
+        step_weights: Literal["uniform"] | Weights = "uniform",
         recipe: Recipe = Recipe(),
         lr: Positive = 1e-4,
         history_gate_lr: Positive | None = None,

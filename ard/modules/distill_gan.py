@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ard.checks import NonNegativeInt, Positive, check_choice, check_fields
+from ard.checks import Indices, NonNegativeInt, Positive, check_choice, check_fields
 from ard.data.real import RealSamples
 from ard.modules.distill import ARDDistillation, Regression
 from ard.student.gan import (AugmentKind, FakeKind, GanLossKind, NoiseLevels, RenoiseKind, TeacherDiscriminator,
@@ -41,7 +41,7 @@ class GanStage:
     weight: Positive = 10.0  # factor times the adaptive weight of the GAN loss (the re-implementation: 10)
     warmup: NonNegativeInt = 3000  # iterations with the GAN weight at 0 while the discriminator learns (paper: 3000)
     loss: GanLossKind = "hinge"  # "hinge" (the re-implementation, LADD) or "non_saturating" (DMD2)
-    blocks: list[NonNegativeInt] | None = None  # teacher blocks the heads see; None: all (the re-implementation)
+    blocks: Indices | None = None  # teacher blocks the heads see; None: all (the re-implementation)
     fake: FakeKind = "teacher_forced"  # the last step of the one-pass forward, or of the student's own rollout
     renoise: RenoiseKind = "independent"  # real and fake shown clean ("none"), or re-noised: "same" t or not
     noise_levels: NoiseLevels = "uniform"  # re-noising timesteps: "uniform" (DMD2) or "high" (LADD's logit-normal)
