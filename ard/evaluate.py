@@ -42,15 +42,19 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Annotated, Callable, Iterator
 
 import numpy as np
 import torch
+from jsonargparse import ArgumentParser
+from pydantic import Field
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from ard.atomic import atomic_directory, write_text_atomic
-from ard.checks import check_at_least, check_finite_samples, check_step_counts, check_writable
+from ard.checks import (NUM_TRAIN_TIMESTEPS, AtLeastOne, AtLeastTwo, NonNegative, NonNegativeInt, Positive,
+                        check_finite_samples, check_knobs, check_writable)
+from ard.cli import one_line
 from ard.data.digits import to_uint8
 from ard.diffusion import (CfgChannels, Precision, TimestepSpacing, autocast, ddim_grid, ddim_sample,
                            ddim_sample_at, recorded_solver, solver_identity, student_grid_indices, trajectory_inputs)
@@ -58,6 +62,8 @@ from ard.latents import LATENT_SCALE, decode_latents, load_vae
 from ard.metrics import (DigitFeatures, FeatureExtractor, FeatureStats, InceptionFeatures, Reference, adm_npz_writer,
                          bootstrap_fid, digits_images, fid_from_features, fid_noise_floor, metrics_of_features,
                          reference_from_adm_npz, reference_from_images)
+from ard.metrics.precision_recall import MIN_IMAGES
+from ard.metrics.reference import check_npz_images
 from ard.metrics.table import metrics_table
 from ard.student import sample
 from ard.student.export import load_exported
@@ -77,6 +83,10 @@ NOISE_FLOOR_METHOD = {
 SOLVER_DEFAULTS = dict(num_steps=24, timestep_spacing="leading", guidance_scale=2.0, clip_sample=True,
                        cfg_channels="all", precision="fp32")
 EVAL_SET_FORMAT = 2  # the cache directory's layout: noise, labels, teacher, floor .npy files
+
+# Ranges of evaluate's numeric options beyond ard.checks' (the options declare them in their annotations)
+StepCount = Annotated[int, Field(ge=1, le=NUM_TRAIN_TIMESTEPS)]  # DDIM steps on the 1000-step schedule
+SampleCount = Annotated[int, Field(ge=MIN_IMAGES)]  # precision/recall: each sample's nearest neighbours among them
 
 
 def gflops_per_image(sampler: Sampler, noise: torch.Tensor, labels: torch.Tensor) -> float:
@@ -395,31 +405,34 @@ def evaluate(
     teacher_size: str | None = None,
     store: str | None = None,
     numerics: Numerics | None = None,
-    teacher_steps: int | None = None,
-    guidance_scale: float | None = None,
+    teacher_steps: StepCount | None = None,
+    guidance_scale: NonNegative | None = None,
     spacing: TimestepSpacing | None = None,
     clip_sample: bool | None = None,
     cfg_channels: CfgChannels | None = None,
     precision: Precision | None = None,
     allow_store_mismatch: bool = False,
-    undistilled_steps: list[int] | None = None,
+    undistilled_steps: list[StepCount] | None = None,
     noise_correction: bool = False,
-    num_samples: int = 1000,
-    seed: int = 10_000,
+    num_samples: SampleCount = 1000,
+    seed: NonNegativeInt = 10_000,
     reference: str = "digits",
     extractor: str = "digits",
     vae: str | None = None,
-    latent_scale: float = LATENT_SCALE,
-    bootstrap: int = 10,
-    batch_size: int = 500,
+    latent_scale: Positive = LATENT_SCALE,
+    bootstrap: AtLeastTwo = 10,
+    batch_size: AtLeastOne = 500,
     device: str | None = None,
     export_npz: bool = False,
     out: str = "runs/eval",
     cache_dir: str = "runs/cache",
-    grid_samples: int = 10,
+    grid_samples: AtLeastOne = 10,
     wandb: bool = True,
 ) -> list[dict]:
     """Evaluate the teacher and students on one shared evaluation set; write report.json and report.md.
+
+    The numeric options declare their ranges in their annotations (ard.checks range types, StepCount, SampleCount):
+    ard-eval refuses a value out of range as it parses it, and a Python call before anything is loaded.
 
     Args:
         students: row name -> standalone student directory (written when `ard fit` ends: <run>/student_ema).
@@ -444,7 +457,7 @@ def evaluate(
         noise_correction: sample the students and the undistilled teacher with Imagine Flash's first-step noise
             correction (the DDIM direction term of step 0 uses x_T; ARDStudent.step); the K-step teacher, the
             reference, never. Rows say so in their `noise_correction` field.
-        num_samples: size of the evaluation set (papers: 50,000).
+        num_samples: size of the evaluation set (papers: 50,000); at least MIN_IMAGES (precision/recall).
         seed: seed of its noises and labels (different from the training store's seed: held out).
         reference: "digits" (all 1797 real digits) or the path of an ADM reference batch .npz
             (e.g. VIRTUAL_imagenet256_labeled.npz; its mu/sigma give FID, its images precision/recall).
@@ -452,7 +465,7 @@ def evaluate(
             weights (weights-inception-2015-12-05-6726825d.pth; needs the `gpu` extra).
         vae: diffusers AutoencoderKL directory that decodes latent samples to images (latent teachers).
         latent_scale: the teacher's latents are latent_scale times the VAE's.
-        bootstrap: resamples for the FID standard deviations.
+        bootstrap: resamples for the FID standard deviations (at least 2: a spread).
         batch_size: images per sampling (and decoding, feature) batch.
         device: where sampling and features run (default: cuda when available, else cpu).
         export_npz: also write each row's samples as an ADM batch, <out>/npz/<row>.npz.
@@ -461,16 +474,16 @@ def evaluate(
         grid_samples: columns of samples.png (one row per model, same noises and labels).
         wandb: log the table and the picture to W&B (offline).
     """
+    check_knobs(evaluate, locals())  # the ranges in the annotations (first thing: locals() holds the arguments)
     out_dir, cache = Path(out), Path(cache_dir)
-    check_at_least(1, num_samples=num_samples, batch_size=batch_size, bootstrap=bootstrap, grid_samples=grid_samples)
-    check_step_counts("teacher_steps", None if teacher_steps is None else [teacher_steps])
-    check_step_counts("undistilled_steps", undistilled_steps)
     check_writable(out_dir, "out")
     check_writable(cache, "cache_dir")
+    if reference == "digits" and extractor != "digits":
+        raise ValueError("reference 'digits' needs extractor 'digits'; pass an ADM reference .npz for Inception")
+    if reference != "digits":
+        check_npz_images(reference, MIN_IMAGES)  # its format, before anything is loaded or sampled
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     features = make_extractor(extractor).to(dev)
-    if reference == "digits" and not isinstance(features, DigitFeatures):
-        raise ValueError("reference 'digits' needs extractor 'digits'; pass an ADM reference .npz for Inception")
     given = dict(num_steps=teacher_steps, timestep_spacing=spacing, guidance_scale=guidance_scale,
                  clip_sample=clip_sample, cfg_channels=cfg_channels, precision=precision)
     teacher_model, identity, solver = resolve_teacher(teacher, teacher_size, store, numerics, given,
@@ -521,6 +534,45 @@ def _log_wandb(out_dir: Path, report: dict, picture: Path) -> None:
     run.finish()
 
 
+_KEY = re.compile(r'^Parser key "([^"]+)":', re.M)
+_VALUE = re.compile(r"(?:Got|Given) value: (.*)$", re.M)
+
+
+def parse_error(message: str) -> str:
+    """jsonargparse's error about an option as one line: ard.cli.one_line's (the key and every reason), with the
+    value given when that does not name it, and for a value written as JSON (`{...}`, `[...]`) that does not
+    parse, `--option=value: not valid JSON: <the decoder's message and position>` instead."""
+    key, values, line = _KEY.search(message), _VALUE.findall(message), one_line(message)
+    if not (key and values):
+        return line
+    value = values[-1]
+    if "Given value type: <class 'str'>" in message and value.lstrip()[:1] in ("{", "["):
+        try:
+            json.loads(value)
+        except json.JSONDecodeError as e:
+            return f"--{key.group(1)}={value}: not valid JSON: {e}"
+    return line if f"Got value: {value}" in line else f"{line}; got {value}"
+
+
+class EvalArgumentParser(ArgumentParser):
+    """ard-eval's parser: the ranges declared in `evaluate`'s annotations are checked as soon as the options are
+    parsed (naming `--option`), and a bad option stops with `ard-eval: error: <one line>` (parse_error), not the
+    usage."""
+
+    def parse_args(self, *args, **kwargs):
+        config = super().parse_args(*args, **kwargs)
+        try:
+            check_knobs(evaluate, dict(config.items()), "--")
+        except ValueError as e:  # already one line (one_line would take the leading "--" for a list bullet)
+            raise SystemExit(f"ard-eval: error: {e}") from None
+        return config
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:
+            return super().error(message, ex)
+        raise SystemExit(f"ard-eval: error: {parse_error(message)}")
+
+
 def main(args: list[str] | None = None) -> None:
     import os
 
@@ -528,7 +580,7 @@ def main(args: list[str] | None = None) -> None:
 
     os.environ.setdefault("WANDB_SILENT", "true")
     try:
-        auto_cli(evaluate, args=args, as_positional=False)
+        auto_cli(evaluate, args=args, as_positional=False, parser_class=EvalArgumentParser)
     except (FileNotFoundError, ImportError, ValueError) as e:
         raise SystemExit(f"ard-eval: error: {e}") from None
 

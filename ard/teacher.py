@@ -1,7 +1,10 @@
 """The teacher: a diffusers `DiTTransformer2DModel`, its named sizes, and its quirks handled once.
 
 Every place in ard that needs a DiT goes through `build_dit` / `load_teacher` and `eps_from_output`;
-nothing else touches the diffusers quirks listed below.
+nothing else touches the diffusers quirks listed below. `load_teacher` checks a directory's config.json (the
+family, the fields ard reads: `check_dit_config`) and that its safetensors weights exist (`check_weights_present`)
+before anything is built, so a teacher that cannot be served stops in one line; `teacher_family` names the family
+of any teacher path ("dit", "pixart", "sd3", ...) from its config.json alone.
 
 Quirks of diffusers' DiT (docs/method.md, "diffusers DiT quirks"), handled here and only here:
 - every block owns a label embedder that drops labels with p = 0.1 in train() mode, independently per
@@ -17,12 +20,14 @@ Quirks of diffusers' DiT (docs/method.md, "diffusers DiT quirks"), handled here 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from pathlib import Path
 from typing import Literal, get_args
 
 import torch
 from diffusers import DiTTransformer2DModel
+from diffusers.utils import logging as diffusers_logging
 
 from ard.checks import check_finite_weights
 
@@ -43,6 +48,26 @@ DIT_SIZES: dict[str, dict] = {
 
 ASSETS = Path(__file__).parent / "assets"
 DIGITS_TEACHER = ASSETS / "digits_teacher"  # shipped EMA weights of the embedded default's teacher
+
+# A diffusers model directory: config.json and the weights, one safetensors file or shards listed by an index
+# (the layout save_pretrained writes; .bin weights are pickles and are not read).
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+WEIGHTS_INDEX_NAME = f"{WEIGHTS_NAME}.index.json"
+
+# Teacher families by the diffusers class a config.json names (`_class_name`); others are named by their class.
+FAMILIES = {"DiTTransformer2DModel": "dit", "PixArtTransformer2DModel": "pixart", "SD3Transformer2DModel": "sd3"}
+SERVED_FAMILIES = ("dit",)  # what load_teacher builds: class-conditional DiTs
+# diffusers' older generic class, whose family its norm_type tells (diffusers remaps it the same way when loading);
+# facebook/DiT-XL-2-256's transformer/config.json still names it
+LEGACY_CLASS = "Transformer2DModel"
+LEGACY_FAMILIES = {"ada_norm_zero": "dit", "ada_norm_single": "pixart"}
+
+# The DiT config.json fields ard reads (and builds the model from): each an integer >= 1; absent: diffusers' default.
+DIT_INT_FIELDS = ("num_layers", "num_attention_heads", "attention_head_dim", "patch_size", "sample_size",
+                  "in_channels", "num_embeds_ada_norm")
+DIT_DEFAULTS = {name: p.default for name, p in inspect.signature(DiTTransformer2DModel.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty}
 
 
 # Which implementation's numerics a DiT computes with (see the module docstring): per value, the
@@ -115,10 +140,15 @@ def disable_label_dropout(model: DiTTransformer2DModel) -> DiTTransformer2DModel
     return model
 
 
-def build_dit(size: str = "digits", **overrides) -> DiTTransformer2DModel:
-    """A randomly initialised DiT of a named size; `overrides` change single config fields."""
+def check_size(size: str) -> None:
+    """A named DiT size is a key of DIT_SIZES."""
     if size not in DIT_SIZES:
         raise ValueError(f"unknown DiT size {size!r}; known sizes: {', '.join(DIT_SIZES)}")
+
+
+def build_dit(size: str = "digits", **overrides) -> DiTTransformer2DModel:
+    """A randomly initialised DiT of a named size; `overrides` change single config fields."""
+    check_size(size)
     return disable_label_dropout(DiTTransformer2DModel(**{**DIT_SIZES[size], **overrides}))
 
 
@@ -159,6 +189,128 @@ def _check_state_dict(state: dict[str, torch.Tensor], model: DiTTransformer2DMod
                              f"expects {tuple(v.shape)}")
 
 
+def model_directory(path: Path) -> Path:
+    """The diffusers model directory of a teacher directory: a pipeline snapshot's transformer/ subfolder, else the
+    directory itself."""
+    return path / "transformer" if (path / "transformer" / CONFIG_NAME).exists() else path
+
+
+def read_config(directory: Path) -> dict:
+    """config.json of a diffusers model directory as a dict; one-line errors when it is missing or not a JSON object."""
+    path = directory / CONFIG_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"{directory}: no {CONFIG_NAME} (not a diffusers model directory)")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not readable JSON ({e}); a diffusers model config is a JSON object") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: holds a JSON {type(config).__name__}; a diffusers model config is a JSON object")
+    return config
+
+
+def family_of(config: dict, where: Path) -> str:
+    """The family of the model a config.json (read at `where`) describes, from its `_class_name` (FAMILIES; the
+    legacy Transformer2DModel by its norm_type, LEGACY_FAMILIES)."""
+    name = config.get("_class_name")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{where}: field '_class_name' is {name!r}; a diffusers model config names its class "
+                         "(e.g. 'DiTTransformer2DModel')")
+    if name == LEGACY_CLASS:
+        return LEGACY_FAMILIES.get(config.get("norm_type"), name)
+    return FAMILIES.get(name, name)
+
+
+def teacher_family(path: str | Path) -> str:
+    """The family of the teacher at `path` ("dit", "pixart", "sd3", else its diffusers class name), read from its
+    config.json's `_class_name` without loading weights; a single-file checkpoint is a DiT (load_teacher reads
+    single files as DiTs only)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"teacher checkpoint not found: {path}")
+    if not path.is_dir():
+        return "dit"
+    directory = model_directory(path)
+    return family_of(read_config(directory), directory / CONFIG_NAME)
+
+
+def check_dit_config(config: dict, where: Path) -> None:
+    """Refuse (one line naming `where`, the field, its value and what is allowed) a DiT config.json that the model
+    cannot be built from or that ard would misread, before anything is built: a family other than SERVED_FAMILIES,
+    a field of DIT_INT_FIELDS that is not an integer >= 1, out_channels other than in_channels or 2 * in_channels
+    (learned sigma; null means in_channels), a sample_size that patch_size does not divide, a norm_type other than
+    ada_norm_zero (the only one diffusers' DiT implements), recorded numerics other than NUMERICS'."""
+    family = family_of(config, where)
+    if family not in SERVED_FAMILIES:
+        raise ValueError(f"{where}: field '_class_name' is {config['_class_name']!r} (family {family!r}); ard serves "
+                         f"the {', '.join(map(repr, SERVED_FAMILIES))} family only (DiTTransformer2DModel)")
+    fields = {**DIT_DEFAULTS, **config}
+    for name in DIT_INT_FIELDS:
+        value = fields[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{where}: field {name!r} is {value!r}; must be an integer >= 1")
+    channels, out = fields["in_channels"], fields["out_channels"]
+    if out is not None and (isinstance(out, bool) or out not in (channels, 2 * channels)):
+        raise ValueError(f"{where}: field 'out_channels' is {out!r}; must be in_channels ({channels}), "
+                         f"2 * in_channels ({2 * channels}, learned sigma) or null")
+    if fields["sample_size"] % fields["patch_size"]:
+        raise ValueError(f"{where}: field 'sample_size' is {fields['sample_size']}; must be a multiple of "
+                         f"patch_size ({fields['patch_size']})")
+    if fields["norm_type"] != "ada_norm_zero":
+        raise ValueError(f"{where}: field 'norm_type' is {fields['norm_type']!r}; must be 'ada_norm_zero'")
+    if config.get(NUMERICS_KEY) not in (None, *get_args(Numerics)):
+        raise ValueError(f"{where}: field {NUMERICS_KEY!r} is {config[NUMERICS_KEY]!r}; must be one of "
+                         f"{', '.join(map(repr, get_args(Numerics)))} or absent")
+
+
+def check_weights_present(directory: Path) -> None:
+    """The safetensors weights of a diffusers model directory exist: WEIGHTS_NAME, or WEIGHTS_INDEX_NAME and every
+    shard it lists (one-line FileNotFoundError naming the missing file), before diffusers looks for them."""
+    if (directory / WEIGHTS_NAME).is_file():
+        return
+    index = directory / WEIGHTS_INDEX_NAME
+    if not index.is_file():
+        raise FileNotFoundError(f"{directory}: {WEIGHTS_NAME} not found (a diffusers model directory holds "
+                                f"{CONFIG_NAME} and {WEIGHTS_NAME}, or its shards and {WEIGHTS_INDEX_NAME})")
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{index}: not a safetensors index (a JSON object with a 'weight_map'): {e!r}") from None
+    missing = [shard for shard in shards if not (directory / str(shard)).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{directory}: {missing[0]} not found ({len(missing)} of {len(shards)} shards listed "
+                                f"by {WEIGHTS_INDEX_NAME} missing)")
+
+
+def _load_directory(directory: Path, size: str | None) -> DiTTransformer2DModel:
+    """The DiT of a diffusers model directory, its config and weights checked first (check_dit_config,
+    check_weights_present), every weight loaded from the file (none left at its initial value)."""
+    config_path = directory / CONFIG_NAME
+    config = read_config(directory)
+    check_dit_config(config, config_path)
+    if size is not None:
+        for key, value in DIT_SIZES[size].items():
+            if key in config and config[key] != value and not (key == "out_channels" and config[key] is None):
+                raise ValueError(f"{config_path}: {key}={config[key]} does not match size {size!r} ({key}={value})")
+    check_weights_present(directory)
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # its multi-line warning of missing keys: refused below in one line
+    try:
+        model, info = DiTTransformer2DModel.from_pretrained(directory, low_cpu_mem_usage=False, use_safetensors=True,
+                                                            output_loading_info=True)
+    except (OSError, RuntimeError, ValueError) as e:
+        reason = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())[:300] or type(e).__name__
+        raise ValueError(f"{directory}: weights not readable or not those of {CONFIG_NAME}'s model ({reason})") from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    missing, unexpected = info["missing_keys"], info["unexpected_keys"]
+    if missing or unexpected:
+        what = f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r}"
+        raise ValueError(f"{directory}: {what} ({len(missing)} missing, {len(unexpected)} unexpected): the weights "
+                         f"are not those of the model {CONFIG_NAME} describes")
+    return model
+
+
 def load_teacher(path: str | Path = DIGITS_TEACHER, size: str | None = None,
                  numerics: Numerics | None = None) -> DiTTransformer2DModel:
     """Load a DiT teacher in eval mode with label dropout disabled.
@@ -168,6 +320,8 @@ def load_teacher(path: str | Path = DIGITS_TEACHER, size: str | None = None,
           facebookresearch/DiT checkpoint (`DiT-XL-2-256x256.pt`, converted on the fly by
           `ard.convert`), or a `.safetensors` file of either layout. `size` (a key of DIT_SIZES) is
           required for single files and, for directories, checked against the directory's config.
+          A directory's config.json and weights are checked before anything is built (check_dit_config,
+          check_weights_present): a teacher that cannot be served stops in one line, not inside diffusers.
     numerics: None uses the checkpoint's own: "dit" for an official checkpoint, the recorded value for
           a directory (none recorded: "diffusers"). Pass "dit" for a diffusers snapshot of official
           weights (e.g. facebook/DiT-XL-2-256) to compute exactly like the official DiT.
@@ -175,18 +329,10 @@ def load_teacher(path: str | Path = DIGITS_TEACHER, size: str | None = None,
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"teacher checkpoint not found: {path}")
+    if size is not None:
+        check_size(size)
     if path.is_dir():
-        if (path / "transformer" / "config.json").exists():
-            path = path / "transformer"
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"{path}: no config.json (not a diffusers model directory)")
-        if size is not None:
-            config = json.loads((path / "config.json").read_text())
-            for key, value in DIT_SIZES[size].items():
-                if key in config and config[key] != value and not (key == "out_channels" and config[key] is None):
-                    raise ValueError(f"{path / 'config.json'}: {key}={config[key]} does not match size "
-                                     f"{size!r} ({key}={value})")
-        model = set_numerics(DiTTransformer2DModel.from_pretrained(path, low_cpu_mem_usage=False), numerics)
+        model = set_numerics(_load_directory(model_directory(path), size), numerics)
     else:
         if size is None:
             raise ValueError(f"{path}: a single-file checkpoint needs `size` (one of {', '.join(DIT_SIZES)})")

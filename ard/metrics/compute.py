@@ -11,7 +11,7 @@ import torch
 from ard.metrics.features import FeatureExtractor, extract
 from ard.metrics.fid import fid_from_features
 from ard.metrics.inception_score import inception_score
-from ard.metrics.precision_recall import precision_recall
+from ard.metrics.precision_recall import PR_K, precision_recall
 from ard.metrics.reference import Reference
 from ard.metrics.stats import bootstrap_fid
 
@@ -20,7 +20,7 @@ def _device(extractor: FeatureExtractor) -> torch.device:
     return next(extractor.parameters()).device
 
 
-def compute_metrics(samples: torch.Tensor, reference: Reference, extractor: FeatureExtractor, k: int = 3,
+def compute_metrics(samples: torch.Tensor, reference: Reference, extractor: FeatureExtractor, k: int = PR_K,
                     bootstrap: int = 10, seed: int = 0, is_split_size: int = 5000,
                     batch_size: int = 500) -> dict:
     """Metrics of uint8 NCHW `samples` against `reference` (built with the same extractor).
@@ -44,7 +44,7 @@ def compute_metrics(samples: torch.Tensor, reference: Reference, extractor: Feat
             "extractor": extractor.identity}
 
 
-def metrics_of_features(features: torch.Tensor, logits: torch.Tensor, reference: Reference, k: int = 3,
+def metrics_of_features(features: torch.Tensor, logits: torch.Tensor, reference: Reference, k: int = PR_K,
                         bootstrap: int = 10, seed: int = 0, is_split_size: int = 5000,
                         device: str | torch.device = "cpu") -> dict:
     """`compute_metrics` of samples whose features (N, D) and logits (N, K) are already extracted (e.g. batch

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import torch
 
+PR_K = 3  # the ADM evaluator's k
+MIN_IMAGES = PR_K + 1  # the fewest images of a set scored here: each one's PR_K nearest neighbours in the set
 
-def manifold_radii(features: torch.Tensor, k: int = 3, batch_size: int = 10000) -> torch.Tensor:
+
+def manifold_radii(features: torch.Tensor, k: int = PR_K, batch_size: int = 10000) -> torch.Tensor:
     """Distance of each feature (n, D) to its k-th nearest neighbour in the same set, itself excluded: (n,)."""
     if not 1 <= k < len(features):
         raise ValueError(f"k must be in [1, {len(features) - 1}] for {len(features)} features, got {k}")
@@ -34,7 +37,7 @@ def inside_manifold(points: torch.Tensor, centers: torch.Tensor, radii: torch.Te
     return torch.cat(inside)  # (n,)
 
 
-def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3, batch_size: int = 10000,
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = PR_K, batch_size: int = 10000,
                      device: str | torch.device = "cpu", real_radii: torch.Tensor | None = None) -> tuple[float, float]:
     """(precision, recall) of generated features `fake` (n, D) against real features `real` (m, D);
     `real_radii` (m,): the real set's k-NN radii when already computed (ard.metrics.Reference.radii)."""

@@ -11,7 +11,9 @@ and `features` (for precision/recall), both for one extractor.
   the extractor's), its images give the precision/recall features.
 - load_npz_images / save_npz_images: the ADM batch layout (arr_0 uint8 NHWC) in and out; samples written
   by save_npz_images go straight into the official TF evaluator.
-Files are read with np.load(allow_pickle=False).
+- check_npz_images: that a file is such a batch (an .npz archive whose arr_0 header says uint8 (N, H, W, 1|3)),
+  from the header alone: cheap enough to run before any work, and nothing in the file is unpickled.
+Files are read with np.load(allow_pickle=False), once check_npz_images has accepted them.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from ard.atomic import atomic_file, write_npz_atomic
 from ard.data.digits import load_digits_split, to_uint8
 from ard.metrics.features import FeatureExtractor, check_images, extract, nhwc_to_nchw
 from ard.metrics.fid import FeatureStats
-from ard.metrics.precision_recall import manifold_radii
+from ard.metrics.precision_recall import MIN_IMAGES, manifold_radii
 
 CACHE_FORMAT = 1
 
@@ -89,18 +91,57 @@ def reference_from_images(images: torch.Tensor, extractor: FeatureExtractor, cac
     return Reference(stats, features, f"{extractor.identity}/{data_id[:16]}")
 
 
-def load_npz_images(path: str | Path) -> torch.Tensor:
-    """arr_0 of an ADM-style .npz (uint8 (N, H, W, C)) as uint8 NCHW (N, C, H, W)."""
+NPZ_IMAGES = ("an .npz archive (np.savez) whose arr_0 holds uint8 images (N, H, W, 1|3), like the ADM evaluator's "
+              "reference batches (e.g. VIRTUAL_imagenet256_labeled.npz)")
+
+
+def _npz_error(path: Path, what: str) -> ValueError:
+    """The one-line error for a file that is not an ADM batch: the file, what is wrong, what is expected."""
+    return ValueError(f"{path}: {what}; expected {NPZ_IMAGES}")
+
+
+def check_npz_images(path: str | Path, minimum: int = 1) -> tuple[int, int, int, int]:
+    """arr_0's shape (N, H, W, C) read from its .npy header, without loading the images (cheap before any work):
+    refuses, in one line naming the file, anything but an .npz archive whose arr_0 is uint8 (N, H, W, 1|3) with
+    N >= minimum. Nothing is unpickled: a pickle, or any file numpy would only open with allow_pickle, is refused."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"npz not found: {path}")
-    with np.load(path, allow_pickle=False) as z:
-        if "arr_0" not in z.files:
-            raise ValueError(f"{path}: no arr_0 (uint8 (N, H, W, C) images); keys: {z.files}")
-        arr = z["arr_0"]
-    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] not in (1, 3):
-        raise ValueError(f"{path}: arr_0 must be uint8 (N, H, W, 1|3), got {arr.dtype} {arr.shape}")
-    return nhwc_to_nchw(arr)
+    if not zipfile.is_zipfile(path):
+        raise _npz_error(path, "not an .npz archive")
+    headers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open("arr_0.npy") as member:
+            version = np.lib.format.read_magic(member)
+            if version not in headers:
+                raise ValueError(f".npy format version {version}")
+            shape, _, dtype = headers[version](member)
+    except KeyError:
+        raise _npz_error(path, "no arr_0") from None
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+        raise _npz_error(path, f"arr_0 is not a readable .npy array ({e})") from None
+    if dtype != np.uint8 or len(shape) != 4 or shape[-1] not in (1, 3):
+        raise _npz_error(path, f"arr_0 must be uint8 (N, H, W, 1|3), got {dtype} {shape}")
+    if shape[0] < minimum:
+        raise _npz_error(path, f"arr_0 holds {shape[0]} images, at least {minimum} are needed")
+    return shape
+
+
+def _read_arrays(path: Path, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The arrays `names` of an .npz that holds them (those absent left out), read with allow_pickle=False."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {name: z[name] for name in names if name in z.files}
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+        raise _npz_error(path, f"unreadable ({e})") from None
+
+
+def load_npz_images(path: str | Path, minimum: int = 1) -> torch.Tensor:
+    """arr_0 of an ADM-style .npz (uint8 (N, H, W, C), at least `minimum` images) as uint8 NCHW (N, C, H, W);
+    checked by check_npz_images first."""
+    path = Path(path)
+    check_npz_images(path, minimum)
+    return nhwc_to_nchw(_read_arrays(path, ("arr_0",))["arr_0"])
 
 
 @contextmanager
@@ -154,7 +195,7 @@ def reference_from_adm_npz(path: str | Path, extractor: FeatureExtractor, cache_
     mu/sigma when present and `use_file_stats` (ADM protocol), else from those features.
     image_size: (H, W) of the images it will be compared with (the evaluated samples); arr_0 must match."""
     path = Path(path)
-    images = load_npz_images(path)  # (N, C, H, W)
+    images = load_npz_images(path, MIN_IMAGES)  # (N, C, H, W)
     if image_size is not None and tuple(images.shape[2:]) != tuple(image_size):
         raise ValueError(f"{path}: arr_0 holds {images.shape[2]}x{images.shape[3]} images; the evaluated models "
                          f"make {image_size[0]}x{image_size[1]} images: a reference batch of that size is needed")
@@ -165,12 +206,12 @@ def reference_from_adm_npz(path: str | Path, extractor: FeatureExtractor, cache_
                          f"suit {extractor.identity}: {e}") from None
     if not use_file_stats:
         return reference
-    with np.load(path, allow_pickle=False) as z:
-        if "mu" not in z.files:
-            return reference
-        if "sigma" not in z.files:
-            raise ValueError(f"{path}: has mu but no sigma")
-        mu, sigma = torch.from_numpy(z["mu"]).double(), torch.from_numpy(z["sigma"]).double()
+    stats = _read_arrays(path, ("mu", "sigma"))
+    if "mu" not in stats:
+        return reference
+    if "sigma" not in stats:
+        raise ValueError(f"{path}: has mu but no sigma")
+    mu, sigma = (torch.from_numpy(stats[k]).double() for k in ("mu", "sigma"))
     if mu.shape != (extractor.num_features,):
         raise ValueError(f"{path}: mu has shape {tuple(mu.shape)} but {extractor.identity} gives "
                          f"{extractor.num_features} features (the file's stats are the ADM Inception's pool_3; "
