@@ -123,8 +123,11 @@ def check_teacher(recorded: dict, ours: dict, where: str, what: str) -> None:
     """One-line ValueError unless the `teacher_identity` `ours` is the one `recorded` (a manifest's `teacher`
     field, read at `where`; `what` names our teacher in the message). A manifest written before `numerics`
     was recorded separately counts as "diffusers" numerics (its config hash then only matches a teacher
-    loaded without recorded numerics)."""
-    recorded = {"numerics": "diffusers", **recorded}
+    loaded without recorded numerics), one without `family` as a DiT's; `ours` (a DiT) is of family "dit"."""
+    recorded = {"numerics": "diffusers", "family": "dit", **recorded}
+    if recorded["family"] != ours.get("family", "dit"):
+        raise ValueError(f"{where}: field 'teacher.family' is {recorded['family']!r}, {what} is a "
+                         f"{ours.get('family', 'dit')!r} teacher: a store of another teacher family")
     for field in ("weights_sha256", "numerics", "config_sha256"):  # numerics first: they change the config too
         if recorded.get(field) != ours[field]:
             source = f" ({recorded['path']})" if recorded.get("path") else ""

@@ -486,10 +486,10 @@ def eval_args(tmp_path, teacher, *extra):
 @pytest.mark.parametrize("extra, needle", [
     (["--out", str(UNWRITABLE / "eval")], "out=/sys/ard-bad-inputs/eval: cannot write there"),
     (["--cache_dir", str(UNWRITABLE / "cache")], "cache_dir=/sys/ard-bad-inputs/cache: cannot write there"),
-    (["--undistilled_steps", "[0]"], "undistilled_steps: step count 0 must be an integer in [1, 1000]"),
-    (["--teacher_steps", "5000"], "teacher_steps: step count 5000"),
-    (["--num_samples", "0"], "num_samples=0: must be an integer >= 1"),
-    (["--batch_size", "0"], "batch_size=0: must be an integer >= 1"),
+    (["--undistilled_steps", "[0]"], "--undistilled_steps=[0]: must be greater than or equal to 1"),
+    (["--teacher_steps", "5000"], "--teacher_steps=5000: must be less than or equal to 1000"),
+    (["--num_samples", "0"], "--num_samples=0: must be greater than or equal to 4"),
+    (["--batch_size", "0"], "--batch_size=0: must be greater than or equal to 1"),
     (["--students", '{"ard": "{missing}"}'], "student directory not found"),
 ])
 def test_evaluate_bad_arguments_stop_before_any_work(tmp_path, capsys, teacher, extra, needle):
@@ -578,7 +578,8 @@ def test_converter_refuses_nan_weights(tmp_path, capsys):
 def version_2(out: Path, edit) -> None:
     """Turn the copied store into a version-2 store (its sidecars follow the new store_id), `edit`ing the manifest."""
     manifest = json.loads((out / "manifest.json").read_text())
-    manifest.update(version=2, conditioning={"kind": "class"})
+    manifest["version"] = 2
+    manifest.setdefault("conditioning", {"kind": "class"})
     edit(manifest)
     manifest["store_id"] = fmt.store_id(manifest)
     (out / "manifest.json").write_text(json.dumps(manifest))

@@ -128,7 +128,7 @@ def test_latent_samples_are_decoded_by_the_vae(tmp_path):
 
 
 def test_latent_teacher_without_vae_is_a_one_line_error(tmp_path):
-    build_dit("digits", num_layers=1, in_channels=4).save_pretrained(tmp_path / "teacher")
+    build_dit("digits", num_layers=1, in_channels=4, out_channels=4).save_pretrained(tmp_path / "teacher")
     with pytest.raises(ValueError, match="4-channel latents: pass vae"):
         evaluate(teacher=str(tmp_path / "teacher"), num_samples=4, out=str(tmp_path / "out"), wandb=False,
                  cache_dir=str(tmp_path / "cache"))
