@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from ard.checks import check_writable
+
 LOCK_NAME = ".ard.lock"
 # Set by launchers for the processes of one job: Lightning's DDP relaunch (LOCAL_RANK, NODE_RANK), torchrun (RANK),
 # SLURM (SLURM_PROCID), LSF (JSM_NAMESPACE_RANK).
@@ -57,6 +59,7 @@ class DirectoryLock:
         time into the lock file; a one-line ValueError when a live process holds it or the directory is unusable."""
         if self.directory.exists() and not self.directory.is_dir():
             raise ValueError(f"{self.what}={self.directory}: output path exists and is not a directory")
+        check_writable(self.directory, self.what)  # one line when it cannot be created or written
         self._made = [p for p in (self.directory, *self.directory.parents) if not p.exists()]
         try:
             self.directory.mkdir(parents=True, exist_ok=True)

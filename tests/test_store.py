@@ -223,7 +223,7 @@ def test_foreign_or_unwritable_output_is_refused(tmp_path, teacher):
         precompute(teacher, foreign)
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
     (tmp_path / "file").write_text("x")
-    with pytest.raises(fmt.StoreError, match="cannot write the store"):
+    with pytest.raises(ValueError, match="file/store: cannot write there"):  # the store's lock, before any work
         precompute(teacher, tmp_path / "file" / "store")
 
 
