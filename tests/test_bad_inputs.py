@@ -274,9 +274,7 @@ def test_a_manifest_off_its_schema_is_refused_by_every_reader(tmp_path, capsys, 
 
 @pytest.mark.parametrize("extra, needle", [
     (["--model.init_args.gan.weight=-1"], "gan.weight=-1.0: must be greater than 0"),
-    (["--model.init_args.gan.weight=.nan"], "gan.weight=nan: must be a finite number"),
     (["--model.init_args.gan.weight=.nan", "--model.init_args.gan.warmup=0"], "gan.weight=nan: must be a finite"),
-    (["--model.init_args.gan.warmup=-5"], "gan.warmup=-5: must be greater than or equal to 0"),
     (["--model.init_args.gan.grad_clip=0"], "gan.grad_clip=0.0: must be greater than 0"),
 ])
 def test_gan_knobs_out_of_range_stop_before_training(tmp_path, capsys, teacher, store, run, extra, needle):
@@ -291,18 +289,13 @@ def test_gan_knobs_out_of_range_stop_before_training(tmp_path, capsys, teacher, 
 @pytest.mark.parametrize("extra, needle", [
     (["--model.init_args.recipe.targets=teacher_from_state", "--model.init_args.recipe.target_substeps=0"],
      "recipe.target_substeps=0: must be greater than or equal to 1"),
-    (["--model.init_args.recipe.rollout_prob=1.5"], "recipe.rollout_prob=1.5: must be less than or equal to 1"),
     (["--model.init_args.recipe.srl_shift=.inf"], "recipe.srl_shift=inf: must be a finite number"),
-    (["--model.init_args.lr=0"], "model.lr=0.0: must be greater than 0"),
-    (["--model.init_args.weight_decay=-0.1"], "model.weight_decay=-0.1: must be greater than or equal to 0"),
     (["--model.init_args.betas=[0.9, 1.0]"], "model.betas=(0.9, 1.0): must be less than 1"),
-    (["--model.init_args.step_weights=[1, -1, 1, 1]"], "must be greater than or equal to 0"),
     (["--model.init_args.step_weights=[0, 0, 0, 0]"], "needs 4 weights >= 0, not all 0"),
-    (["--model.init_args.samples.per_class=-1"], "samples.per_class=-1: must be greater than or equal to 0"),
     (["--data.init_args.batch_size=0"], "data.batch_size=0: must be greater than or equal to 1"),
-    (["--data.init_args.num_workers=-2"], "data.num_workers=-2: must be greater than or equal to 0"),
 ])
 def test_distillation_knobs_out_of_range_stop_before_training(tmp_path, capsys, teacher, store, extra, needle):
+    """Through the command line, one knob of each kind (tests/test_bad_inputs_properties.py draws every knob)."""
     expect_one_line(capsys, lambda: ard_main(fit_args(tmp_path / "run", teacher, store, *extra)), needle, [store])
     assert not (tmp_path / "run").exists()
 
