@@ -149,12 +149,16 @@ class ARDStudent(nn.Module):
         return layers.proj_out_2(hidden)  # (R, L, p*p*C')
 
     def _next_state(self, x: torch.Tensor, raw: torch.Tensor, t_from: torch.Tensor, t_to: torch.Tensor,
-                    direction: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    corrected: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Read the raw output as eps / x0 / next state; x (R, C, H, W), t_from, t_to (R,).
 
         Returns the next state (R, C, H, W) and the implied x0-prediction (R, C, H, W) (None for
-        next_state outputs). `direction` replaces eps in the DDIM direction term (noise correction).
+        next_state outputs). `corrected` (R,) bool: rows whose DDIM direction term uses their input x (the noise
+        x_T) instead of eps (noise correction, `step`).
         """
+        if corrected is not None and self.output == "next_state":
+            raise ValueError("noise_correction needs an epsilon-parametrised student (output 'eps' or 'x0'); "
+                             "this one has output='next_state'")
         pred = eps_from_output(self.transformer, raw)  # (R, C, H, W)
         if self.output == "next_state":
             return pred, None
@@ -163,15 +167,18 @@ class ARDStudent(nn.Module):
             a_ = a.to(x.dtype).view(-1, 1, 1, 1)  # (R, 1, 1, 1)
             pred = (x - a_.sqrt() * pred) / (1 - a_).sqrt()  # (R, C, H, W) eps implied by x0
         x0 = predict_x0(x, pred, a, clip_x0=self.clip_x0)  # (R, C, H, W)
+        direction = None if corrected is None else torch.where(corrected.view(-1, 1, 1, 1), x, pred)  # (R, C, H, W)
         return ddim_jump(x, pred, a, b, clip_x0=self.clip_x0, direction=direction), x0  # (R, C, H, W) each
 
-    def forward(self, states: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor, return_x0: bool = False):
+    def forward(self, states: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor, return_x0: bool = False,
+                noise_correction: bool = False):
         """One pass over all S steps (training), each step fed the given input state.
 
         states (B, S, C, H, W): inputs x_{tau_0..tau_{S-1}} (the teacher's states, or the student's own
         rollout); timesteps (B, S+1) int64 boundary timesteps (the last is CLEAN = -1); labels (B,) (the
         null class allowed). Returns the predicted next states (B, S, C, H, W) = x_{tau_1..tau_S}; with
-        return_x0 also the x0-predictions (B, S, C, H, W) (eps / x0 outputs only).
+        return_x0 also the x0-predictions (B, S, C, H, W) (eps / x0 outputs only). noise_correction: step 0
+        (whose input is the noise x_T) jumps as `step` does with it, so training can match corrected inference.
         """
         if return_x0 and self.output == "next_state":
             raise ValueError("return_x0: output='next_state' predicts no x0 (use output 'eps' or 'x0')")
@@ -185,7 +192,8 @@ class ARDStudent(nn.Module):
         y = labels.repeat_interleave(steps)  # (B*S,)
         history = HistoryContext(num_steps=steps, gate=self.history_gate)
         raw = self._transformer(x, t_from, y, history)  # (B*S, C', H, W)
-        out, x0 = self._next_state(x, raw, t_from, t_to)  # (B*S, C, H, W) each
+        first = (torch.arange(batch * steps, device=x.device) % steps == 0) if noise_correction else None  # (B*S,)
+        out, x0 = self._next_state(x, raw, t_from, t_to, first)  # (B*S, C, H, W) each
         out = rearrange(out, "(b s) c h w -> b s c h w", b=batch)  # (B, S, C, H, W)
         if not return_x0:
             return out
@@ -209,14 +217,13 @@ class ARDStudent(nn.Module):
         if not 0 <= s < self.num_steps or cache.steps != s or cache.batch_size != x.shape[0]:
             raise ValueError(f"step {s} of a {self.num_steps}-step student with batch {x.shape[0]}: the cache "
                              f"holds {cache.steps} steps of batch {cache.batch_size} (expected {s} of {x.shape[0]})")
-        if noise_correction and self.output == "next_state":
-            raise ValueError("noise_correction needs an epsilon-parametrised student (output 'eps' or 'x0'); "
-                             "this one has output='next_state'")
         history = HistoryContext(num_steps=self.num_steps, step=s, cache=cache, gate=self.history_gate)
         raw = self._transformer(x, t_from, labels, history, step=s)  # (B, C', H, W)
         cache.steps += 1
-        direction = x if noise_correction and s == 0 else None  # (B, C, H, W) the input noise x_T
-        return self._next_state(x, raw, t_from, t_to, direction)[0]  # (B, C, H, W)
+        corrected = None
+        if noise_correction and s == 0:  # the input is the noise x_T
+            corrected = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)  # (B,)
+        return self._next_state(x, raw, t_from, t_to, corrected)[0]  # (B, C, H, W)
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, directory: str | Path) -> None:
