@@ -13,8 +13,11 @@ Timestep spacing, chosen on purpose: DDIMScheduler steps from t to t - 1000 // K
 consistent with its own timestep grid when every grid timestep is a multiple of 1000 // K, i.e. for
 "leading" spacing (timesteps k * (1000 // K), e.g. K = 24: 943, 902, ..., 41, 0) or for "trailing"
 spacing with K dividing 1000 (K = 25: 999, 959, ..., 39). "trailing" with K = 24 would tell the model
-timestep 957 for a state the scheduler put at 958, so `ddim_grid` refuses it. Our configs use K = 24
-"leading": one teacher grid then serves 2-, 3-, 4-, 6-, 8- and 12-step students.
+timestep 957 for a state the scheduler put at 958, so `ddim_grid` refuses it. "linspace" is
+facebookresearch/DiT's respacing (`space_timesteps(1000, "25")`: round(k * 999 / (K - 1)), K = 25: 999, 957,
+..., 42, 0; the ARD re-implementation's teacher): its steps are uneven, so the sampler steps it with the same
+DDIM equation by hand (`ddim_jump` between consecutive grid timesteps) instead of DDIMScheduler.step. The digits
+configs use K = 24 "leading": one teacher grid then serves 2-, 3-, 4-, 6-, 8- and 12-step students.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from diffusers import DDIMScheduler
 from ard.checks import CLEAN  # noqa: F401 (re-exported: the timestep label of the clean state)
 from ard.teacher import check_labels, eps_from_output, null_class
 
-TimestepSpacing = Literal["leading", "trailing"]
+TimestepSpacing = Literal["leading", "trailing", "linspace"]
 # Which epsilon channels CFG guides: "all" (ard's default) or "dit", facebookresearch/DiT's forward_with_cfg,
 # which guides only the first 3 channels and keeps the conditional epsilon elsewhere (4-channel latents: the
 # fourth channel is unguided).
@@ -46,8 +49,8 @@ def make_scheduler(spacing: TimestepSpacing = "leading", clip_sample: bool = Fal
                    num_train_timesteps: int = 1000, beta_start: float = 1e-4,
                    beta_end: float = 0.02) -> DDIMScheduler:
     """DiT's linear-beta schedule as a diffusers DDIMScheduler (eta = 0 is passed at step time)."""
-    if spacing not in ("leading", "trailing"):
-        raise ValueError(f"timestep_spacing must be 'leading' or 'trailing', got {spacing!r}")
+    if spacing not in get_args(TimestepSpacing):
+        raise ValueError(f"timestep_spacing must be one of {get_args(TimestepSpacing)}, got {spacing!r}")
     return DDIMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="linear",
                          beta_start=beta_start, beta_end=beta_end, timestep_spacing=spacing,
                          clip_sample=clip_sample, clip_sample_range=1.0, set_alpha_to_one=True,
@@ -55,12 +58,13 @@ def make_scheduler(spacing: TimestepSpacing = "leading", clip_sample: bool = Fal
 
 
 def ddim_grid(num_steps: int, spacing: TimestepSpacing = "leading", num_train_timesteps: int = 1000) -> list[int]:
-    """Timesteps of the K + 1 grid states (the last one is CLEAN); refuses inconsistent spacings."""
+    """Timesteps of the K + 1 grid states (the last one is CLEAN); refuses spacings that DDIMScheduler.step
+    would not follow ("linspace" is stepped by hand: `ddim_sample`)."""
     scheduler = make_scheduler(spacing, num_train_timesteps=num_train_timesteps)
     scheduler.set_timesteps(num_steps)
     timesteps = [int(t) for t in scheduler.timesteps]
     ratio = num_train_timesteps // num_steps
-    for a, b in zip(timesteps[:-1], timesteps[1:]):
+    for a, b in zip(timesteps[:-1], timesteps[1:]) if spacing != "linspace" else ():
         if a - ratio != b:
             raise ValueError(f"timestep_spacing={spacing!r} with K={num_steps}: DDIMScheduler steps {a} -> "
                              f"{a - ratio} but its grid continues at {b}; use 'leading' or a K dividing "
@@ -227,6 +231,7 @@ def ddim_sample(model, noise: torch.Tensor, labels: torch.Tensor, num_steps: int
         raise ValueError(f"save_indices must lie in [0, {num_steps}], got {list(save_indices)}")
     scheduler = make_scheduler(spacing, clip_sample=clip_sample)
     scheduler.set_timesteps(num_steps)
+    ab = alpha_bar(scheduler, torch.tensor(grid, device=noise.device))  # (K+1,) float64, the last 1 (clean)
     x = noise  # (B, C, H, W)
     states, x0s = {}, {}
     steps = range(num_steps)
@@ -239,10 +244,14 @@ def ddim_sample(model, noise: torch.Tensor, labels: torch.Tensor, num_steps: int
             states[i] = x
         t = torch.full((x.shape[0],), grid[i], device=x.device, dtype=torch.long)  # (B,)
         eps = guided_eps(model, x, t, labels, guidance_scale, cfg_channels)  # (B, C, H, W)
-        out = scheduler.step(eps, grid[i], x, eta=0.0)
+        if spacing == "linspace":  # uneven steps: the DDIM equation between this grid timestep and the next
+            x0, x = predict_x0(x, eps, ab[i].expand(x.shape[0]), clip_sample), ddim_jump(
+                x, eps, ab[i].expand(x.shape[0]), ab[i + 1].expand(x.shape[0]), clip_sample)  # (B, C, H, W) each
+        else:
+            out = scheduler.step(eps, grid[i], x, eta=0.0)
+            x0, x = out.pred_original_sample, out.prev_sample  # (B, C, H, W) each
         if i in save:
-            x0s[i] = out.pred_original_sample
-        x = out.prev_sample  # (B, C, H, W)
+            x0s[i] = x0
     states[num_steps] = x0s[num_steps] = x
     return Trajectory(
         states=torch.stack([states[i] for i in save], dim=1),  # (B, n, C, H, W)

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from ard.cli import main as ard_main
-from ard.diffusion import ddim_grid
+from ard.diffusion import ddim_grid, ddim_path
 from ard.evaluate import main as eval_main
 from ard.modules.distill import ARDDistillation
 from ard.store import format as fmt
@@ -26,6 +26,10 @@ PRINTED = {  # every preset, with the command that resolves it
     "baseline.yaml": ["fit", "-c", "ard.yaml", "-c", "baseline.yaml"],
     "ard_gan.yaml": ["fit", "-c", "ard.yaml", "-c", "ard_gan.yaml"],
     "eval.yaml": ["--config", "eval.yaml"],
+    "paper_trajectories.yaml": ["predict", "-c", "trajectories.yaml", "-c", "paper_trajectories.yaml"],
+    "paper.yaml": ["fit", "-c", "ard.yaml", "-c", "paper.yaml"],
+    "paper_baseline.yaml": ["fit", "-c", "ard.yaml", "-c", "paper.yaml", "-c", "paper_baseline.yaml"],
+    "paper_gan.yaml": ["fit", "-c", "ard.yaml", "-c", "paper.yaml", "-c", "ard_gan.yaml", "-c", "paper_gan.yaml"],
 }
 
 
@@ -127,3 +131,65 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny):
     assert grads[0].keys() == grads[1].keys() and "history_gate" in grads[0]
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_the_paper_preset_is_the_papers_setting(capsys):
+    """paper.yaml restates every key of the paper's experiment (a change to ard.yaml cannot move it): DiT's 25-step
+    grid, boundaries 999 / 749 / 500 / 250 on it, teacher forcing, the direct next-state output with per-step heads,
+    global batch 64, fp32, 300k iterations, EMA 0.9999; its baseline differs in N only; its GAN stage starts from
+    its student and weighs the GAN loss at the last step's head."""
+    traj, paper, base, gan = (resolved(n, capsys) for n in ("paper_trajectories.yaml", "paper.yaml",
+                                                              "paper_baseline.yaml", "paper_gan.yaml"))
+    t, p, d = traj["model"]["init_args"], paper["model"]["init_args"], paper["data"]["init_args"]
+    grid = ddim_grid(t["num_steps"], t["timestep_spacing"])
+    assert (t["num_steps"], t["guidance_scale"], t["cfg_channels"], t["clip_sample"]) == (25, 1.5, "dit", False)
+    assert grid[:2] == [999, 957] and grid[-3:] == [42, 0, -1]  # facebookresearch/DiT's space_timesteps(1000, "25")
+    assert [grid[b] for b in d["boundaries"]] == [999, 749, 500, 250, -1]  # the boundaries lie on the grid
+    assert set(d["boundaries"]) <= set(t["save_indices"]) and d["path"] == traj["data"]["init_args"]["path"]
+    assert (p["num_steps"], p["history_blocks"], p["mask"], p["output"], p["heads"]) == (
+        4, 6, "block_causal", "next_state", "per_step")
+    assert (p["recipe"]["inputs"], p["recipe"]["targets"], p["step_weights"]) == ("teacher", "trajectory", "uniform")
+    assert (p["lr"], p["weight_decay"]) == (1e-4, 0.0)
+    trainer = paper["trainer"]
+    assert d["batch_size"] * trainer["devices"] == 64 and trainer["precision"] == "32-true"
+    assert (trainer["max_steps"], trainer["gradient_clip_val"]) == (300000, 1.0)
+    assert trainer["callbacks"][0]["init_args"]["decay"] == 0.9999
+    b = base["model"]["init_args"]
+    assert {k for k in p.keys() | b.keys() if p.get(k) != b.get(k)} == {"history_blocks"}
+    g = gan["model"]["init_args"]
+    assert g["init_student"] == f"{trainer['default_root_dir']}/student_ema" and g["gan"]["adaptive_grad"] == "last_step"
+
+
+def test_paper_preset_trains_on_its_grid_whose_states_the_teacher_reproduces(tmp_path):
+    """A tiny DiT-XL/2-shaped teacher: the paper's store (K = 25, DiT's respacing), the teacher's own DDIM from each
+    stored boundary state along the grid reproduces the next stored one, and paper.yaml trains two steps on it."""
+    teacher = tiny_teacher(tmp_path / "dit", "DiT-XL/2", **TINY_XL)
+    ard_main(["predict", "-c", str(PRESETS / "trajectories.yaml"), "-c", str(PRESETS / "paper_trajectories.yaml"),
+              f"--model.init_args.teacher={teacher}", "--model.init_args.teacher_size=null",
+              "--model.init_args.micro_batch_size=4", f"--data.init_args.path={tmp_path / 'store'}",
+              "--data.init_args.num_trajectories=8", "--data.init_args.shard_size=4", "--trainer.accelerator=cpu",
+              "--trainer.devices=1", "--trainer.strategy=auto", f"--trainer.default_root_dir={tmp_path / 'pre'}"])
+    store = fmt.TrajectoryStore(tmp_path / "store")
+    assert store.grid_indices == [0, 6, 12, 18, 25] and store.grid_timesteps == [999, 749, 500, 250, -1]
+    states = torch.from_numpy(store.read(range(4))).float()  # (4, 5, C, H, W)
+    labels = torch.from_numpy(store.labels[:4])
+    grid = ddim_grid(25, "linspace")
+    from ard.teacher import load_teacher
+
+    model = load_teacher(str(teacher), numerics="dit")
+    for s, (a, b) in enumerate(zip(store.grid_indices, store.grid_indices[1:])):
+        path = torch.tensor(grid[a:b + 1]).expand(4, -1)  # (4, b - a + 1) the teacher's own grid steps
+        x = ddim_path(model, states[:, s], labels, path, 1.5, False, "dit")  # (4, C, H, W)
+        torch.testing.assert_close(x, states[:, s + 1], rtol=1e-4, atol=1e-5)
+    logger = '{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "%s"}}' % tmp_path
+    ard_main(["fit", "-c", str(PRESETS / "ard.yaml"), "-c", str(PRESETS / "paper.yaml"),
+              f"--model.init_args.teacher={teacher}", "--model.init_args.teacher_size=null",
+              "--model.init_args.samples.per_class=0", f"--data.init_args.path={tmp_path / 'store'}",
+              "--data.init_args.batch_size=2", "--data.init_args.val_count=2", "--data.init_args.num_workers=0",
+              "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.max_steps=2",
+              "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false", f"--trainer.logger={logger}",
+              f"--trainer.default_root_dir={tmp_path / 'run'}"])
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 2 and ckpt["boundary_timesteps"] == [999, 749, 500, 250, -1]
+    settings = yaml.safe_load((tmp_path / "run" / "student_ema" / "ard_student.json").read_text())
+    assert (settings["output"], settings["heads"], settings["history_blocks"]) == ("next_state", "per_step", 6)

@@ -23,18 +23,25 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from ard.checks import AtLeastOne, NonNegativeInt, check_knobs
+from ard.checks import AtLeastOne, Indices, NonNegativeInt, check_knobs
 from ard.diffusion import student_grid_indices
 from ard.store.format import MANIFEST, MAX_OPEN_SHARDS, StoreError, TrajectoryStore, to_float32
 
 
-def student_boundaries(store: TrajectoryStore, student_steps: int) -> list[int]:
-    """Grid indices s * K / S (s = 0..S) of an S-step student; StoreError when the store cannot serve S."""
+def student_boundaries(store: TrajectoryStore, student_steps: int, boundaries: list[int] | None = None) -> list[int]:
+    """Grid indices of an S-step student's S + 1 boundaries: the given ones (0 = the noise, ascending, K = the
+    clean state), or s * K / S (s = 0..S); StoreError when the store cannot serve them."""
     path = store.root / MANIFEST
     k = store.manifest["solver"]["num_steps"]
-    if student_steps < 1 or k % student_steps:
-        raise StoreError(f"{path}: field 'solver.num_steps' is K={k}; student_steps={student_steps} must divide it")
-    boundaries = student_grid_indices(k, student_steps)
+    if boundaries is not None:
+        if (len(boundaries) != student_steps + 1 or boundaries[0] != 0 or boundaries[-1] != k
+                or any(a >= b for a, b in zip(boundaries, boundaries[1:]))):
+            raise StoreError(f"data.boundaries={boundaries}: {student_steps + 1} grid indices ascending strictly from "
+                             f"0 (the noise) to K={k} (the clean state of {path}) are needed")
+    elif student_steps < 1 or k % student_steps:
+        raise StoreError(f"{path}: field 'solver.num_steps' is K={k}; student_steps={student_steps} must divide it "
+                         "(or give data.boundaries)")
+    boundaries = student_grid_indices(k, student_steps) if boundaries is None else list(boundaries)
     missing = [b for b in boundaries if b not in store.grid_indices]
     if missing:
         raise StoreError(f"{path}: field 'grid.indices' {store.grid_indices} lacks {missing}, needed by a "
@@ -119,11 +126,13 @@ class TrajectoryDataModule(L.LightningDataModule):
 
     def __init__(self, path: str, student_steps: AtLeastOne, batch_size: AtLeastOne = 64, val_count: AtLeastOne = 512,
                  seed: NonNegativeInt = 0, num_workers: NonNegativeInt = 0, with_x0: bool = False,
-                 check_finite: bool = True, max_open_shards: AtLeastOne = MAX_OPEN_SHARDS):
+                 check_finite: bool = True, max_open_shards: AtLeastOne = MAX_OPEN_SHARDS,
+                 boundaries: Indices | None = None):
         """
         Args:
             path: the store directory (written by `ard predict -c configs/<setting>/trajectories.yaml`).
-            student_steps: S; the boundaries are the grid indices s * K / S, which the store must hold.
+            student_steps: S; the boundaries are the grid indices s * K / S (or `boundaries`), which the store
+                must hold.
             batch_size: trajectories per batch (per process under DDP).
             val_count: trajectories held out for validation (the last val_count indices of the store).
             seed: seed of the training shuffle (a new permutation every epoch: (seed, epoch)).
@@ -133,6 +142,9 @@ class TrajectoryDataModule(L.LightningDataModule):
                 when it was written (cheap; `ard-store verify` checks every byte).
             max_open_shards: shards kept memory-mapped per process and state field (an LRU). The maps hold no
                 file descriptor, so this bounds address space and map count, not `ulimit -n`.
+            boundaries: the student's S + 1 boundaries as teacher grid indices (0 = the noise, K = clean), when
+                they are not s * K / S (e.g. the paper's 999 / 749 / 500 / 250 on DiT's 25-step grid: 0, 6, 12,
+                18, 25); None: s * K / S.
         """
         check_knobs(TrajectoryDataModule.__init__, {k: v for k, v in locals().items() if k != "self"}, "data.")
         super().__init__()
@@ -141,7 +153,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         self.student_steps = student_steps
         self.store = TrajectoryStore(path, max_open_shards)
         self.manifest = self.store.manifest
-        self.boundaries = student_boundaries(self.store, student_steps)  # grid indices tau_0..tau_S
+        self.boundaries = student_boundaries(self.store, student_steps, boundaries)  # grid indices tau_0..tau_S
         self.timesteps = [self.store.grid_timesteps[self.store.grid_indices.index(b)] for b in self.boundaries]
         if with_x0 and not self.store.has_x0:
             raise StoreError(f"{self.store.root / MANIFEST}: field 'state.x0' is false; with_x0=True needs a store "

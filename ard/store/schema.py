@@ -60,7 +60,7 @@ class DDIMSolver(Strict):
     name: Literal["ddim"]
     eta: Annotated[float, Field(ge=0, le=0)]  # 0, deterministic DDIM: the trajectory is a function of its noise
     num_steps: Annotated[int, Field(ge=1, le=MAX_TRAIN_TIMESTEPS)]
-    timestep_spacing: Literal["leading", "trailing"]
+    timestep_spacing: Literal["leading", "trailing", "linspace"]
     guidance_scale: NonNegative
     clip_sample: bool
     cfg_channels: Literal["all", "dit"] = "all"
