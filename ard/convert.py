@@ -1,11 +1,12 @@
-"""Official facebookresearch/DiT state dict (models.py) -> diffusers `DiTTransformer2DModel` state dict.
+"""Official facebookresearch/DiT state dict (models.py) <-> diffusers `DiTTransformer2DModel` state dict.
 
 Key mapping (i = block index; every Linear maps its .weight and .bias):
   x_embedder.proj                  -> pos_embed.proj                      (patchify conv)
   t_embedder.mlp.{0,2}             -> transformer_blocks.i.norm1.emb.timestep_embedder.linear_{1,2}
   y_embedder.embedding_table       -> transformer_blocks.i.norm1.emb.class_embedder.embedding_table
                                       (DiT shares one timestep/label embedder; diffusers has one per
-                                      block: the shared tensors are copied into every block)
+                                      block: the shared tensors are copied into every block's keys, and
+                                      `ard.teacher.load_teacher` ties the blocks to one module again)
   blocks.i.attn.qkv                -> transformer_blocks.i.attn1.to_{q,k,v}  (split in thirds along
                                       the output dim: timm's qkv reshape is (3, heads, head_dim))
   blocks.i.attn.proj               -> transformer_blocks.i.attn1.to_out.0
@@ -20,9 +21,16 @@ Key mapping (i = block index; every Linear maps its .weight and .bias):
 
 The weights alone do not make diffusers compute like DiT: the timestep frequencies and one LayerNorm
 eps differ (`ard.teacher.set_numerics(model, "dit")`, which `load_teacher` applies to official files).
+
+The reverse, `to_official_state_dict`, takes block 0's embedder as the one t_embedder / y_embedder (refusing
+weights whose per-block copies differ: the official DiT cannot hold them), concatenates q/k/v into qkv and
+writes pos_embed as the official code computes it, so official -> diffusers -> official is the identity.
+Official code runs its weights with the "dit" numerics: weights trained with "diffusers" numerics (ard's own
+teachers) compute slightly differently there.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from diffusers.models.embeddings import get_2d_sincos_pos_embed
 
@@ -101,4 +109,58 @@ def convert_official_state_dict(state: dict, num_layers: int, sample_size: int |
                                  "first dim not 3 * width")
             for name, part in zip("qkv", qkv.chunk(3, dim=0)):  # each (D, D) or (D,)
                 out[f"{block}attn1.to_{name}.{p}"] = part
+    return out
+
+
+def diffusers_keys(num_layers: int) -> set[str]:
+    """Every key of a diffusers DiT state dict with `num_layers` blocks (the converted official layout)."""
+    per_block = ([dst for _, dst in _SHARED + _BLOCK]
+                 + [f"attn1.to_{name}.{p}" for name in "qkv" for p in _QKV])
+    return {dst for _, dst in _TOP} | {f"transformer_blocks.{i}.{k}" for i in range(num_layers) for k in per_block}
+
+
+def official_pos_embed(width: int, grid: int) -> torch.Tensor:
+    """facebookresearch/DiT's fixed positional table (1, grid^2, width), computed as its models.py does (numpy,
+    float64, then float32; the grid's w coordinate first) so that a round trip returns the same bits."""
+    def one_d(dim: int, pos: np.ndarray) -> np.ndarray:  # (M,) -> (M, dim)
+        omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))  # (dim/2,)
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)  # (M, dim/2)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    axis = np.arange(grid, dtype=np.float32)
+    coords = np.stack(np.meshgrid(axis, axis), axis=0).reshape(2, 1, grid, grid)  # w first, as DiT
+    table = np.concatenate([one_d(width // 2, coords[0]), one_d(width // 2, coords[1])], axis=1)  # (grid^2, width)
+    return torch.from_numpy(table).float()[None]  # (1, grid^2, width)
+
+
+def to_official_state_dict(state: dict, num_layers: int, sample_size: int) -> dict:
+    """Map a diffusers `DiTTransformer2DModel` state dict (every block's keys, e.g. `model.state_dict()` of a tied
+    or untied model) to facebookresearch/DiT's keys: one t_embedder / y_embedder from block 0, qkv from q/k/v,
+    pos_embed the fixed table of a (sample_size / patch)^2 grid (diffusers does not store it).
+
+    Raises a one-line ValueError naming the first missing or unexpected key, or the first block whose embedder
+    copy differs from block 0's (a DiT trained with one embedder per block has no official form)."""
+    from ard.teacher import first_differing_embedder
+
+    expected = diffusers_keys(num_layers)
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        what = f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r}"
+        raise ValueError(f"{what} ({len(missing)} missing, {len(unexpected)} unexpected) for a diffusers DiT "
+                         f"state dict with {num_layers} blocks")
+    differing = first_differing_embedder(state)
+    if differing is not None:
+        raise ValueError(f"key {differing!r} differs from block 0's embedder: the official DiT has one t_embedder "
+                         "and y_embedder, these weights one per block")
+    patch = state["pos_embed.proj.weight"].shape[-1]
+    if sample_size % patch:
+        raise ValueError(f"sample_size {sample_size} is not a multiple of the patch size {patch}")
+    out = {"pos_embed": official_pos_embed(state["pos_embed.proj.weight"].shape[0], sample_size // patch)}
+    out.update({src: state[dst] for src, dst in _TOP})
+    out.update({src: state[f"transformer_blocks.0.{dst}"] for src, dst in _SHARED})
+    for i in range(num_layers):
+        block = f"transformer_blocks.{i}."
+        out.update({f"blocks.{i}.{src}": state[block + dst] for src, dst in _BLOCK})
+        for p in _QKV:
+            out[f"blocks.{i}.attn.qkv.{p}"] = torch.cat([state[f"{block}attn1.to_{name}.{p}"] for name in "qkv"])
     return out

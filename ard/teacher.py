@@ -15,13 +15,18 @@ Quirks of diffusers' DiT (docs/method.md, "diffusers DiT quirks"), handled here 
 - there is no `set_attn_processor` on this class: processors are set per block (`attn1.set_processor`);
 - its numerics differ from the official DiT in two places (`set_numerics`): the timestep frequencies
   (diffusers exp(-ln(1e4) i / 127), DiT exp(-ln(1e4) i / 128)) and the LayerNorm eps before the MLP
-  (diffusers 1e-5, DiT 1e-6). Weights trained by facebookresearch/DiT need "dit", ours "diffusers".
+  (diffusers 1e-5, DiT 1e-6). Weights trained by facebookresearch/DiT need "dit", ours "diffusers";
+- every block owns a copy of the timestep and label embedder (`norm1.emb`), where the official DiT has one
+  `t_embedder` and one `y_embedder`: `tie_block_embedders` makes every block use block 0's module, as
+  `build_dit` and `load_teacher` do by default (`load_teacher`: where the checkpoint's copies are equal).
 """
 from __future__ import annotations
 
 import hashlib
 import inspect
 import json
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -143,16 +148,112 @@ def disable_label_dropout(model: DiTTransformer2DModel) -> DiTTransformer2DModel
     return model
 
 
+# The per-block timestep + label embedder (a CombinedTimestepLabelEmbeddings: timestep_embedder, class_embedder)
+# and its state-dict keys, "transformer_blocks.<i>.norm1.emb.<rest>".
+EMBEDDER = "norm1.emb"
+_EMBEDDER_KEY = re.compile(r"transformer_blocks\.(\d+)\.norm1\.emb\.(.+)")
+
+
+def embedders_tied(model: DiTTransformer2DModel) -> bool:
+    """Whether every block's `norm1.emb` is block 0's module (one embedder, as in the official DiT)."""
+    first = model.transformer_blocks[0].norm1.emb
+    return all(block.norm1.emb is first for block in model.transformer_blocks)
+
+
+def first_differing_embedder(state: Mapping[str, torch.Tensor], prefix: str = "") -> str | None:
+    """The first key (in block order) of a per-block embedder copy in `state` (a DiT state dict, its keys under
+    `prefix`) whose tensor differs from the lowest block's of the same name; None when every copy is equal."""
+    copies: dict[str, list[tuple[int, str]]] = {}  # rest of the key -> [(block, key)]
+    for key in state:
+        match = _EMBEDDER_KEY.fullmatch(key[len(prefix):]) if key.startswith(prefix) else None
+        if match:
+            copies.setdefault(match[2], []).append((int(match[1]), key))
+    differing = []  # (block, key)
+    for keys in copies.values():
+        (_, first), *others = sorted(keys)
+        differing += [(block, key) for block, key in others if not _equal(state[first], state[key])]
+    return min(differing)[1] if differing else None
+
+
+def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b.to(a.device)))
+
+
+def _separate_copies(module, state: dict, prefix: str, local_metadata) -> None:
+    """state_dict post-hook of a tied DiT: every block's embedder keys stay listed (the diffusers layout; the weights'
+    hash, `teacher_identity`, is the untied one's), blocks above 0 as copies of block 0's tensors, because
+    safetensors refuses to save tensors that share memory. Kept as they are when asked for the parameters
+    themselves (state_dict(keep_vars=True))."""
+    for key, value in state.items():
+        match = _EMBEDDER_KEY.fullmatch(key[len(prefix):]) if key.startswith(prefix) else None
+        if match and match[1] != "0" and not isinstance(value, torch.nn.Parameter):
+            state[key] = value.clone()
+
+
+def _refuse_differing_copies(module, state: dict, prefix: str, *args) -> None:
+    """load_state_dict pre-hook of a tied DiT: refuse weights whose per-block embedders differ (loading them would
+    silently keep the last block's): one line naming the block."""
+    key = first_differing_embedder(state, prefix)
+    if key is not None:
+        raise ValueError(f"{key} differs from block 0's embedder: these weights have one embedder per block and "
+                         "do not fit a DiT with one shared embedder (load it with tie_embedders=False)")
+
+
+def tie_block_embedders(model: DiTTransformer2DModel, where: str = "", check: bool = True) -> DiTTransformer2DModel:
+    """Make every block's timestep + label embedder (`norm1.emb`) block 0's module, as the official DiT has one
+    `t_embedder` and one `y_embedder` feeding every block: its parameters are then held, counted, trained and
+    averaged once (`model.parameters()` yields them once; DiT-XL/2 has 674,834,720 parameters, not 749,826,464).
+
+    check: first refuse (one-line ValueError naming `where` and the first differing key) a model whose copies
+    differ, which tying would change: e.g. a DiT trained with one embedder per block. Pass False only for a
+    freshly initialised model. The state dict still lists every block's keys (`_separate_copies`) and a
+    load_state_dict refuses weights whose copies differ (`_refuse_differing_copies`)."""
+    if embedders_tied(model):
+        return model
+    if check:
+        key = first_differing_embedder({f"transformer_blocks.{i}.{EMBEDDER}.{name}": tensor
+                                        for i, block in enumerate(model.transformer_blocks)
+                                        for name, tensor in block.norm1.emb.state_dict().items()})
+        if key is not None:
+            raise ValueError(f"{where + ': ' if where else ''}{key} differs from block 0's embedder: a DiT with one "
+                             "embedder per block cannot be tied without changing it (load it with tie_embedders=False)")
+    first = model.transformer_blocks[0].norm1.emb
+    for block in model.transformer_blocks[1:]:
+        block.norm1.emb = first
+    model.register_state_dict_post_hook(_separate_copies)
+    model.register_load_state_dict_pre_hook(_refuse_differing_copies)
+    return model
+
+
+def apply_tying(model: DiTTransformer2DModel, tie_embedders: bool | None, where: str) -> DiTTransformer2DModel:
+    """The `tie_embedders` knob on loaded weights: True ties (refusing copies that differ, naming `where`), False
+    keeps one embedder per block, None ties when every block's copy equals block 0's (official DiT weights,
+    converted or a diffusers snapshot of them, anything saved tied) and keeps a DiT trained with one embedder
+    per block (such as the shipped digits teacher) as it is."""
+    if tie_embedders is False:
+        return model
+    try:
+        return tie_block_embedders(model, where)
+    except ValueError:
+        if tie_embedders:
+            raise
+        return model
+
+
 def check_size(size: str) -> None:
     """A named DiT size is a key of DIT_SIZES."""
     if size not in DIT_SIZES:
         raise ValueError(f"unknown DiT size {size!r}; known sizes: {', '.join(DIT_SIZES)}")
 
 
-def build_dit(size: str = "digits", **overrides) -> DiTTransformer2DModel:
-    """A randomly initialised DiT of a named size; `overrides` change single config fields."""
+def build_dit(size: str = "digits", tie_embedders: bool = True, **overrides) -> DiTTransformer2DModel:
+    """A randomly initialised DiT of a named size; `overrides` change single config fields.
+
+    tie_embedders: one timestep + label embedder shared by every block (block 0's initialisation), as in the
+    official DiT (`tie_block_embedders`); False: one per block, as diffusers builds it."""
     check_size(size)
-    return disable_label_dropout(DiTTransformer2DModel(**{**DIT_SIZES[size], **overrides}))
+    model = disable_label_dropout(DiTTransformer2DModel(**{**DIT_SIZES[size], **overrides}))
+    return tie_block_embedders(model, check=False) if tie_embedders else model
 
 
 def null_class(model: DiTTransformer2DModel) -> int:
@@ -315,7 +416,7 @@ def _load_directory(directory: Path, size: str | None) -> DiTTransformer2DModel:
 
 
 def load_teacher(path: str | Path = DIGITS_TEACHER, size: str | None = None,
-                 numerics: Numerics | None = None) -> DiTTransformer2DModel:
+                 numerics: Numerics | None = None, tie_embedders: bool | None = None) -> DiTTransformer2DModel:
     """Load a DiT teacher in eval mode with label dropout disabled.
 
     path: a diffusers-format directory (config.json + safetensors, e.g. a snapshot of
@@ -328,6 +429,11 @@ def load_teacher(path: str | Path = DIGITS_TEACHER, size: str | None = None,
     numerics: None uses the checkpoint's own: "dit" for an official checkpoint, the recorded value for
           a directory (none recorded: "diffusers"). Pass "dit" for a diffusers snapshot of official
           weights (e.g. facebook/DiT-XL-2-256) to compute exactly like the official DiT.
+    tie_embedders: share block 0's timestep + label embedder with every block, as the official DiT does
+          (`tie_block_embedders`; outputs and `teacher_identity` unchanged). None: tie when every block's copy
+          equals block 0's (official weights, converted or a diffusers snapshot of them, anything saved tied),
+          else keep one per block (a DiT trained so, such as the shipped digits teacher); True: tie, and refuse
+          (one line naming the file and the key) weights whose copies differ; False: one embedder per block.
     """
     path = Path(path)
     if not path.exists():
@@ -339,7 +445,7 @@ def load_teacher(path: str | Path = DIGITS_TEACHER, size: str | None = None,
     else:
         if size is None:
             raise ValueError(f"{path}: a single-file checkpoint needs `size` (one of {', '.join(DIT_SIZES)})")
-        model = build_dit(size)
+        model = build_dit(size, tie_embedders=False)  # tied below, once the weights are known
         state = _read_state_dict(path)
         from ard.convert import convert_official_state_dict, is_official_state_dict
 
@@ -353,6 +459,7 @@ def load_teacher(path: str | Path = DIGITS_TEACHER, size: str | None = None,
         model.load_state_dict(state)
         set_numerics(model, numerics or ("dit" if official else None))
     check_finite_weights(model.state_dict(), str(path))
+    model = apply_tying(model, tie_embedders, str(path))
     return disable_label_dropout(model).eval()
 
 

@@ -79,6 +79,7 @@ class ARDDistillation(L.LightningModule):
         teacher: str = str(DIGITS_TEACHER),
         teacher_size: str | None = None,
         numerics: Numerics | None = None,
+        tie_embedders: bool | None = None,  # one timestep + label embedder for all blocks (ard.teacher.load_teacher)
         num_steps: AtLeastOne = 4,
         history_blocks: NonNegativeInt = _STUDENT["history_blocks"].default,
         mask: MaskKind = _STUDENT["mask"].default,
@@ -104,6 +105,10 @@ class ARDDistillation(L.LightningModule):
             teacher_size: key of ard.teacher.DIT_SIZES; required for single-file checkpoints.
             numerics: the teacher's numerics ("dit" | "diffusers"; None: the checkpoint's own); must be the
                 store's (its manifest's `teacher.numerics`).
+            tie_embedders: every block shares block 0's timestep + label embedder, as in the official DiT (trained
+                and counted once; ard.teacher.tie_block_embedders). None: where the teacher's copies are equal
+                (official weights), else one per block (e.g. the shipped digits teacher); True: tie, refusing a
+                teacher whose copies differ; False: one per block, as diffusers builds it.
             num_steps: S, student steps; must equal the data's `student_steps`.
             history_blocks: N, lowest blocks with history attention (0 = the step-distillation baseline).
             mask: which earlier steps each step sees in those blocks (ARDStudent).
@@ -142,7 +147,7 @@ class ARDDistillation(L.LightningModule):
         self.recipe, self.samples = recipe, samples
         if recipe.targets == "shifted_reconstruction" and output == "next_state":
             raise ValueError("recipe.targets='shifted_reconstruction' needs an x0-prediction: output 'eps' or 'x0'")
-        teacher_model = load_teacher(teacher, teacher_size, numerics)
+        teacher_model = load_teacher(teacher, teacher_size, numerics, tie_embedders)
         self.student = ARDStudent(teacher_model, num_steps, history_blocks=history_blocks, mask=mask,
                                   window=window, heads=heads, output=output, history_start=history_start,
                                   clip_x0=clip_x0).train()  # the teacher was loaded in eval mode

@@ -28,13 +28,15 @@ def export_student(student: ARDStudent, timesteps: list[int], directory: str | P
     return Path(directory)
 
 
-def load_exported(directory: str | Path) -> tuple[ARDStudent, list[int]]:
-    """A standalone student directory (export_student) -> (student in eval mode, boundary timesteps)."""
+def load_exported(directory: str | Path, tie_embedders: bool | None = None) -> tuple[ARDStudent, list[int]]:
+    """A standalone student directory (export_student) -> (student in eval mode, boundary timesteps).
+    tie_embedders: one timestep + label embedder for every block (ARDStudent.from_pretrained; None: where the
+    saved copies are equal)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"student directory not found: {directory}")
     try:
-        student = ARDStudent.from_pretrained(directory)
+        student = ARDStudent.from_pretrained(directory, tie_embedders)
     except (OSError, RuntimeError) as e:  # diffusers: a weights file missing or unreadable
         if isinstance(e, FileNotFoundError):
             raise
@@ -58,10 +60,13 @@ def load_checkpoint_student(path: str | Path) -> tuple[ARDStudent, list[int], di
     with EMAWeightAveraging; the raw ones are under `current_model_state`), its boundary timesteps and the
     training recipe (ard.student.recipe: `hyper_parameters.recipe`, or its six keys flat in checkpoints written
     before it was grouped). Read weights-only (ard.checkpoints); the student is rebuilt from the checkpoint's
-    teacher and student settings, without the Lightning module. One-line errors for anything else."""
+    teacher and student settings, without the Lightning module. Its embedders are tied as the run's
+    `tie_embedders` says; unrecorded (None, or a checkpoint of an earlier version): tied unless the student's
+    per-block copies differ (a student distilled with one embedder per block is loaded so). One-line errors for
+    anything else."""
     from ard.checkpoints import load_checkpoint
     from ard.student.recipe import Recipe
-    from ard.teacher import load_teacher
+    from ard.teacher import first_differing_embedder, load_teacher
 
     checkpoint = load_checkpoint(path)
     timesteps, state = checkpoint.get("boundary_timesteps"), checkpoint.get("state_dict")
@@ -73,10 +78,17 @@ def load_checkpoint_student(path: str | Path) -> tuple[ARDStudent, list[int], di
     if not isinstance(recipe, dict):
         raise ValueError(f"{path}: field 'hyper_parameters.recipe' must be a mapping, got {type(recipe).__name__}")
     settings = {k: hparams[k] for k in SETTING_TYPES if k in hparams}  # ARDStudent's knobs
+    weights = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
+    tie = hparams.get("tie_embedders")
+    if tie is None and first_differing_embedder(weights, "transformer.") is not None:
+        tie = False  # distilled with one embedder per block: loaded so
     try:
-        teacher = load_teacher(hparams["teacher"], hparams.get("teacher_size"), hparams.get("numerics"))
+        teacher = load_teacher(hparams["teacher"], hparams.get("teacher_size"), hparams.get("numerics"), tie)
         student = ARDStudent(teacher, **settings)
-        student.load_state_dict({k[len("student."):]: v for k, v in state.items() if k.startswith("student.")})
+        try:
+            student.load_state_dict(weights)
+        except ValueError as e:  # a tied student, weights with one embedder per block (tie_embedders=True)
+            raise ValueError(f"{path}: {e}") from None
     except (TypeError, RuntimeError) as e:
         raise ValueError(f"{path}: does not fit an ARD student ({str(e).strip().splitlines()[0][:200]})") from None
     return student.eval(), check_timesteps(list(timesteps), f"{path}: field 'boundary_timesteps'"), dict(recipe)

@@ -228,19 +228,24 @@ class ARDStudent(nn.Module):
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, directory: str | Path) -> None:
         """Write a standalone student directory atomically: the diffusers transformer (config.json +
-        safetensors), ard_student.json (the ARD settings) and ard_student.safetensors (heads, gates)."""
+        safetensors; a tied embedder under every block's keys, as copies: ard.teacher.tie_block_embedders),
+        ard_student.json (the ARD settings) and ard_student.safetensors (heads, gates)."""
         with atomic_directory(directory) as tmp:
             self.transformer.save_pretrained(tmp, safe_serialization=True)
-            extra = {k: v.detach().contiguous() for k, v in self.state_dict().items()
-                     if not k.startswith("transformer.")}
+            extra = {k: v.detach().contiguous() for k, v in self.state_dict(keep_vars=True).items()
+                     if not k.startswith("transformer.")}  # (keep_vars: no copies of a tied embedder made)
             if extra:
                 save_file(extra, str(tmp / EXTRA_WEIGHTS))
             (tmp / CONFIG_NAME).write_text(json.dumps(dict(format_version=FORMAT_VERSION, **self.settings()),
                                                       indent=2) + "\n")
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "ARDStudent":
-        """Load a directory written by save_pretrained (needs neither the teacher nor the store)."""
+    def from_pretrained(cls, directory: str | Path, tie_embedders: bool | None = None) -> "ARDStudent":
+        """Load a directory written by save_pretrained (needs neither the teacher nor the store).
+
+        tie_embedders: as `ard.teacher.load_teacher`'s (None: one shared embedder when every block's copy is
+        equal, e.g. a student saved tied; one per block when they differ, e.g. one distilled untied; True refuses
+        those in one line naming the file and the key)."""
         directory = Path(directory)
         config_path = directory / CONFIG_NAME
         if not config_path.exists():
@@ -258,7 +263,10 @@ class ARDStudent(nn.Module):
         for key, kind in SETTING_TYPES.items():
             if not isinstance(config[key], kind) or (kind is int and isinstance(config[key], bool)):
                 raise ValueError(f"{config_path}: field {key!r} must be {kind.__name__}, got {config[key]!r}")
+        from ard.teacher import apply_tying
+
         transformer = set_numerics(DiTTransformer2DModel.from_pretrained(directory, low_cpu_mem_usage=False))
+        transformer = apply_tying(transformer, tie_embedders, str(directory))
         try:
             student = cls(transformer, **config)
         except ValueError as e:
