@@ -1,10 +1,12 @@
 """A standalone student on disk: its weights (`ARDStudent.save_pretrained`) plus `ard_sampling.json`, the
-boundary timesteps it samples at and the recipe it was trained with (provenance), so that sampling and
+boundary timesteps it samples at, the recipe it was trained with (provenance) and, for a student trained with
+noise correction, `"noise_correction": true` (how it is meant to be sampled; absent: off), so that sampling and
 evaluation need neither the teacher, nor the store, nor a Lightning module.
 
     <dir>/config.json, diffusion_pytorch_model.safetensors   the diffusers transformer
     <dir>/ard_student.json, ard_student.safetensors          ARD settings, per-step heads and history gates
     <dir>/ard_sampling.json                                   {"timesteps": [tau_0, ..., tau_S = CLEAN], "recipe": {...}}
+                                                              (+ "noise_correction": true)
 """
 from __future__ import annotations
 
@@ -18,13 +20,19 @@ from ard.student.model import SETTING_TYPES, ARDStudent
 SAMPLING_CONFIG = "ard_sampling.json"  # beside an exported student: its boundary timesteps and training recipe
 
 
-def export_student(student: ARDStudent, timesteps: list[int], directory: str | Path, recipe: dict) -> Path:
+def export_student(student: ARDStudent, timesteps: list[int], directory: str | Path, recipe: dict,
+                   noise_correction: bool = False) -> Path:
     """Write `student` (its current weights) as a standalone directory, atomically: readers never see a student
-    without its timesteps. `recipe`: how it was trained (JSON-serialisable), kept as provenance."""
+    without its timesteps. `recipe`: how it was trained (JSON-serialisable), kept as provenance.
+    noise_correction: it was trained with the first-step noise correction, so it is meant to be sampled with it
+    (recorded only when true: the file of a student without it is unchanged)."""
     check_finite_weights(student.state_dict(), f"export to {directory} (not written)")
     with atomic_directory(directory) as tmp:
         student.save_pretrained(tmp)
-        (tmp / SAMPLING_CONFIG).write_text(json.dumps({"timesteps": list(timesteps), "recipe": recipe}) + "\n")
+        settings = {"timesteps": list(timesteps), "recipe": recipe}
+        if noise_correction:
+            settings["noise_correction"] = True
+        (tmp / SAMPLING_CONFIG).write_text(json.dumps(settings) + "\n")
     return Path(directory)
 
 
@@ -53,6 +61,19 @@ def load_exported(directory: str | Path, tie_embedders: bool | None = None) -> t
         raise ValueError(f"{path}: 'timesteps' must list {student.num_steps + 1} integers for a "
                          f"{student.num_steps}-step student")
     return student, check_timesteps(timesteps, f"{path}: field 'timesteps'")
+
+
+def exported_noise_correction(directory: str | Path) -> bool:
+    """Whether the exported student in `directory` was trained with noise correction (its ard_sampling.json's
+    "noise_correction"; absent: False), i.e. is meant to be sampled with it."""
+    path = Path(directory) / SAMPLING_CONFIG
+    try:
+        value = json.loads(path.read_text()).get("noise_correction", False)
+    except (OSError, json.JSONDecodeError, AttributeError):
+        raise ValueError(f"{path}: not readable as JSON with an optional boolean field 'noise_correction'") from None
+    if not isinstance(value, bool):
+        raise ValueError(f"{path}: field 'noise_correction' must be true or false, got {value!r}")
+    return value
 
 
 def load_checkpoint_student(path: str | Path) -> tuple[ARDStudent, list[int], dict]:

@@ -17,25 +17,36 @@ Targets (`TargetKind`):
                             guided DDIM from the student's own input state at tau_s to tau_{s+1}, in m sub-steps
                             on the teacher's grid (m = K / S: the teacher itself; fed the teacher's own state it
                             reproduces the stored state).
-    shifted_reconstruction  Imagine Flash's shifted reconstruction loss (sec. 3.3): the student's x0-prediction
-                            x0_s, re-noised to tau' = shift(tau_s) with fresh noise, and the teacher's guided
-                            x0-estimate of that as the target; the loss is taken in x0 space.
+    shifted_reconstruction  Imagine Flash's shifted reconstruction loss (sec. 3.3): the student's (unclipped)
+                            x0-prediction x0_s, re-noised to tau'_s with fresh noise, and the teacher's guided
+                            x0-estimate of that as the target; the loss is taken in x0 space. tau'_s is the
+                            per-step table `srl_timesteps` (ard/student/srl.py picks it from the target's
+                            retention) or else shift(tau_s); `srl_weights` "snr" weights step s by (alpha / sigma)^2
+                            (mean 1), which gives every step the same epsilon-gradient scale.
+`srl_weight` > 0 adds that SRL loss, times srl_weight, to the `trajectory` or `teacher_from_state` target.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from einops import rearrange
+from pydantic import Field
 
-from ard.checks import AtLeastOne, NonNegativeInt, Positive, Probability, check_choice, check_fields
+from ard.checks import (NUM_TRAIN_TIMESTEPS, AtLeastOne, NonNegative, NonNegativeInt, Positive, Probability,
+                        check_choice, check_fields)
 from ard.diffusion import CfgChannels, alpha_bar, ddim_path, guided_x0, make_scheduler, q_sample
 from ard.student.model import ARDStudent
 from ard.student.sampling import sample
+from ard.student.srl import SRLWeights
 
 InputKind = Literal["teacher", "rollout", "mixed"]
 TargetKind = Literal["trajectory", "teacher_from_state", "shifted_reconstruction"]
+# Ranged forms of the SRL knobs (ard.checks: a knob declares its range in its annotation)
+Timesteps = Annotated[list[Annotated[int, Field(ge=0, lt=NUM_TRAIN_TIMESTEPS)]], Field(min_length=1)]
+SRLWeightsKnob = Annotated[SRLWeights, Field()]
 
 
 @dataclass(frozen=True)
@@ -48,12 +59,27 @@ class Recipe:
     rollout_ramp_steps: NonNegativeInt = 0  # "mixed": iterations over which that probability ramps up (0: constant)
     targets: TargetKind = "trajectory"  # the stored next state, the teacher run from the input, or SRL
     target_substeps: AtLeastOne | None = None  # "teacher_from_state": teacher DDIM sub-steps per step (None: K / S)
-    srl_shift: Positive = 1.0  # "shifted_reconstruction": time shift of the re-noising timestep (1: the input's)
+    srl_shift: Positive = 1.0  # SRL: time shift of the re-noising timestep (1: the input's)
+    srl_timesteps: Timesteps | None = None  # SRL: tau'_s, one per student step (replaces srl_shift; None: shift)
+    srl_weights: SRLWeightsKnob = "uniform"  # SRL: per-step weights, "uniform" or "snr" ((alpha / sigma)^2, mean 1)
+    srl_weight: NonNegative = 0.0  # weight of SRL added to the trajectory / teacher_from_state target (0: off)
 
     def __post_init__(self):
         check_choice("recipe.inputs", self.inputs, InputKind)
         check_choice("recipe.targets", self.targets, TargetKind)
         check_fields(self, "recipe.")
+        if self.srl_timesteps is not None and self.srl_shift != 1.0:
+            raise ValueError(f"recipe.srl_timesteps={self.srl_timesteps}: replaces srl_shift={self.srl_shift}; set "
+                             "one of them")
+        if self.srl_weight > 0 and self.targets == "shifted_reconstruction":
+            raise ValueError(f"recipe.srl_weight={self.srl_weight}: adds SRL to the 'trajectory' or "
+                             "'teacher_from_state' targets; with targets 'shifted_reconstruction' SRL is the whole "
+                             "loss (leave srl_weight at 0)")
+
+    @property
+    def uses_srl(self) -> bool:
+        """Whether the loss has an SRL term (alone or added to another target)."""
+        return self.targets == "shifted_reconstruction" or self.srl_weight > 0
 
     def rollout_probability(self, iteration: int) -> float:
         """Probability that a trajectory's inputs are the student's own rollout at training `iteration`."""
@@ -67,12 +93,14 @@ class Recipe:
 
 @torch.no_grad()
 def student_inputs(student: ARDStudent, trajectory: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor,
-                   prob: float, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   prob: float, generator: torch.Generator | None = None,
+                   noise_correction: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The inputs of one training pass: trajectory (B, S+1, C, H, W), timesteps (B, S+1), labels (B,).
 
     Each trajectory is, with probability `prob`, replaced by the student's own rollout from its noise x_T
     (`sample`, with the KV cache, under no_grad: no gradient flows through the rollout). Returns the inputs
-    (B, S, C, H, W) and which rows are rollouts (B,) bool. Only the rollout rows are sampled.
+    (B, S, C, H, W) and which rows are rollouts (B,) bool. Only the rollout rows are sampled, with the
+    first-step noise correction when `noise_correction` (as the student is then sampled at inference).
     """
     teacher = trajectory[:, :-1]  # (B, S, C, H, W)
     batch = trajectory.shape[0]
@@ -83,7 +111,8 @@ def student_inputs(student: ARDStudent, trajectory: torch.Tensor, timesteps: tor
     if not use.any():
         return teacher, use
     rows = use.nonzero().squeeze(1).to(trajectory.device)  # (R,)
-    own = sample(student, trajectory[rows, 0], labels[rows], timesteps[rows])[:, :-1]  # (R, S, C, H, W)
+    own = sample(student, trajectory[rows, 0], labels[rows], timesteps[rows],
+                 noise_correction)[:, :-1]  # (R, S, C, H, W)
     inputs = teacher.clone()  # (B, S, C, H, W)
     inputs[rows] = own.to(teacher.dtype)
     return inputs, use
@@ -104,13 +133,24 @@ def substep_paths(grid_timesteps: list[int], boundaries: list[int], substeps: in
 
 @torch.no_grad()
 def teacher_from_state(teacher, inputs: torch.Tensor, paths: torch.Tensor, labels: torch.Tensor,
-                       guidance_scale: float, clip_sample: bool, cfg_channels: CfgChannels = "all") -> torch.Tensor:
+                       guidance_scale: float, clip_sample: bool, cfg_channels: CfgChannels = "all",
+                       noise_correction: bool = False) -> torch.Tensor:
     """Backward-distillation targets: the teacher's guided DDIM from each input state along its step's path.
 
     inputs (B, S, C, H, W); paths (S, m+1) timesteps of each student step's sub-steps; labels (B,).
     Returns (B, S, C, H, W): the teacher's state at tau_{s+1} reached from the input state at tau_s.
+    noise_correction: step 0's path (from the noise x_T) takes its first jump with x_T as the direction term
+    (`ddim_path`), as the noise-corrected student's step 0 does; the other steps' paths are unchanged.
     """
     batch, steps = inputs.shape[:2]
+    if noise_correction:
+        first = ddim_path(teacher, inputs[:, 0], labels, paths[:1].to(inputs.device).expand(batch, -1),
+                          guidance_scale, clip_sample, cfg_channels, noise_correction=True)  # (B, C, H, W)
+        if steps == 1:
+            return first[:, None]  # (B, 1, C, H, W)
+        rest = teacher_from_state(teacher, inputs[:, 1:], paths[1:], labels, guidance_scale, clip_sample,
+                                  cfg_channels)  # (B, S-1, C, H, W)
+        return torch.cat([first[:, None], rest], dim=1)  # (B, S, C, H, W)
     x = rearrange(inputs, "b s c h w -> (b s) c h w")  # (B*S, C, H, W)
     t = paths.to(inputs.device).repeat(batch, 1)  # (B*S, m+1) rows ordered (b, s)
     y = labels.repeat_interleave(steps)  # (B*S,)
@@ -126,16 +166,27 @@ def shift_timesteps(t: torch.Tensor, shift: float, num_train_timesteps: int = 10
     return (top * shift * u / (1 + (shift - 1) * u)).round().long()  # (R,)
 
 
+def srl_timesteps(t_from: torch.Tensor, shift: float = 1.0, table: Sequence[int] | None = None) -> torch.Tensor:
+    """SRL's re-noising timesteps tau'_s (B, S) for the student's input timesteps t_from (B, S): the per-step
+    `table` (S timesteps, recipe.srl_timesteps) when given, else shift_timesteps(t_from, shift)."""
+    if table is None:
+        return shift_timesteps(t_from, shift)  # (B, S)
+    if len(table) != t_from.shape[-1]:
+        raise ValueError(f"srl_timesteps={list(table)}: one timestep per student step, {t_from.shape[-1]} needed")
+    return torch.tensor([int(t) for t in table], dtype=torch.long, device=t_from.device).expand_as(t_from)
+
+
 @torch.no_grad()
 def shifted_reconstruction(teacher, x0: torch.Tensor, t_from: torch.Tensor, labels: torch.Tensor,
                            guidance_scale: float, clip_sample: bool, shift: float,
-                           generator: torch.Generator | None = None, cfg_channels: CfgChannels = "all") -> torch.Tensor:
+                           generator: torch.Generator | None = None, cfg_channels: CfgChannels = "all",
+                           table: Sequence[int] | None = None) -> torch.Tensor:
     """SRL targets: x0 (B, S, C, H, W) the student's (detached) x0-predictions at its input timesteps t_from
-    (B, S); each is re-noised to tau' = shift_timesteps(t_from) with fresh noise (q(x_tau' | x0), Ho et al.
-    2020, eq. 4) and the teacher's guided x0-estimate of it is returned (B, S, C, H, W)."""
+    (B, S); each is re-noised to tau'_s = srl_timesteps(t_from, shift, table) with fresh noise (q(x_tau' | x0),
+    Ho et al. 2020, eq. 4) and the teacher's guided x0-estimate of it is returned (B, S, C, H, W)."""
     batch, steps = x0.shape[:2]
     x0 = rearrange(x0, "b s c h w -> (b s) c h w")  # (B*S, C, H, W)
-    t = shift_timesteps(rearrange(t_from, "b s -> (b s)"), shift)  # (B*S,)
+    t = rearrange(srl_timesteps(t_from, shift, table), "b s -> (b s)")  # (B*S,)
     a = alpha_bar(make_scheduler(), t).to(x0.dtype).view(-1, 1, 1, 1)  # (B*S, 1, 1, 1)
     noise = torch.randn(x0.shape, generator=generator).to(x0)  # (B*S, C, H, W)
     x = q_sample(x0, a, noise)  # (B*S, C, H, W)
