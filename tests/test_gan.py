@@ -81,6 +81,27 @@ def test_adaptive_weight_equals_a_hand_computation():
     torch.testing.assert_close(w.grad, torch.outer(2 * (w @ x - y), x).detach())
 
 
+@pytest.mark.parametrize("heads", ["shared", "per_step"])
+def test_the_last_steps_term_is_the_last_heads_regression_gradient(teacher_dir, heads):
+    """gan.adaptive_grad "last_step" compares the GAN gradient at the last head with the gradient of the regression
+    loss's last-step term: with per-step heads (the re-implementation's final_layer4) that is the whole loss's
+    gradient there; a shared head also collects every other step's, which "all_steps" (ard's earlier choice) used."""
+    module = ARDDistillation(teacher=str(teacher_dir), history_blocks=2, heads=heads, samples=dict(per_class=0))
+    torch.manual_seed(0)
+    states, labels = torch.randn(4, 5, 1, 8, 8), torch.tensor([1, 2, 3, 4])
+    timesteps = torch.tensor([943, 697, 451, 205, -1]).expand(4, -1)  # the digits store's S = 4 boundaries
+    terms = torch.tensor(module.step_weights) * module.loss_fn(module.student, states, timesteps, labels).mean(0)
+    head = module.student.transformer if module.student.heads is None else module.student.heads[-1]
+    last, = torch.autograd.grad(terms[-1], head.proj_out_2.weight, retain_graph=True)
+    whole, = torch.autograd.grad(terms.sum(), head.proj_out_2.weight)
+    if heads == "per_step":
+        torch.testing.assert_close(last, whole)
+    else:
+        assert whole.norm() > 1.2 * last.norm()
+    with pytest.raises(ValueError, match="gan.adaptive_grad='last' is not one of 'last_step', 'all_steps'"):
+        GanStage(adaptive_grad="last")
+
+
 def test_draws_are_a_function_of_seed_iteration_and_rank():
     a, b, c = (draw_timesteps("high", 1000, draw_generator(0, i, r)) for i, r in ((5, 0), (5, 0), (5, 1)))
     assert torch.equal(a, b) and not torch.equal(a, c)

@@ -26,7 +26,7 @@ from test_store import precompute, tiny_teacher
 
 PINNED = Path(__file__).parent / "data" / "pinned_losses.json"
 ITERATIONS = 4
-GAN = dict(weight=10.0, warmup=1)
+GAN = dict(weight=10.0, warmup=1, adaptive_grad="all_steps")  # the adaptive weight as when the values were pinned
 CASES = {
     "teacher_forcing": (ARDDistillation, {}),
     "rollout_teacher_from_state": (ARDDistillation, dict(recipe=dict(inputs="rollout", targets="teacher_from_state"))),

@@ -1,7 +1,8 @@
 """Training recipes (ard/student/recipe.py): rollout inputs are the student's own sampler output and carry no
 gradient; backward-distillation targets reproduce the stored trajectory when fed the teacher's states; SRL
 targets on a hand-made case; noise correction changes exactly the first step's epsilon; the exposure-bias
-measurement; and the recipes through `ard fit` (they train, log, and round-trip into the export)."""
+measurement; and the recipes through `ard fit` (they train, log, and round-trip into the export; SRL's retention,
+shift table, step weights and noise correction in training: tests/test_srl.py)."""
 import json
 
 import pytest
@@ -133,7 +134,10 @@ def test_exposure_errors_split_teacher_forcing_from_own_states(teacher):
      "--model.init_args.recipe.target_substeps=3"],
     ["--model.init_args.recipe.inputs=mixed", "--model.init_args.recipe.rollout_ramp_steps=4",
      "--model.init_args.recipe.targets=shifted_reconstruction", "--model.init_args.recipe.srl_shift=2.0"],
-])
+    ["--model.init_args.recipe.inputs=rollout", "--model.init_args.recipe.srl_weight=0.5",
+     "--model.init_args.recipe.srl_weights=snr", "--model.init_args.recipe.srl_timesteps=[600, 400, 250, 150]",
+     "--model.init_args.noise_correction=true"],
+], ids=["rollout_backward", "mixed_srl", "rollout_trajectory_srl_nc"])
 def test_recipes_train_through_the_cli_and_round_trip_into_the_export(tmp_path, teacher_dir, store, recipe):
     from ard.cli import main as ard_main
 
@@ -144,10 +148,16 @@ def test_recipes_train_through_the_cli_and_round_trip_into_the_export(tmp_path, 
     export = tmp_path / "student_ema"
     settings = json.loads((export / "ard_sampling.json").read_text())
     for arg in recipe:
+        if "init_args.recipe." not in arg:
+            continue
         key, value = arg.split("init_args.recipe.")[1].split("=")
         assert str(settings["recipe"][key]) == value, key
+    assert settings.get("noise_correction", False) == ("--model.init_args.noise_correction=true" in recipe)
     student, timesteps = load_exported(export)
     assert len(timesteps) == S + 1 and student.history_blocks == 2
+    if "--model.init_args.recipe.srl_weight=0.5" in recipe:  # the combined objective logs its parts per step
+        header = next((tmp_path / "csv").glob("version_*/metrics.csv")).read_text().splitlines()[0].split(",")
+        assert {f"train/{part}_step{s}" for part in ("srl", "trajectory") for s in range(S)} <= set(header)
 
 
 def test_bad_recipe_knobs_fail_in_one_line(teacher_dir):
@@ -161,3 +171,12 @@ def test_bad_recipe_knobs_fail_in_one_line(teacher_dir):
                         samples=dict(per_class=0))
     with pytest.raises(ValueError, match="recipe.srl_shift=0.0: must be greater than 0"):
         Recipe(targets="shifted_reconstruction", srl_shift=0.0)
+    with pytest.raises(ValueError, match="recipe.srl_timesteps=\\[500, 200\\]: num_steps=4 needs 4 timesteps"):
+        ARDDistillation(teacher=str(teacher_dir), history_blocks=2, recipe=dict(srl_weight=1.0, srl_timesteps=[500, 200]),
+                        samples=dict(per_class=0))
+    with pytest.raises(ValueError, match="recipe.srl_weight=1.0 \\(SRL\\) needs an x0-prediction"):
+        ARDDistillation(teacher=str(teacher_dir), history_blocks=2, recipe=dict(srl_weight=1.0), output="next_state",
+                        samples=dict(per_class=0))
+    with pytest.raises(ValueError, match="model.noise_correction=True needs an epsilon-parametrised student"):
+        ARDDistillation(teacher=str(teacher_dir), history_blocks=2, noise_correction=True, output="next_state",
+                        samples=dict(per_class=0))

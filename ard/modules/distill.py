@@ -6,8 +6,11 @@ One training iteration is the paper's algorithm (`ARDDistillation.regression`): 
 draws -> the student's inputs (the recipe: the teacher's states, its own rollout, or a mix) -> one pass of
 the student over all S steps and the per-step losses L_s (`StepMSELoss`) -> loss = sum_s w_s L_s (ARD sec. 3.3;
 "uniform" w_s = 1 / S is the re-implementation's mean over steps). What the student is fed and what it
-regresses are the `recipe` (ard/student/recipe.py). Each step's loss is logged as `train/loss_step{s}`, the
-fraction of rollout inputs as `train/rollout_fraction`.
+regresses are the `recipe` (ard/student/recipe.py). Each step's loss is logged as `train/loss_step{s}` (with
+SRL added to another target or SNR-weighted, also its parts: `train/srl_step{s}`, SRL's unweighted x0-space
+MSE, and `train/<target>_step{s}`), the fraction of rollout inputs as `train/rollout_fraction`. With
+`noise_correction` the student is trained, validated, sampled and exported with Imagine Flash's first-step noise
+correction (docs/method.md, "Noise correction").
 
 Configured by the trainer, not here (see the YAML presets): EMA weights (Lightning's `EMAWeightAveraging`,
 which swaps them in for validation and copies them into the model when training ends), gradient clipping
@@ -67,6 +70,7 @@ class Regression(NamedTuple):
     """One iteration's regression pass (ARDDistillation.regression)."""
 
     loss: torch.Tensor  # () sum_s w_s L_s
+    terms: torch.Tensor  # (S,) w_s L_s, the loss's per-step terms (with their graph)
     final: torch.Tensor  # (B, C, H, W) the student's last-step prediction, with its graph
     rollout: torch.Tensor  # (B,) bool: which rows were fed the student's own rollout
 
@@ -97,6 +101,7 @@ class ARDDistillation(L.LightningModule):
         samples: SampleGrid = SampleGrid(),
         gradient_checkpointing: bool = False,
         init_student: str | None = None,
+        noise_correction: bool = False,
     ):
         """
         Args:
@@ -120,8 +125,8 @@ class ARDDistillation(L.LightningModule):
             clip_x0: clamp the implied x0 to [-1, 1] (pixel-space teachers).
             step_weights: w_s of the loss sum over steps: "uniform" (1 / S each) or S numbers.
             recipe: what the student is fed and what it regresses (ard.student.recipe.Recipe: inputs,
-                rollout_prob, rollout_ramp_steps, targets, target_substeps, srl_shift); a rollout uses the
-                current weights, not the EMA's (as SFD and Self Forcing do).
+                rollout_prob, rollout_ramp_steps, targets, target_substeps, srl_shift, srl_timesteps, srl_weights,
+                srl_weight); a rollout uses the current weights, not the EMA's (as SFD and Self Forcing do).
             lr: AdamW learning rate (ARD: 1e-4).
             history_gate_lr: learning rate of the history gates ("closed" start); None: `lr`.
             weight_decay: AdamW weight decay (ARD: 0).
@@ -134,6 +139,10 @@ class ARDDistillation(L.LightningModule):
             init_student: an exported student directory (`student_ema/`, ard.student.export) to start from
                 instead of the teacher's weights (the GAN stage, or a continued run); its settings and
                 boundary timesteps must equal this run's.
+            noise_correction: Imagine Flash's first-step noise correction in training (step 0's DDIM direction
+                term is the input noise x_T): the student's pass, its rollouts (recipe inputs), step 0's
+                teacher_from_state target, the validation rollouts and sample grid; recorded in the export's
+                ard_sampling.json so that sampling can use it too. Needs output "eps" or "x0".
         """
         check_knobs(ARDDistillation.__init__, {k: v for k, v in locals().items() if k != "self"}, "model.")
         super().__init__()
@@ -147,6 +156,16 @@ class ARDDistillation(L.LightningModule):
         self.recipe, self.samples = recipe, samples
         if recipe.targets == "shifted_reconstruction" and output == "next_state":
             raise ValueError("recipe.targets='shifted_reconstruction' needs an x0-prediction: output 'eps' or 'x0'")
+        if recipe.srl_weight > 0 and output == "next_state":
+            raise ValueError(f"recipe.srl_weight={recipe.srl_weight} (SRL) needs an x0-prediction: output 'eps' or "
+                             "'x0'")
+        if recipe.srl_timesteps is not None and len(recipe.srl_timesteps) != num_steps:
+            raise ValueError(f"recipe.srl_timesteps={list(recipe.srl_timesteps)}: num_steps={num_steps} needs "
+                             f"{num_steps} timesteps, one per student step")
+        if noise_correction and output == "next_state":
+            raise ValueError("model.noise_correction=True needs an epsilon-parametrised student: output 'eps' or "
+                             "'x0'")
+        self.noise_correction = noise_correction
         teacher_model = load_teacher(teacher, teacher_size, numerics, tie_embedders)
         self.student = ARDStudent(teacher_model, num_steps, history_blocks=history_blocks, mask=mask,
                                   window=window, heads=heads, output=output, history_start=history_start,
@@ -160,7 +179,7 @@ class ARDDistillation(L.LightningModule):
         if samples.per_class and self.state_shape[0] not in (1, 3) and samples.vae is None:
             raise ValueError(f"teacher {teacher}: {self.state_shape[0]}-channel (latent) states need samples.vae to "
                              "draw sample grids (or samples.per_class: 0)")
-        self.loss_fn = StepMSELoss(recipe.targets)  # completed with the store's solver in setup
+        self.loss_fn = StepMSELoss(recipe.targets, noise_correction=noise_correction)  # completed in setup
         self._init_timesteps = self._load_init_student(init_student) if init_student is not None else None
         self.timesteps: list[int] | None = None  # the store's S + 1 boundary timesteps (last = CLEAN)
         # Frozen helpers loaded on first use (frozen_teacher(), the grid's VAE), kept in a plain dict so
@@ -192,9 +211,11 @@ class ARDDistillation(L.LightningModule):
         substeps = solver["num_steps"] // self.hparams.num_steps if substeps is None else substeps
         paths = (substep_paths(grid, datamodule.boundaries, substeps)
                  if self.recipe.targets == "teacher_from_state" else None)
-        self.loss_fn = StepMSELoss(self.recipe.targets, solver["guidance_scale"], solver["clip_sample"],
-                                   None if paths is None else torch.tensor(paths), self.recipe.srl_shift,
-                                   solver["cfg_channels"])
+        recipe = self.recipe
+        self.loss_fn = StepMSELoss(recipe.targets, solver["guidance_scale"], solver["clip_sample"],
+                                   None if paths is None else torch.tensor(paths), recipe.srl_shift,
+                                   solver["cfg_channels"], recipe.srl_timesteps, recipe.srl_weights,
+                                   recipe.srl_weight, self.noise_correction)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         check_finite_weights(checkpoint["state_dict"], f"step {self.global_step}: checkpoint (not written)")
@@ -210,20 +231,33 @@ class ARDDistillation(L.LightningModule):
     def upgrade_checkpoint(checkpoint: dict, path: str) -> dict:
         """A checkpoint written before the knobs were grouped (flat recipe and sample-grid knobs, `gan_*` knobs)
         in today's layout, so that a regression run resumes; a GAN stage of that layout counted two optimiser
-        steps per iteration and is refused (ard.checkpoints.SafeCheckpointIO calls this before comparing)."""
+        steps per iteration and is refused (ard.checkpoints.SafeCheckpointIO calls this before comparing). Knobs
+        added since (the SRL recipe fields, noise_correction) get their defaults, which train what it trained."""
         hparams = dict(checkpoint.get("hyper_parameters", {}))
         if "inputs" not in hparams:
-            return checkpoint
+            return ARDDistillation._with_new_defaults(checkpoint)
         if hparams.get("gan_weight"):
             raise ValueError(f"{path}: a GAN stage written by an earlier ard, whose step counter counted two optimiser "
                              "steps per iteration: it cannot resume; restart the stage from its init_student in a "
                              "new trainer.default_root_dir")
         for name in [k for k in hparams if k.startswith("gan_")]:
             del hparams[name]
-        hparams["recipe"] = {k: hparams.pop(k) for k in Recipe.__dataclass_fields__}
+        hparams["recipe"] = {k: hparams.pop(k) for k in Recipe.__dataclass_fields__ if k in hparams}
         hparams["samples"] = {"per_class": hparams.pop("samples_per_class"), "classes": hparams.pop("sample_classes"),
                               "seed": hparams.pop("sample_seed"), "vae": hparams.pop("vae"),
                               "latent_scale": hparams.pop("latent_scale")}
+        return ARDDistillation._with_new_defaults({**checkpoint, "hyper_parameters": hparams})
+
+    @staticmethod
+    def _with_new_defaults(checkpoint: dict) -> dict:
+        """Knobs added since a checkpoint was written (recipe fields, noise_correction) at their defaults, which
+        train what that checkpoint's run trained."""
+        hparams = dict(checkpoint.get("hyper_parameters", {}))
+        if not hparams:
+            return checkpoint
+        if isinstance(hparams.get("recipe"), dict):
+            hparams["recipe"] = {**asdict(Recipe()), **hparams["recipe"]}
+        hparams.setdefault("noise_correction", False)
         return {**checkpoint, "hyper_parameters": hparams}
 
     # ------------------------------------------------------------------ training (ARD sec. 3.3)
@@ -234,16 +268,24 @@ class ARDDistillation(L.LightningModule):
         generator = draw_generator(RECIPE_SEED, self.global_step, self.global_rank)
         prob = self.recipe.rollout_probability(self.global_step)
         inputs, rollout = student_inputs(self.student, batch["states"], batch["timesteps"], batch["labels"], prob,
-                                         generator)  # (B, S, C, H, W), (B,)
-        teacher = self.frozen_teacher() if self.recipe.targets != "trajectory" else None
-        losses, predictions = self.loss_fn(self.student, batch["states"], batch["timesteps"], batch["labels"],
-                                           inputs, teacher, generator, return_states=True)  # (B, S), (B, S, C, H, W)
+                                         generator, self.noise_correction)  # (B, S, C, H, W), (B,)
+        recipe = self.recipe
+        teacher = self.frozen_teacher() if recipe.targets != "trajectory" or recipe.uses_srl else None
+        parts = self.loss_fn.terms(self.student, batch["states"], batch["timesteps"], batch["labels"], inputs,
+                                   teacher, generator)  # (B, S) losses, (B, S, C, H, W) states
+        losses, predictions = parts.loss, parts.states
         per_step = losses.mean(dim=0)  # (S,) L_s
         stop_on_non_finite(self.trainer, "loss", {f"train/loss_step{s}": v for s, v in enumerate(per_step)})
-        loss = (per_step.new_tensor(self.step_weights) * per_step).sum()  # sum_s w_s L_s
+        terms = per_step.new_tensor(self.step_weights) * per_step  # (S,) w_s L_s
+        loss = terms.sum()  # sum_s w_s L_s
         self._log_losses("train", loss, per_step)
+        if parts.srl is not None and (recipe.srl_weight > 0 or recipe.srl_weights != "uniform"):  # loss != SRL's MSE
+            shown = {"srl": parts.srl} if parts.target is None else {"srl": parts.srl, recipe.targets: parts.target}
+            self.log_dict({f"train/{name}_step{s}": v for name, part in shown.items()
+                           for s, v in enumerate(part.detach().mean(dim=0))}, on_step=True, on_epoch=False,
+                          sync_dist=True)
         self.log("train/rollout_fraction", rollout.float().mean(), on_step=True, on_epoch=False)
-        return Regression(loss, predictions[:, -1], rollout)
+        return Regression(loss, terms, predictions[:, -1], rollout)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return self.regression(batch).loss
@@ -254,7 +296,8 @@ class ARDDistillation(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         # Whatever the recipe, validation regresses the stored trajectory: comparable across recipes.
-        fed, own = exposure_errors(self.student, batch["states"], batch["timesteps"], batch["labels"])  # (B, S) each
+        fed, own = exposure_errors(self.student, batch["states"], batch["timesteps"], batch["labels"],
+                                   self.noise_correction)  # (B, S) each: own sampled as at inference
         per_step = fed.mean(dim=0)  # (S,)
         self._log_losses("val", (per_step.new_tensor(self.step_weights) * per_step).sum(), per_step)
         self.log_dict({f"val/rollout_mse_step{s}": value for s, value in enumerate(own.mean(dim=0))}, sync_dist=True)
@@ -311,7 +354,7 @@ class ARDDistillation(L.LightningModule):
         if self.timesteps is None:
             raise ValueError("the boundary timesteps are unknown: fit on a store first, or load a checkpoint")
         timesteps = torch.tensor(self.timesteps, device=self.device)  # (S+1,)
-        x = sample(self.student, noise, labels, timesteps)[:, -1]  # (n, C, H, W)
+        x = sample(self.student, noise, labels, timesteps, self.noise_correction)[:, -1]  # (n, C, H, W)
         if self.samples.vae is None:
             return x
         from ard.latents import decode_latents, load_vae
@@ -333,10 +376,11 @@ class ARDDistillation(L.LightningModule):
 
     def export_student(self, directory: str | Path) -> Path:
         """Write the student (its current weights) as a standalone directory (ard.student.export), with the
-        boundary timesteps and the recipe it was trained with."""
+        boundary timesteps, the recipe it was trained with and whether it is sampled with noise correction."""
         if self.timesteps is None:
             raise ValueError("the boundary timesteps are unknown: fit on a store first, or load a checkpoint")
-        return export_student(self.student, self.timesteps, directory, asdict(self.recipe))
+        return export_student(self.student, self.timesteps, directory, asdict(self.recipe),
+                              noise_correction=self.noise_correction)
 
     def on_fit_end(self) -> None:
         # EMAWeightAveraging has copied the EMA weights into the model at on_train_end.

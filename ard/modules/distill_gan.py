@@ -29,8 +29,8 @@ import torch
 from ard.checks import Indices, NonNegativeInt, Positive, check_choice, check_fields
 from ard.data.real import RealSamples
 from ard.modules.distill import ARDDistillation, Regression
-from ard.student.gan import (AugmentKind, FakeKind, GanLossKind, NoiseLevels, RenoiseKind, TeacherDiscriminator,
-                             adaptive_weight, draw_generator)
+from ard.student.gan import (AdaptiveGrad, AugmentKind, FakeKind, GanLossKind, NoiseLevels, RenoiseKind,
+                             TeacherDiscriminator, adaptive_weight, draw_generator)
 from ard.student.sampling import rollout_final
 
 
@@ -39,6 +39,9 @@ class GanStage:
     """The GAN stage's knobs (`model.init_args.gan`); the re-implementation's values unless a comment says."""
 
     weight: Positive = 10.0  # factor times the adaptive weight of the GAN loss (the re-implementation: 10)
+    adaptive_grad: AdaptiveGrad = "last_step"  # the regression gradient the adaptive weight compares: the last
+    # step's term (the re-implementation's: its per-step head 4 sees only step 4) or the whole loss's ("all_steps":
+    # with a shared head it sums every step's gradient, up to ~4x larger at S = 4); equal for per-step heads
     warmup: NonNegativeInt = 3000  # iterations with the GAN weight at 0 while the discriminator learns (paper: 3000)
     loss: GanLossKind = "hinge"  # "hinge" (the re-implementation, LADD) or "non_saturating" (DMD2)
     blocks: Indices | None = None  # teacher blocks the heads see; None: all (the re-implementation)
@@ -54,7 +57,7 @@ class GanStage:
 
     def __post_init__(self):
         for name, kind in (("loss", GanLossKind), ("fake", FakeKind), ("renoise", RenoiseKind),
-                           ("noise_levels", NoiseLevels), ("augment", AugmentKind)):
+                           ("noise_levels", NoiseLevels), ("augment", AugmentKind), ("adaptive_grad", AdaptiveGrad)):
             check_choice(f"gan.{name}", getattr(self, name), kind)
         check_fields(self, "gan.")  # weight > 0: without the GAN, train the regression module (ARDDistillation)
 
@@ -113,7 +116,8 @@ class ARDGANDistillation(ARDDistillation):
         if adversarial:
             self.toggle_optimizer(opt_g)  # no gradients for the discriminator's heads in this step
             gan_loss = self.discriminator.generator_loss(teacher, fake, labels, g).mean()
-            weight = self.gan.weight * adaptive_weight(regression.loss, gan_loss, self._last_layer())
+            compared = regression.terms[-1] if self.gan.adaptive_grad == "last_step" else regression.loss
+            weight = self.gan.weight * adaptive_weight(compared, gan_loss, self._last_layer())
             loss = regression.loss + weight * gan_loss
             self.log("gan/g_loss", gan_loss, on_step=True, sync_dist=True)
         self._optimiser_step(opt_g, loss)
@@ -168,10 +172,17 @@ class ARDGANDistillation(ARDDistillation):
 
     @staticmethod
     def upgrade_checkpoint(checkpoint: dict, path: str) -> dict:
-        """Refuse a GAN-stage checkpoint whose step counter counted optimiser steps (written by an earlier ard)."""
+        """Refuse a GAN-stage checkpoint whose step counter counted optimiser steps (written by an earlier ard); give
+        knobs added since its run their values of then: the regression module's new defaults, and the adaptive
+        weight on the whole regression loss ("all_steps", the only one there was)."""
         if "hyper_parameters" in checkpoint and checkpoint.get("gan_clock") != "iterations":
             raise ValueError(f"{path}: a GAN stage written by an earlier ard, whose step counter counted two optimiser "
                              "steps per iteration (or not a GAN stage): it cannot resume; restart the stage from its "
                              "init_student in a new trainer.default_root_dir")
+        checkpoint = ARDDistillation._with_new_defaults(checkpoint)
+        hparams = checkpoint.get("hyper_parameters", {})
+        if isinstance(hparams.get("gan"), dict) and "adaptive_grad" not in hparams["gan"]:
+            hparams = {**hparams, "gan": {**hparams["gan"], "adaptive_grad": "all_steps"}}
+            checkpoint = {**checkpoint, "hyper_parameters": hparams}
         return checkpoint
 

@@ -34,6 +34,7 @@ from ard.diffusion import alpha_bar, make_scheduler, q_sample
 GanLossKind = Literal["hinge", "non_saturating"]
 FakeKind = Literal["teacher_forced", "rollout"]  # the final state of the one-pass forward, or of the S-step sampler
 RenoiseKind = Literal["none", "same", "independent"]  # t = 0, or one t per real/fake pair, or one t each
+AdaptiveGrad = Literal["last_step", "all_steps"]  # the regression gradient the adaptive weight compares
 NoiseLevels = Literal["uniform", "high"]  # t uniform in [0, 999], or LADD's logit-normal favouring high noise
 AugmentKind = Literal["none", "translation_cutout"]  # DiffAugment (Zhao et al. 2020) on real and fake
 CMAP_DIM = 64  # width of the projection conditioning (StyleGAN-T, the re-implementation)
