@@ -1,7 +1,7 @@
-"""The losses of a few regression and GAN iterations from a fixed seed, pinned to the values the code gave
-before the distillation module was split into a regression and a GAN module (tests/data/pinned_losses.json,
-recorded with that earlier code on this tiny teacher and store, one thread). A restructuring must not change
-what is trained: every logged loss, per step, of every iteration, for teacher forcing, rollout inputs with
+"""The losses of a few regression and GAN iterations from a fixed seed, pinned (tests/data/pinned_losses.json, one
+thread) to the values the code gave before the distillation module was split into a regression and a GAN module,
+re-recorded once since, when the tiny fixture teacher was drawn with tied embedders (another random teacher; with
+the untied one every earlier value reproduced exactly). A restructuring must not change what is trained: every logged loss, per step, of every iteration, for teacher forcing, rollout inputs with
 backward-distillation targets, mixed inputs with shifted reconstruction, and the GAN stage with the fake taken
 from the regression pass (teacher-forced) or from the student's own rollout.
 
