@@ -216,10 +216,10 @@ def test_noise_correction_of_backward_distillation_targets_is_step0s_only(teache
         paths = torch.tensor(substep_paths(ddim_grid(8), [0, 4, 8], substeps))  # (S, m+1)
         plain = teacher_from_state(teacher, states[:, :-1], paths, labels, 2.0, True)
         corrected = teacher_from_state(teacher, states[:, :-1], paths, labels, 2.0, True, noise_correction=True)
-        torch.testing.assert_close(corrected[:, 1:], plain[:, 1:], atol=1e-6, rtol=0)  # step 1 unchanged
+        torch.testing.assert_close(corrected[:, 1:], plain[:, 1:], atol=1e-5, rtol=1e-5)  # step 1 unchanged
         x_t = states[:, 0]
         torch.testing.assert_close(corrected[:, 0], ddim_path(teacher, x_t, labels, paths[:1].expand(3, -1), 2.0,
-                                                              True, noise_correction=True), atol=1e-6, rtol=0)
+                                                              True, noise_correction=True), atol=1e-5, rtol=1e-5)
         assert (corrected[:, 0] - plain[:, 0]).abs().max() > 1e-3
     # one jump: sqrt(b) x0_teacher(x_T) + sqrt(1 - b) x_T
     t0 = torch.full((3,), int(paths[0, 0]))

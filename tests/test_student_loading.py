@@ -81,7 +81,8 @@ def test_sampling_loads_students_without_the_lightning_modules(tmp_path, teacher
     assert len(a) == 2 and (a == b).all()  # the same student either way
 
 
-@pytest.mark.parametrize("flat", [False, True], ids=["recipe", "flat_recipe"])
+@pytest.mark.parametrize("flat", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["recipe", "flat_recipe"])
+# (flat_recipe is slow: the upgrade of the earlier flat layout also runs in test_distill's resume test)
 def test_export_writes_the_checkpoints_student_and_recipe(tmp_path, teacher, student, flat):
     ckpt = checkpoint(tmp_path / "last.ckpt", teacher, student, flat)
     _, timesteps, recipe = load_checkpoint_student(ckpt)
