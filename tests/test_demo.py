@@ -1,5 +1,9 @@
 """The main job (scripts/demo.py) end to end on a tiny budget: store, two students, the report with every
-key for all four rows, the pictures; (slow) re-running the same command resumes instead of starting over."""
+key for all four rows, the pictures; re-running the same command resumes instead of starting over.
+
+Both are slow tests (`pytest -m slow`; about a minute each, mostly the start-up of its four subprocesses): every
+stage the demo chains has its own tests in the default suite, and the README's main command is run from a fresh
+clone before a release."""
 import json
 import os
 import subprocess
@@ -38,6 +42,7 @@ def check_outputs(out: Path) -> None:
         assert (out / name / "student_ema" / "ard_sampling.json").exists()
 
 
+@pytest.mark.slow
 def test_demo_end_to_end(tmp_path):
     run_demo(tmp_path / "demo")
     check_outputs(tmp_path / "demo")
@@ -45,7 +50,7 @@ def test_demo_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_demo_resumes(tmp_path):
-    """The same command again skips every finished stage (the default suite runs the demo once: time budget)."""
+    """The same command again skips every finished stage."""
     out = tmp_path / "demo"
     run_demo(out)
     stamp = (out / "baseline" / "student_ema" / "ard_sampling.json").stat().st_mtime_ns
