@@ -52,6 +52,14 @@ _BLOCK = [*_linear("attn.proj", "attn1.to_out.0"), *_linear("mlp.fc1", "ff.net.0
 _QKV = ("weight", "bias")  # blocks.i.attn.qkv.{p} -> transformer_blocks.i.attn1.to_{q,k,v}.{p}
 
 
+def _check_keys(state: dict, expected: set[str], layout: str) -> None:
+    """One-line ValueError naming the first missing or unexpected key of `state` against `layout`'s keys."""
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        what = f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r}"
+        raise ValueError(f"{what} ({len(missing)} missing, {len(unexpected)} unexpected) for {layout}")
+
+
 def official_keys(num_layers: int) -> set[str]:
     """Every key of an official DiT state dict with `num_layers` blocks."""
     per_block = [src for src, _ in _BLOCK] + [f"attn.qkv.{p}" for p in _QKV]
@@ -90,12 +98,7 @@ def convert_official_state_dict(state: dict, num_layers: int, sample_size: int |
     """
     if not is_official_state_dict(state):
         raise ValueError("not an official facebookresearch/DiT state dict (no key 'x_embedder.proj.weight')")
-    expected = official_keys(num_layers)
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        what = f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r}"
-        raise ValueError(f"{what} ({len(missing)} missing, {len(unexpected)} unexpected) for an official DiT "
-                         f"state dict with {num_layers} blocks")
+    _check_keys(state, official_keys(num_layers), f"an official DiT state dict with {num_layers} blocks")
     _check_pos_embed(state["pos_embed"], state["x_embedder.proj.weight"].shape[-1], sample_size)
     out = {dst: state[src] for src, dst in _TOP}
     for i in range(num_layers):
@@ -142,12 +145,7 @@ def to_official_state_dict(state: dict, num_layers: int, sample_size: int) -> di
     copy differs from block 0's (a DiT trained with one embedder per block has no official form)."""
     from ard.teacher import first_differing_embedder
 
-    expected = diffusers_keys(num_layers)
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        what = f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r}"
-        raise ValueError(f"{what} ({len(missing)} missing, {len(unexpected)} unexpected) for a diffusers DiT "
-                         f"state dict with {num_layers} blocks")
+    _check_keys(state, diffusers_keys(num_layers), f"a diffusers DiT state dict with {num_layers} blocks")
     differing = first_differing_embedder(state)
     if differing is not None:
         raise ValueError(f"key {differing!r} differs from block 0's embedder: the official DiT has one t_embedder "
