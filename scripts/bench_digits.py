@@ -1,7 +1,7 @@
 """The digits distillation benchmark: baseline (N = 0) against ARD at several student step counts and
 knob settings, each over several training seeds, all evaluated on one shared evaluation set.
 
-    python scripts/bench_digits.py [--steps 2 3 4] [--seeds 0 1 2] [--max-steps 600] [--workers 2]
+    python scripts/bench_digits.py [--steps 2 3 4] [--seeds 0 1 2] [--max-steps 600] [--workers 2] [--teacher-grid paper25]
     python scripts/bench_digits.py --refresh-docs [DOC ...]   # the docs' report sections, from docs/results
 
 Runs (resumable: a finished run is skipped when the command is re-run, and refused if it was trained for another
@@ -34,7 +34,7 @@ import argparse
 from ard.bench import ROOT
 from ard.bench.benchmark import benchmark, refresh_teacher_rows
 from ard.bench.docs import refresh
-from ard.bench.registry import GAN_VARIANTS, VARIANTS
+from ard.bench.registry import GAN_VARIANTS, GRIDS, VARIANTS
 from ard.bench.reports import write_grid
 
 DOCS = ["docs/benchmarks.md", "README.md"]  # where --refresh-docs looks for sections
@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gan-steps", type=int, default=600, help="iterations of each GAN stage")
     parser.add_argument("--gan-args", nargs="*", default=[], help="extra overrides of every GAN stage")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--teacher-grid", default="leading24", choices=list(GRIDS),
+                        help="the training store's teacher grid and the students' boundaries (ard.bench.registry."
+                             "GRIDS; paper25: DiT's 25-step grid, boundaries uniform in t as the paper's setting)")
     parser.add_argument("--num-trajectories", type=int, default=8192)
     parser.add_argument("--max-steps", type=int, default=600, help="training iterations per student")
     parser.add_argument("--num-samples", type=int, default=2000, help="evaluation set size")
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
               gan_steps=args.gan_steps, gan_args=args.gan_args, seeds=args.seeds,
               num_trajectories=args.num_trajectories, max_steps=args.max_steps, num_samples=args.num_samples,
               workers=args.workers, train_only=args.train_only, noise_correction=args.noise_correction,
-              merge=args.merge)
+              merge=args.merge, grid=args.teacher_grid)
 
 
 if __name__ == "__main__":

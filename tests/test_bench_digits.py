@@ -258,3 +258,25 @@ def test_refresh_docs_fills_every_section_from_the_committed_reports(tmp_path, c
     doc.write_text("<!-- digits-gan:start -->\n<!-- digits-gan:end -->\n")
     with pytest.raises(SystemExit, match="section digits-gan has no report"):
         docs.refresh(doc, results)
+
+
+def test_the_paper_grid_gives_boundaries_uniform_in_t_and_its_presets_agree(monkeypatch, capsys):
+    """--teacher-grid paper25: the store of configs/digits/paper_trajectories.yaml (DiT's 25-step respacing) and students
+    whose boundaries are T (S - s) / S on it, as configs/digits/paper.yaml states for S = 4."""
+    from ard.diffusion import ddim_grid
+
+    overlay, boundaries = registry.GRIDS["paper25"]
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit):
+        ard_main(["predict", "-c", "configs/digits/trajectories.yaml", "-c", overlay, "--print_config"])
+    store = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    grid = ddim_grid(store["num_steps"], store["timestep_spacing"])
+    assert [grid[i] for i in boundaries(4)] == [999, 749, 500, 250, -1]
+    assert [grid[i] for i in boundaries(2)] == [999, 500, -1]
+    with pytest.raises(SystemExit):
+        ard_main(["fit", "-c", "configs/digits/ard.yaml", "-c", "configs/digits/paper.yaml", "--print_config"])
+    paper = yaml.safe_load(capsys.readouterr().out)
+    model = paper["model"]["init_args"]
+    assert paper["data"]["init_args"]["boundaries"] == boundaries(model["num_steps"])
+    assert (model["output"], model["heads"], model["recipe"]["inputs"]) == ("next_state", "per_step", "teacher")
+    assert registry.GRIDS["leading24"] == (None, None)  # the default store: boundaries s * K / S

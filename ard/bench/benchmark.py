@@ -17,16 +17,16 @@ Job = tuple[str, int, int]  # (variant, S, seed)
 
 
 def train(work: Path, store: Path, jobs: list[Job], gan_jobs: list[Job], max_steps: int, gan_steps: int,
-          gan_args: tuple[str, ...], workers: int) -> dict[Job, Path]:
+          gan_args: tuple[str, ...], workers: int, grid: str = "leading24") -> dict[Job, Path]:
     """Every regression student, then every second stage from the regression student of its S and seed (which
     `jobs` must hold); `workers` runs at a time, one thread each. Returns job -> exported EMA student."""
     missing = sorted({GAN_VARIANTS[v][0] for v, s, seed in gan_jobs if (GAN_VARIANTS[v][0], s, seed) not in jobs})
     if missing:
         raise SystemExit(f"--gan-variants need the regression variants {missing} in --variants")
     with ThreadPoolExecutor(workers) as pool:
-        students = dict(zip(jobs, pool.map(lambda j: fit(work, store, *j, max_steps, 1), jobs)))
+        students = dict(zip(jobs, pool.map(lambda j: fit(work, store, *j, max_steps, 1, grid=grid), jobs)))
         students |= dict(zip(gan_jobs, pool.map(
-            lambda j: fit(work, store, *j, gan_steps, 1, students[(GAN_VARIANTS[j[0]][0], *j[1:])], gan_args),
+            lambda j: fit(work, store, *j, gan_steps, 1, students[(GAN_VARIANTS[j[0]][0], *j[1:])], gan_args, grid),
             gan_jobs)))
     return students
 
@@ -81,22 +81,23 @@ def evaluate_all(work: Path, store: Path, students: dict[Job, Path], num_samples
 def benchmark(*, work: Path, results: str, name: str, steps: list[int], variants: list[str],
               knob_variants: list[str], knob_steps: int, gan_variants: list[str], gan_steps: int, gan_args: list[str],
               seeds: list[int], num_trajectories: int, max_steps: int, num_samples: int, workers: int,
-              train_only: bool, noise_correction: bool, merge: bool) -> None:
+              train_only: bool, noise_correction: bool, merge: bool, grid: str = "leading24") -> None:
     """The store, the students of `variants` at every S of `steps` (`knob_variants` at `knob_steps` only, the GAN
     stages of `gan_variants` at every S) over `seeds`; unless `train_only`, their evaluation and the report
-    <results>/<stem of name>.* (with `merge`, the committed report's rows this invocation did not evaluate kept)."""
+    <results>/<stem of name>.* (with `merge`, the committed report's rows this invocation did not evaluate kept).
+    `grid`: the training store's teacher grid and the students' boundaries on it (ard.bench.registry.GRIDS)."""
     store = work / "store"
     start = time.time()
-    precompute(store, num_trajectories, work / "precompute.log")
+    precompute(store, num_trajectories, work / "precompute.log", grid)
     jobs = [(v, s, seed) for s in steps for v in variants for seed in seeds]
     jobs += [(v, knob_steps, seed) for v in knob_variants for seed in seeds]
     gan_jobs = [(v, s, seed) for s in steps for v in gan_variants for seed in seeds]
-    students = train(work, store, jobs, gan_jobs, max_steps, gan_steps, tuple(gan_args), workers)
+    students = train(work, store, jobs, gan_jobs, max_steps, gan_steps, tuple(gan_args), workers, grid)
     if train_only:
         return
     rows, floors, evaluated = evaluate_all(work, store, students, num_samples, noise_correction)
     settings = {**repo_relative(evaluated), "max_steps": max_steps, "num_trajectories": num_trajectories,
-                "seeds": seeds, "invocation_seconds": time.time() - start}  # finished runs are reused
+                "seeds": seeds, "grid": grid, "invocation_seconds": time.time() - start}  # finished runs are reused
     if gan_variants:
         settings |= {"gan_preset": GAN_PRESET, "gan_steps": gan_steps, "gan_args": gan_args}
     if merge:

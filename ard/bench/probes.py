@@ -35,11 +35,14 @@ def exposure(student_dir: Path, store: Path, steps: int) -> dict[str, list[float
     """Per student step, the mean squared distance to the teacher's state on the store's held-out trajectories,
     fed the teacher's states ("fed") and on its own states ("own"): ard.student.exposure."""
     from ard.data.trajectories import TrajectoryDataModule
+    from ard.store.format import read_manifest
     from ard.student.export import load_exported
     from ard.student.exposure import exposure_errors
 
-    student, _ = load_exported(student_dir)
-    data = TrajectoryDataModule(str(store), steps, batch_size=512)
+    student, timesteps = load_exported(student_dir)
+    saved = read_manifest(store)["grid"]
+    index = dict(zip(saved["timesteps"], saved["indices"]))  # the store's saved timesteps -> their grid indices
+    data = TrajectoryDataModule(str(store), steps, batch_size=512, boundaries=[index[t] for t in timesteps])
     data.setup()
     batch = next(iter(data.val_dataloader()))
     fed, own = exposure_errors(student, batch["states"], batch["timesteps"], batch["labels"])  # (B, S) each

@@ -2,6 +2,8 @@
 configs/digits/ard.yaml), the variant names of older reports, and the GAN pilot's knob settings."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 
 def knobs(group: str = "", **values) -> list[str]:
     """`ard fit` overrides of the model's init args, in a nested group or flat (group ""):
@@ -20,8 +22,9 @@ MODELS: dict[str, list[str]] = {
     "ard-closed": knobs(history_start="closed"),
     "ard-closed-gatelr": knobs(history_start="closed", history_gate_lr=0.05),
     "ard-M3": knobs(mask="noise_and_current"),
+    "ard-N6-direct": knobs(history_blocks=6, output="next_state", heads="per_step"),  # the paper's proportion, all 6
     "baseline-direct": knobs(history_blocks=0, output="next_state", heads="per_step"),
-    "ard-direct": knobs(output="next_state", heads="per_step"),
+    "ard-direct": knobs(output="next_state", heads="per_step"),  # history in the preset's 1 block
 }
 # Training recipes (ard/student/recipe.py): suffix -> overrides; "" is teacher forcing on the stored trajectory.
 RECIPES: dict[str, list[str]] = {
@@ -32,6 +35,14 @@ RECIPES: dict[str, list[str]] = {
     "srl": knobs("recipe", inputs="rollout", targets="shifted_reconstruction"),
     # SRL re-noised far below the student's timestep, so that its top steps' targets keep the student's x0
     "srl-shift0.1": knobs("recipe", inputs="rollout", targets="shifted_reconstruction", srl_shift=0.1),
+}
+# The training store's teacher grid: name -> (a configs/digits/trajectories.yaml overlay or None, the grid indices of
+# an S-step student's boundaries or None for s * K / S). "paper25": DiT's own 25-step respacing, as the paper's
+# setting (configs/imagenet256/paper.yaml), with boundaries uniform in t: T (S - s) / S, grid index 24 s / S
+# (S = 4: 999 / 749 / 500 / 250), then the clean state.
+GRIDS: dict[str, tuple[str | None, Callable[[int], list[int]] | None]] = {
+    "leading24": (None, None),
+    "paper25": ("configs/digits/paper_trajectories.yaml", lambda s: [24 * i // s for i in range(s)] + [25]),
 }
 # A variant is a model, optionally followed by "+" and a recipe: "ard-N2+rollout".
 VARIANTS: dict[str, list[str]] = {m + ("+" + r if r else ""): MODELS[m] + RECIPES[r] for m in MODELS for r in RECIPES}

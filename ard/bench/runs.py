@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ard.atomic import write_text_atomic
 from ard.bench import ROOT
-from ard.bench.registry import GAN_PRESET, GAN_VARIANTS, VARIANTS
+from ard.bench.registry import GAN_PRESET, GAN_VARIANTS, GRIDS, VARIANTS
 
 # The GAN stage's CSV logger (the discriminator's health, ard.bench.probes.health), under <run>/csv/
 CSV_LOGGER = '{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "%s", "name": "csv"}}'
@@ -27,12 +27,15 @@ def run(cmd: list[str], log: Path, threads: int) -> None:
         raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}); see {log}")
 
 
-def precompute(store: Path, num_trajectories: int, log: Path) -> None:
-    """The digits training store (K = 24 DDIM, CFG 2, every grid state); a complete store is kept as it is."""
+def precompute(store: Path, num_trajectories: int, log: Path, grid: str = "leading24") -> None:
+    """The digits training store (DDIM, CFG 2, every grid state; K = 24 leading, or the GRIDS overlay's grid); a
+    complete store is kept as it is."""
     manifest = store / "manifest.json"
+    overlay = GRIDS[grid][0]
     if not (manifest.exists() and json.loads(manifest.read_text()).get("complete")):
         run([sys.executable, "scripts/precompute_trajectories.py", "-c", "configs/digits/trajectories.yaml",
-             "--out", str(store), "--num-trajectories", str(num_trajectories)], log, 2)
+             *(["-c", overlay] if overlay else []), "--out", str(store), "--num-trajectories", str(num_trajectories)],
+            log, 2)
 
 
 def stage_args(variant: str, run_dir: Path, seed: int, max_steps: int, init: Path | None,
@@ -54,9 +57,10 @@ def stage_args(variant: str, run_dir: Path, seed: int, max_steps: int, init: Pat
 
 
 def fit(work: Path, store: Path, variant: str, steps: int, seed: int, max_steps: int, threads: int,
-        init: Path | None = None, gan_args: tuple[str, ...] = ()) -> Path:
+        init: Path | None = None, gan_args: tuple[str, ...] = (), grid: str = "leading24") -> Path:
     """Train one student of `variant` (VARIANTS or GAN_VARIANTS) with S = `steps`, `max_steps` iterations, into
-    <work>/runs/<variant>-S<steps>-seed<seed> (resumable); returns its exported EMA student. A finished run trained
+    <work>/runs/<variant>-S<steps>-seed<seed> (resumable; the store's GRIDS entry `grid` gives its boundaries);
+    returns its exported EMA student. A finished run trained
     for another number of iterations is refused: run directories are named by variant, S and seed only."""
     run_dir = work / "runs" / f"{variant}-S{steps}-seed{seed}"
     done = run_dir / "train_seconds.json"
@@ -65,13 +69,15 @@ def fit(work: Path, store: Path, variant: str, steps: int, seed: int, max_steps:
         raise SystemExit(f"{run_dir} was trained {trained} iterations, not {max_steps}: use another --work for "
                          "another training length")
     if not (run_dir / "student_ema" / "ard_sampling.json").exists():
+        boundaries = GRIDS[grid][1]
+        data = [f"--data.init_args.boundaries={boundaries(steps)}"] if boundaries else []
         start = time.time()
         run([sys.executable, "-m", "ard.cli", "fit", "-c", "configs/digits/ard.yaml",
              *stage_args(variant, run_dir, seed, max_steps, init, gan_args),
              f"--data.init_args.path={store}", f"--data.init_args.student_steps={steps}",
              f"--model.init_args.num_steps={steps}", f"--seed_everything={seed}", f"--data.init_args.seed={seed}",
              f"--trainer.default_root_dir={run_dir}", f"--trainer.val_check_interval={max_steps}",
-             "--trainer.enable_progress_bar=false", *VARIANTS[GAN_VARIANTS.get(variant, (variant,))[0]]],
+             "--trainer.enable_progress_bar=false", *data, *VARIANTS[GAN_VARIANTS.get(variant, (variant,))[0]]],
             run_dir.with_suffix(".log"), threads)
         seconds = time.time() - start
         write_text_atomic(done, json.dumps({"seconds": seconds, "threads": threads, "iterations": max_steps}))
