@@ -1,7 +1,8 @@
 """Precompute a teacher's trajectory store: a thin wrapper over `ard predict -c CONFIG` (the same code path).
 
-    python scripts/precompute_trajectories.py -c configs/digits/trajectories.yaml --out runs/digits/trajectories \
-        --num-trajectories 16384 [--devices 2] [--batch-size 256] [any further `ard predict` options]
+    python scripts/precompute_trajectories.py -c configs/digits/trajectories.yaml [-c OVERLAY.yaml] \
+        --out runs/digits/trajectories --num-trajectories 16384 [--devices 2] [--batch-size 256] [any further
+        `ard predict` options]
 
 Re-running the same command resumes (complete shards are kept, the rest computed). --batch-size is the
 teacher's micro-batch (model.micro_batch_size), part of the store's identity; --devices > 1 runs DDP (gloo on
@@ -19,13 +20,14 @@ from ard.cli import main as ard_main
 def predict_args(argv: list[str] | None = None) -> list[str]:
     """This script's options as `ard predict` arguments; unknown options are passed through."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-c", "--config", required=True, help="a trajectories YAML (configs/<setting>/trajectories.yaml)")
+    parser.add_argument("-c", "--config", required=True, action="append",
+                        help="a trajectories YAML (configs/<setting>/trajectories.yaml); more -c files overlay it")
     parser.add_argument("--out", required=True, help="the store directory (data.path)")
     parser.add_argument("--num-trajectories", type=int, required=True, help="trajectories in the store")
     parser.add_argument("--devices", type=int, default=None, help="processes (trainer.devices); default: the config's")
     parser.add_argument("--batch-size", type=int, default=None, help="teacher micro-batch (model.micro_batch_size)")
     args, rest = parser.parse_known_args(argv)
-    out = ["predict", "-c", args.config, f"--data.init_args.path={args.out}",
+    out = ["predict", *(a for config in args.config for a in ("-c", config)), f"--data.init_args.path={args.out}",
            f"--data.init_args.num_trajectories={args.num_trajectories}"]
     if args.devices is not None:
         out += [f"--trainer.devices={args.devices}"]

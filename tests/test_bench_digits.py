@@ -280,3 +280,7 @@ def test_the_paper_grid_gives_boundaries_uniform_in_t_and_its_presets_agree(monk
     assert paper["data"]["init_args"]["boundaries"] == boundaries(model["num_steps"])
     assert (model["output"], model["heads"], model["recipe"]["inputs"]) == ("next_state", "per_step", "teacher")
     assert registry.GRIDS["leading24"] == (None, None)  # the default store: boundaries s * K / S
+    script = runpy.run_path(str(ROOT / "scripts" / "precompute_trajectories.py"))  # the tool's store command
+    args = script["predict_args"](["-c", "configs/digits/trajectories.yaml", "-c", overlay, "--out", "s",
+                                   "--num-trajectories", "8"])
+    assert args[:5] == ["predict", "-c", "configs/digits/trajectories.yaml", "-c", overlay]
