@@ -27,6 +27,7 @@ def test_without_cuda_it_refuses_and_writes_nothing(gpu_check, tmp_path, capsys)
     assert not out.exists()
 
 
+@pytest.mark.slow  # (about 10 s; the script matters where a GPU is lent, and its argument checks stay in the suite)
 def test_smoke_runs_every_section(gpu_check, tmp_path):
     out = tmp_path / "gpu_check.json"
     report = gpu_check.main(["--smoke", "--out", str(out)])
