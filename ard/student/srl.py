@@ -1,6 +1,6 @@
 """Imagine Flash's shifted reconstruction loss (SRL, Kohler et al. 2024, sec. 3.3): how much of its input the
 target keeps, the per-step re-noising timesteps chosen from that, and the per-step weights (docs/method.md,
-"Training targets").
+"Training recipes").
 
 SRL re-noises the student's x0-prediction x0_s to tau'_s with fresh noise and regresses the teacher's x0-estimate
 T(x0_s) of that state. The paper's stated design: at large t the target stays globally similar to the student's
