@@ -231,7 +231,7 @@ def ddim_sample(model, noise: torch.Tensor, labels: torch.Tensor, num_steps: int
         raise ValueError(f"save_indices must lie in [0, {num_steps}], got {list(save_indices)}")
     scheduler = make_scheduler(spacing, clip_sample=clip_sample)
     scheduler.set_timesteps(num_steps)
-    ab = alpha_bar(scheduler, torch.tensor(grid, device=noise.device))  # (K+1,) float64, the last 1 (clean)
+    ab = alpha_bar(scheduler, torch.tensor(grid, device=noise.device)) if spacing == "linspace" else None  # (K+1,)
     x = noise  # (B, C, H, W)
     states, x0s = {}, {}
     steps = range(num_steps)

@@ -24,21 +24,20 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
+from ard.checks import CLEAN, AtLeastOne, NonNegative, NonNegativeInt, Positive
+from ard.diffusion import AUTOCAST_DTYPE, TRAINER_PRECISION
+
 FORMAT = "ard-trajectory-store"
 VERSIONS = (1, 2)  # 1: class labels, DDIM; 2: adds conditioning, flow solvers, teacher families
 NUMPY_DTYPE: dict[str, str] = {"float16": "<f2", "bfloat16": "<u2", "float32": "<f4"}  # as written in the .npy
 TEACHER_FAMILIES = ("dit", "pixart", "sd3")  # diffusers' DiTTransformer2DModel, PixArtTransformer2DModel, SD3...
 # A manifest's solver precision: the teacher's autocast, or Lightning's trainer string that older manifests recorded
-PRECISIONS = ("fp32", "bf16", "fp16", "32-true", "32", "bf16-mixed", "16-mixed")
+PRECISIONS = (*AUTOCAST_DTYPE, *TRAINER_PRECISION)
 MAX_TRAIN_TIMESTEPS = 100_000  # no diffusion schedule has more discrete timesteps
-CLEAN = -1  # the timestep label of the final, clean state
 
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
-Count = Annotated[int, Field(ge=1)]
-Index = Annotated[int, Field(ge=0)]
-Finite = Annotated[float, Field(allow_inf_nan=False)]
-Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
-NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Count = AtLeastOne
+Index = NonNegativeInt
 StoreDtype = Literal["float16", "bfloat16", "float32"]
 
 
