@@ -66,7 +66,7 @@ from ard.metrics.precision_recall import MIN_IMAGES
 from ard.metrics.reference import check_npz_images
 from ard.metrics.table import metrics_table
 from ard.student import sample
-from ard.student.export import load_exported
+from ard.student.export import exported_noise_correction, load_exported
 from ard.teacher import DIGITS_TEACHER, Numerics, check_teacher, load_teacher, num_classes, teacher_identity
 from ard.viz import image_grid, label_rows, save_png
 
@@ -116,11 +116,13 @@ def undistilled_sampler(teacher, solver: dict, timesteps: list[int], noise_corre
 
 def student_sampler(directory: str, device: torch.device = torch.device("cpu"),
                     noise_correction: bool = False) -> tuple[Sampler, list[int]]:
-    """A standalone student's S-step sampler and its boundary timesteps (S + 1, the last CLEAN)."""
+    """A standalone student's S-step sampler and its boundary timesteps (S + 1, the last CLEAN). A student trained
+    with noise correction (its ard_sampling.json) is always sampled with it, as it was trained."""
     student, boundaries = load_exported(directory)
     student = student.to(device)
+    corrected = noise_correction or exported_noise_correction(directory)
     timesteps = torch.tensor(boundaries, device=device)  # (S+1,)
-    return (lambda n, y: sample(student, n, y, timesteps, noise_correction)[:, -1]), boundaries
+    return (lambda n, y: sample(student, n, y, timesteps, corrected)[:, -1]), boundaries
 
 
 def undistilled_timesteps(steps: int, students: dict[str, list[int]], solver: dict) -> list[int]:

@@ -37,20 +37,22 @@ from ard.diffusion import trajectory_inputs
 from ard.latents import LATENT_SCALE, decode_latents, load_vae
 from ard.metrics import save_npz_images
 from ard.student import ARDStudent, sample
-from ard.student.export import export_student, load_checkpoint_student, load_exported
+from ard.student.export import export_student, exported_noise_correction, load_checkpoint_student, load_exported
 from ard.viz import image_grid, save_png
 
 
-def load_student(args) -> tuple[ARDStudent, list[int]]:
-    """The student and its boundary timesteps, from --checkpoint (its EMA weights) or --student."""
+def load_student(args) -> tuple[ARDStudent, list[int], bool]:
+    """The student, its boundary timesteps and whether it was trained with noise correction (then always sampled
+    with it), from --checkpoint (its EMA weights) or --student."""
     if args.checkpoint:
-        return load_checkpoint_student(args.checkpoint)[:2]
-    return load_exported(args.student)
+        loaded = load_checkpoint_student(args.checkpoint)
+        return loaded.student, loaded.timesteps, loaded.noise_correction
+    return (*load_exported(args.student), exported_noise_correction(args.student))
 
 
 def run_sample(args) -> None:
     check_writable(args.out, "--out")
-    student, timesteps = load_student(args)
+    student, timesteps, trained_corrected = load_student(args)
     device = torch.device(args.device)
     student = student.to(device)
     config = student.transformer.config
@@ -78,7 +80,7 @@ def run_sample(args) -> None:
                                      labels=labels[start:start + len(idx)] if labels is not None else None)
         with torch.no_grad(), autocast:
             x = sample(student, noise.to(device), y.to(device), timesteps,
-                       args.noise_correction)[:, -1].float()  # (b, C, H, W)
+                       args.noise_correction or trained_corrected)[:, -1].float()  # (b, C, H, W)
             check_finite_samples(x, f"student samples {idx[0]}..{idx[-1]} (nothing written)")
             images = decode_latents(vae, x, args.latent_scale) if vae is not None else x  # (b, 3|1, H', W')
         out.append(to_uint8(images.cpu()))
@@ -95,8 +97,8 @@ def run_sample(args) -> None:
 
 def run_export(args) -> None:
     check_writable(Path(args.out).parent, "--out (its parent)")
-    student, timesteps, recipe = load_checkpoint_student(args.checkpoint)
-    print(f"wrote {export_student(student, timesteps, args.out, recipe)}")
+    loaded = load_checkpoint_student(args.checkpoint)
+    print(f"wrote {export_student(loaded.student, loaded.timesteps, args.out, loaded.recipe, loaded.noise_correction)}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

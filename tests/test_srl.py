@@ -242,3 +242,22 @@ def test_export_records_noise_correction(tmp_path, teacher):
     assert json.loads((on / SAMPLING_CONFIG).read_text())["noise_correction"] is True
     assert "noise_correction" not in json.loads((off / SAMPLING_CONFIG).read_text())  # unchanged file when off
     assert exported_noise_correction(on) and not exported_noise_correction(off)
+
+
+def test_a_student_trained_with_noise_correction_is_evaluated_with_it(tmp_path, teacher):
+    """ard-eval and sample_student take the exported flag: the trained-corrected student's samples are those of
+    `sample(..., noise_correction=True)`, whether or not the caller asks for the correction."""
+    from ard.evaluate import student_sampler
+    torch.manual_seed(0)
+    student = ARDStudent(teacher, 2, history_blocks=1)
+    on = export_student(student, [943, 451, -1], tmp_path / "on", {}, noise_correction=True)
+    off = export_student(student, [943, 451, -1], tmp_path / "off", {})
+    noise, labels = torch.randn(3, 1, 8, 8), torch.tensor([0, 1, 2])
+    ts = torch.tensor([943, 451, -1])
+    with torch.no_grad():
+        corrected = sample(student.eval(), noise, labels, ts, True)[:, -1]
+        plain = sample(student, noise, labels, ts, False)[:, -1]
+        assert not torch.allclose(corrected, plain)  # the correction changes the samples
+        torch.testing.assert_close(student_sampler(str(on))[0](noise, labels), corrected)
+        torch.testing.assert_close(student_sampler(str(off))[0](noise, labels), plain)
+        torch.testing.assert_close(student_sampler(str(off), noise_correction=True)[0](noise, labels), corrected)

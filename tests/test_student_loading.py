@@ -1,6 +1,7 @@
 """Students load without the Lightning modules: `ard-eval` and scripts/sample_student.py read exported students,
 and sample_student.py reads checkpoints, through ard.student.export alone (checked in fresh interpreters)."""
 import json
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,8 @@ import pytest
 import torch
 
 from ard.student import ARDStudent
-from ard.student.export import SAMPLING_CONFIG, export_student, load_checkpoint_student, load_exported
+from ard.student.export import (SAMPLING_CONFIG, export_student, exported_noise_correction, load_checkpoint_student,
+                                load_exported)
 from ard.teacher import load_teacher
 from test_store import tiny_teacher
 
@@ -53,10 +55,11 @@ def exported(tmp_path_factory, student):
     return export_student(student, TIMESTEPS, tmp_path_factory.mktemp("export") / "student", RECIPE)
 
 
-def checkpoint(path: Path, teacher: Path, student: ARDStudent, flat: bool) -> Path:
+def checkpoint(path: Path, teacher: Path, student: ARDStudent, flat: bool, noise_correction: bool = False) -> Path:
     """An `ard fit` checkpoint's fields that a student is read from; the recipe nested (today) or flat (before)."""
     hparams = {"teacher": str(teacher), "num_steps": 2, "history_blocks": 1}
     hparams |= RECIPE if flat else {"recipe": RECIPE}
+    hparams |= {"noise_correction": True} if noise_correction else {}
     torch.save({"boundary_timesteps": TIMESTEPS, "hyper_parameters": hparams,
                 "state_dict": {f"student.{k}": v for k, v in student.state_dict().items()}}, path)
     return path
@@ -85,11 +88,19 @@ def test_sampling_loads_students_without_the_lightning_modules(tmp_path, teacher
 # (flat_recipe is slow: the upgrade of the earlier flat layout also runs in test_distill's resume test)
 def test_export_writes_the_checkpoints_student_and_recipe(tmp_path, teacher, student, flat):
     ckpt = checkpoint(tmp_path / "last.ckpt", teacher, student, flat)
-    _, timesteps, recipe = load_checkpoint_student(ckpt)
-    assert timesteps == TIMESTEPS and recipe == RECIPE
+    _, timesteps, recipe, corrected = load_checkpoint_student(ckpt)
+    assert timesteps == TIMESTEPS and recipe == RECIPE and not corrected
     in_fresh_interpreter(sample_student_main("export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "export")))
     sampling = json.loads((tmp_path / "export" / SAMPLING_CONFIG).read_text())
     assert sampling == {"timesteps": TIMESTEPS, "recipe": RECIPE}
     exported, _ = load_exported(tmp_path / "export")
     for key, value in student.state_dict().items():
         assert torch.equal(exported.state_dict()[key], value), key
+
+
+def test_export_keeps_a_checkpoints_noise_correction(tmp_path, teacher, student):
+    """A student trained with noise correction is exported as one (and is then sampled and evaluated with it)."""
+    ckpt = checkpoint(tmp_path / "last.ckpt", teacher, student, flat=False, noise_correction=True)
+    assert load_checkpoint_student(ckpt).noise_correction
+    runpy.run_path(str(SCRIPT))["main"](["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "export")])
+    assert exported_noise_correction(tmp_path / "export")

@@ -179,7 +179,7 @@ def test_drifted_copies_load_untied_by_default_and_are_refused_when_tying_is_ask
                   "hyper_parameters": {"teacher": str(official), "teacher_size": tiny, "numerics": None,
                                        "num_steps": 2, "history_blocks": 1, "recipe": {}}}
     torch.save(checkpoint, tmp_path / "old.ckpt")
-    student, _, _ = load_checkpoint_student(tmp_path / "old.ckpt")
+    student = load_checkpoint_student(tmp_path / "old.ckpt").student
     assert not embedders_tied(student.transformer)
     checkpoint["hyper_parameters"]["tie_embedders"] = True
     torch.save(checkpoint, tmp_path / "tied.ckpt")

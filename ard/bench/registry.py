@@ -25,7 +25,11 @@ MODELS: dict[str, list[str]] = {
     "ard-N6-direct": knobs(history_blocks=6, output="next_state", heads="per_step"),  # the paper's proportion, all 6
     "baseline-direct": knobs(history_blocks=0, output="next_state", heads="per_step"),
     "ard-direct": knobs(output="next_state", heads="per_step"),  # history in the preset's 1 block
+    # trained (and so sampled) with Imagine Flash's first-step noise correction, against the " [nc]" rows of
+    # ard-N1, which apply it at inference only
+    "ard-N1-nc-trained": knobs(history_blocks=1, noise_correction=True),
 }
+SRL_IF_S4 = "[295,295,295,205]"  # ard.student.srl.retention_timesteps at top retention 0.4, boundaries 943/697/451/205
 # Training recipes (ard/student/recipe.py): suffix -> overrides; "" is teacher forcing on the stored trajectory.
 RECIPES: dict[str, list[str]] = {
     "": knobs("recipe", inputs="teacher", targets="trajectory"),  # stated, whatever the preset says
@@ -35,6 +39,13 @@ RECIPES: dict[str, list[str]] = {
     "srl": knobs("recipe", inputs="rollout", targets="shifted_reconstruction"),
     # SRL re-noised far below the student's timestep, so that its top steps' targets keep the student's x0
     "srl-shift0.1": knobs("recipe", inputs="rollout", targets="shifted_reconstruction", srl_shift=0.1),
+    # Imagine Flash's SRL (S = 4): per-step tau' whose target keeps 0.4 of the student's x0 at the top three steps
+    # and the input's own 0.60 at the bottom one (docs/results/srl_retention.json), SNR step weights, no clipping
+    "srl-if": knobs("recipe", inputs="rollout", targets="shifted_reconstruction", srl_timesteps=SRL_IF_S4,
+                    srl_weights="snr"),
+    # the same SRL added, times 0.1, to the trajectory target on the student's own rollouts
+    "rollout+srl-if": knobs("recipe", inputs="rollout", targets="trajectory", srl_timesteps=SRL_IF_S4,
+                            srl_weights="snr", srl_weight=0.1),
 }
 # The training store's teacher grid: name -> (a configs/digits/trajectories.yaml overlay or None, the grid indices of
 # an S-step student's boundaries or None for s * K / S). "paper25": DiT's own 25-step respacing, as the paper's

@@ -32,7 +32,11 @@ def precompute(store: Path, num_trajectories: int, log: Path, grid: str = "leadi
     complete store is kept as it is."""
     manifest = store / "manifest.json"
     overlay = GRIDS[grid][0]
-    if not (manifest.exists() and json.loads(manifest.read_text()).get("complete")):
+    kept = json.loads(manifest.read_text()) if manifest.exists() else {}
+    if kept.get("complete") and kept.get("num_trajectories") != num_trajectories:
+        raise SystemExit(f"{manifest}: a complete store of {kept.get('num_trajectories')} trajectories, not the "
+                         f"{num_trajectories} asked for; use another --work or --num-trajectories")
+    if not kept.get("complete"):
         run([sys.executable, "scripts/precompute_trajectories.py", "-c", "configs/digits/trajectories.yaml",
              *(["-c", overlay] if overlay else []), "--out", str(store), "--num-trajectories", str(num_trajectories)],
             log, 2)

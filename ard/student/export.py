@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 from ard.atomic import atomic_directory
 from ard.checks import check_finite_weights, check_timesteps
@@ -76,11 +77,19 @@ def exported_noise_correction(directory: str | Path) -> bool:
     return value
 
 
-def load_checkpoint_student(path: str | Path) -> tuple[ARDStudent, list[int], dict]:
+class CheckpointStudent(NamedTuple):
+    """What `load_checkpoint_student` reads from an `ard fit` checkpoint."""
+    student: ARDStudent  # in eval mode, the EMA weights where the run kept them
+    timesteps: list[int]  # its S + 1 boundary timesteps, the last CLEAN
+    recipe: dict  # the training recipe (provenance)
+    noise_correction: bool  # trained with the first-step noise correction: sampled with it
+
+
+def load_checkpoint_student(path: str | Path) -> CheckpointStudent:
     """The student of an `ard fit` checkpoint with its `state_dict` weights (the EMA weights when it was trained
     with EMAWeightAveraging; the raw ones are under `current_model_state`), its boundary timesteps and the
     training recipe (ard.student.recipe: `hyper_parameters.recipe`, or its six keys flat in checkpoints written
-    before it was grouped). Read weights-only (ard.checkpoints); the student is rebuilt from the checkpoint's
+    before it was grouped) and whether it was trained with noise correction. Read weights-only (ard.checkpoints); the student is rebuilt from the checkpoint's
     teacher and student settings, without the Lightning module. Its embedders are tied as the run's
     `tie_embedders` says; unrecorded (None, or a checkpoint of an earlier version): tied unless the student's
     per-block copies differ (a student distilled with one embedder per block is loaded so). One-line errors for
@@ -112,4 +121,5 @@ def load_checkpoint_student(path: str | Path) -> tuple[ARDStudent, list[int], di
             raise ValueError(f"{path}: {e}") from None
     except (TypeError, RuntimeError) as e:
         raise ValueError(f"{path}: does not fit an ARD student ({str(e).strip().splitlines()[0][:200]})") from None
-    return student.eval(), check_timesteps(list(timesteps), f"{path}: field 'boundary_timesteps'"), dict(recipe)
+    return CheckpointStudent(student.eval(), check_timesteps(list(timesteps), f"{path}: field 'boundary_timesteps'"),
+                             dict(recipe), hparams.get("noise_correction", False) is True)
