@@ -30,7 +30,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from ard.checks import CLEAN  # noqa: F401 (re-exported: the timestep label of the clean state)
-from ard.teacher import check_labels, eps_from_output, null_class
+from ard.backbones import backbone_of
 
 TimestepSpacing = Literal["leading", "trailing", "linspace"]
 # Which epsilon channels CFG guides: "all" (ard's default) or "dit", facebookresearch/DiT's forward_with_cfg,
@@ -122,11 +122,12 @@ def guided_eps(model, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, gu
 
     x: (B, C, H, W); t: (B,) ints; labels: (B,). One batched forward over [cond, uncond].
     """
+    family = backbone_of(model)
     if guidance_scale == 1.0:
-        return eps_from_output(model, model(x, t, labels).sample)  # (B, C, H, W)
-    null = torch.full_like(labels, null_class(model))  # (B,)
-    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).sample  # (2B, C', H, W)
-    eps_c, eps_u = eps_from_output(model, out).chunk(2)  # (B, C, H, W) each
+        return family.predict(model, x, t, labels)  # (B, C, H, W)
+    null = family.null_condition(model, labels)  # (B,)
+    eps_c, eps_u = family.predict(model, torch.cat([x, x]), torch.cat([t, t]),
+                                  family.cat([labels, null])).chunk(2)  # (B, C, H, W) each
     guided = eps_u + guidance_scale * (eps_c - eps_u)  # (B, C, H, W)
     if cfg_channels == "all":
         return guided
@@ -224,7 +225,7 @@ def ddim_sample(model, noise: torch.Tensor, labels: torch.Tensor, num_steps: int
     states (default: all). With return_x0, the x0-prediction of each saved state (the final state's
     is the sample itself). Deterministic: same inputs, same trajectory.
     """
-    check_labels(model, labels)
+    backbone_of(model).check_condition(model, labels)
     grid = ddim_grid(num_steps, spacing)
     save = list(range(num_steps + 1)) if save_indices is None else sorted(set(int(i) for i in save_indices))
     if not save or save[0] < 0 or save[-1] > num_steps:
@@ -272,7 +273,7 @@ def ddim_sample_at(model, noise: torch.Tensor, labels: torch.Tensor, timesteps: 
     timesteps = [int(t) for t in timesteps]
     if len(timesteps) < 2 or timesteps[-1] != CLEAN or any(a <= b for a, b in zip(timesteps[:-1], timesteps[1:])):
         raise ValueError(f"timesteps must decrease and end at {CLEAN} (clean), got {timesteps}")
-    check_labels(model, labels)
+    backbone_of(model).check_condition(model, labels)
     path = torch.tensor(timesteps, device=noise.device).expand(noise.shape[0], -1)  # (B, S+1)
     return ddim_path(model, noise, labels, path, guidance_scale, clip_sample, cfg_channels, noise_correction)
 

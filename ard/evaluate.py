@@ -67,7 +67,8 @@ from ard.metrics.reference import check_npz_images
 from ard.metrics.table import metrics_table
 from ard.student import sample
 from ard.student.export import exported_noise_correction, load_exported
-from ard.teacher import DIGITS_TEACHER, Numerics, check_teacher, load_teacher, num_classes, teacher_identity
+from ard.backbones.dit import Numerics, num_classes
+from ard.teacher import DIGITS_TEACHER, check_teacher, load_teacher, teacher_identity
 from ard.viz import image_grid, label_rows, save_png
 
 Sampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (noise (B,C,H,W), labels (B,)) -> (B,C,H,W)

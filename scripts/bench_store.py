@@ -156,7 +156,7 @@ def bench_read(work: Path, rounds: int) -> dict:
 
 # ------------------------------------------------------------------------------------------------ writer
 def tiny_teacher(path: Path, **overrides) -> Path:
-    from ard.teacher import build_dit
+    from ard.backbones.dit import build_dit
 
     torch.manual_seed(0)
     model = build_dit("digits", **overrides)

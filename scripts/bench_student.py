@@ -32,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ard.diffusion import ddim_grid, ddim_sample
 from ard.student import ARDStudent, StepMSELoss, sample
 from ard.student.attention import ONE_MASK_BELOW_TOKENS, HistoryAttnProcessor
-from ard.teacher import build_dit
+from ard.backbones.dit import build_dit
 
 STEPS = 4
 HISTORY_BLOCKS = 6  # N, the paper's setting (6 of 28 blocks for DiT-XL/2)

@@ -4,14 +4,14 @@
     python scripts/convert_dit_checkpoint.py teachers/dit_xl2_256 --to-official --out DiT-XL-2-256x256.pt
 
 The checkpoint is read by `ard.teacher.load_teacher` (torch.load(weights_only=True); a training
-checkpoint's "ema" weights are used), mapped by `ard.convert`, checked against the chosen size, and
+checkpoint's "ema" weights are used), mapped by `ard.backbones.dit_official`, checked against the chosen size, and
 written as config.json + safetensors (every block's embedder keys, equal values); the config records the
-official DiT numerics (`ard.teacher.set_numerics`), which `load_teacher` restores. The directory appears
+official DiT numerics (`ard.backbones.dit.set_numerics`), which `load_teacher` restores. The directory appears
 atomically (`ard.atomic`); an existing non-empty one is replaced only with --force.
 
 --to-official: a diffusers DiT directory (a teacher, or an exported student without history attention and
 with the shared head, which is a plain DiT) -> an official state dict (.pt: one t_embedder / y_embedder, qkv,
-pos_embed; `ard.convert.to_official_state_dict`), refused when its blocks' embedders differ. The official code
+pos_embed; `ard.backbones.dit_official.to_official_state_dict`), refused when its blocks' embedders differ. The official code
 computes with the "dit" numerics: weights recorded with other numerics are written with a note on stderr.
 Errors: one line naming the file or key, exit status 1.
 """
@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 
 from ard.atomic import atomic_directory, write_atomic
-from ard.convert import to_official_state_dict
-from ard.teacher import DIT_SIZES, NUMERICS_KEY, load_teacher, numerics_of
+from ard.backbones.dit import DIT_SIZES, NUMERICS_KEY, numerics_of
+from ard.backbones.dit_official import to_official_state_dict
+from ard.teacher import load_teacher
 
 STUDENT_CONFIG = "ard_student.json"  # beside an exported student's transformer (ard.student.model)
 

@@ -36,7 +36,7 @@ from ard.diffusion import ddim_grid, ddim_sample
 from ard.evaluate import gflops_per_image
 from ard.student import ARDStudent, StepMSELoss, sample
 from ard.student.attention import HistoryAttnProcessor, KVCache
-from ard.teacher import build_dit
+from ard.backbones.dit import build_dit
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, HISTORY_BLOCKS, GUIDANCE = 4, 6, 1.5  # the ImageNet preset's S, N and the teacher's w

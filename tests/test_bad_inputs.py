@@ -526,7 +526,7 @@ def test_evaluate_reference_of_the_wrong_size(tmp_path, capsys, teacher, shape, 
 # ---------------------------------------------------------------------------------------------- converter
 def official(path: Path) -> Path:
     """An official-DiT-style state dict of 1 block (the key names; the shapes are not reached)."""
-    from ard.convert import official_keys
+    from ard.backbones.dit_official import official_keys
 
     torch.save({key: torch.zeros(4) for key in official_keys(1)}, path)
     return path
@@ -554,7 +554,7 @@ def test_converter_bad_checkpoints(tmp_path, capsys, case, needle):
 
 def test_converter_refuses_nan_weights(tmp_path, capsys):
     """A NaN in otherwise convertible weights: the check runs on the loaded model, before anything is written."""
-    from ard.teacher import build_dit
+    from ard.backbones.dit import build_dit
 
     model = build_dit("digits")
     state = {k: v.clone() for k, v in model.state_dict().items()}

@@ -20,7 +20,9 @@ from safetensors.torch import save_file
 from ard.cli import main as ard_main
 from ard.evaluate import evaluate
 from ard.evaluate import main as eval_main
-from ard.teacher import build_dit, load_teacher, teacher_family
+from ard.backbones.dit import build_dit
+from ard.backbones.files import teacher_family
+from ard.teacher import load_teacher
 from test_bad_inputs import Crafted, eval_args, expect_one_line, fit_args, predict_args, teacher  # noqa: F401
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"

@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from ard.atomic import atomic_directory
-from ard.convert import convert_official_state_dict, is_official_state_dict, official_keys
-from ard.teacher import DIT_SIZES, NUMERICS_KEY, load_teacher, set_numerics
+from ard.backbones.dit import DIT_SIZES, NUMERICS_KEY, set_numerics
+from ard.backbones.dit_official import convert_official_state_dict, is_official_state_dict, official_keys
+from ard.teacher import load_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "convert_dit_checkpoint.py"

@@ -4,7 +4,7 @@ import torch
 
 from ard.diffusion import (CLEAN, alpha_bar, ddim_grid, ddim_jump, ddim_sample, ddim_sample_at, guided_eps,
                            make_scheduler, precision_of_trainer, recorded_solver, solver_identity, trajectory_inputs)
-from ard.teacher import build_dit
+from ard.backbones.dit import build_dit
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from ard.evaluate import REPORT_KEYS, evaluate, gflops_per_image, make_decoder, 
 from ard.metrics import (DigitFeatures, compute_metrics, digits_images, extract, fid_from_features, load_npz_images,
                          reference_from_images)
 from ard.student import ARDStudent
-from ard.teacher import build_dit
+from ard.backbones.dit import build_dit
 
 
 def tiny_teacher_and_student(tmp_path, perturb: bool = False):

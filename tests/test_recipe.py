@@ -15,7 +15,7 @@ from ard.student import ARDStudent, HistoryContext, StepMSELoss, sample
 from ard.student.recipe import (Recipe, shift_timesteps, shifted_reconstruction, student_inputs,
                                 substep_paths, teacher_from_state)
 from test_distill import S, args_for, step_losses, store, teacher_dir  # noqa: F401 (fixtures)
-from ard.teacher import eps_from_output
+from ard.backbones.dit import DiT
 from test_student_model import inputs, tiny_teacher
 
 K = 8  # the teacher grid of the hand-made trajectories (S = 2 or 4 divides it)
@@ -102,7 +102,7 @@ def test_noise_correction_replaces_exactly_the_first_steps_epsilon(teacher):
         plain, corrected = (sample(student, noise, labels, timesteps, nc) for nc in (False, True))
         # step 0 by hand: x0 from the model's eps, direction sqrt(1 - b) x_T instead of sqrt(1 - b) eps
         history = HistoryContext(num_steps=S, step=0, cache=student.new_cache(3))
-        eps = eps_from_output(teacher, student._transformer(noise, timesteps[:, 0], labels, history, step=0))
+        eps = DiT().prediction(teacher, student._transformer(noise, timesteps[:, 0], labels, history, step=0))
         a, b = (alpha_bar(student.scheduler, timesteps[:, i]).float().view(-1, 1, 1, 1) for i in (0, 1))
         torch.testing.assert_close(corrected[:, 1] - plain[:, 1], (1 - b).sqrt() * (noise - eps), atol=1e-5, rtol=0)
         # later steps: the same function of the same inputs (the cache holds the corrected states' keys)

@@ -8,6 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from ard.backbones import BACKBONES
+from ard.backbones.dit import DiT
 from ard.diffusion import alpha_bar, ddim_grid, ddim_path, ddim_sample, guided_x0, make_scheduler, predict_x0
 from ard.student import ARDStudent, StepMSELoss, sample
 from ard.student.export import SAMPLING_CONFIG, export_student, exported_noise_correction
@@ -23,7 +25,8 @@ BOUNDARIES = [943, 697, 451, 205, -1]  # an S = 4 student on the K = 24 leading 
 class GaussianDenoiser(torch.nn.Module):
     """The exact denoiser of per-class Gaussian data x0 = mu_c + sqrt(v) z (z ~ N(0, I)), as a DiT-like model:
     E[x0 | x_t] = mu + g (x_t - alpha mu) with g = alpha v / (alpha_bar v + 1 - alpha_bar); returns the epsilon that
-    implies. Its retention at t is alpha_bar v / (alpha_bar v + 1 - alpha_bar)."""
+    implies. Its retention at t is alpha_bar v / (alpha_bar v + 1 - alpha_bar). Served by the DiT adapter's maths
+    (`gaussian_family`): a DiT's config fields, output and labels."""
 
     def __init__(self, means: torch.Tensor, variance: float):
         super().__init__()
@@ -41,6 +44,16 @@ class GaussianDenoiser(torch.nn.Module):
     def expected_retention(t: int, variance: float) -> float:
         a = float(make_scheduler().alphas_cumprod[t])
         return a * variance / (a * variance + 1 - a)
+
+
+class GaussianFamily(DiT):
+    family, model_class = "gaussian", GaussianDenoiser
+
+
+@pytest.fixture(autouse=True)
+def gaussian_family(monkeypatch):
+    """The toy denoiser as a teacher family, for this module's tests."""
+    monkeypatch.setitem(BACKBONES, GaussianFamily.family, GaussianFamily())
 
 
 def gaussian_data(variance: float, per_class: int = 200, classes: int = 10, seed: int = 0):

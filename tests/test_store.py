@@ -16,7 +16,7 @@ from ard.modules.precompute import PrecomputeTrajectories
 from ard.store import format as fmt
 from ard.store.jobs import StoreShards
 from ard.store.writer import TrajectoryStoreWriter
-from ard.teacher import build_dit
+from ard.backbones.dit import build_dit
 
 SAVE = [0, 6, 12, 18, 24]  # the boundaries of a 4-step student on the K = 24 grid (and of S = 2)
 N, SHARD, MICRO = 40, 16, 8  # three shards: 16, 16, 8 trajectories

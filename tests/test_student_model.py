@@ -7,7 +7,7 @@ import torch
 
 from ard.diffusion import alpha_bar, ddim_jump, make_scheduler
 from ard.student import ARDStudent, StepMSELoss, sample
-from ard.teacher import build_dit, eps_from_output
+from ard.backbones.dit import DiT, build_dit
 
 B, S = 3, 4
 TIMESTEPS = torch.tensor([999, 749, 499, 249, -1])
@@ -113,7 +113,7 @@ def test_baseline_one_step_is_teacher_ddim_jump_exactly(out_channels):
     states, timesteps, labels = inputs(steps=1)
     x, t = states[:, 0], timesteps[:, 0]
     with torch.no_grad():
-        eps = eps_from_output(teacher, teacher(x, t, labels).sample)
+        eps = DiT().prediction(teacher, teacher(x, t, labels).sample)
         sched = make_scheduler()
         expected = ddim_jump(x, eps, alpha_bar(sched, t), alpha_bar(sched, timesteps[:, 1]))
         student = ARDStudent(teacher, 1, history_blocks=0).eval()

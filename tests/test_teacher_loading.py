@@ -4,8 +4,8 @@ import torch
 from diffusers import DiTTransformer2DModel
 from safetensors.torch import save_file
 
-from ard.teacher import (DIT_SIZES, NUMERICS_KEY, build_dit, check_labels, check_teacher, eps_from_output,
-                         load_teacher, null_class, set_numerics, teacher_identity)
+from ard.backbones.dit import DIT_SIZES, NUMERICS_KEY, DiT, build_dit, null_class, set_numerics
+from ard.teacher import check_teacher, load_teacher, teacher_identity
 from test_convert import official_state_dict
 
 
@@ -104,25 +104,25 @@ def test_numerics_are_recorded_and_restored(tmp_path):
         set_numerics(model, "official")
 
 
-def test_check_labels_names_the_bad_label():
+def test_check_condition_names_the_bad_label():
     model = build_dit("digits", num_layers=1)  # 10 classes, null = 10
-    check_labels(model, torch.tensor([0, 9]))
-    check_labels(model, torch.tensor([0, 10]), allow_null=True)
+    DiT().check_condition(model, torch.tensor([0, 9]))
+    DiT().check_condition(model, torch.tensor([0, 10]), allow_null=True)
     for labels, allow_null, bad in [([3, 10], False, 10), ([11], True, 11), ([2, -1], False, -1)]:
         with pytest.raises(ValueError, match=f"class label {bad} out of range"):
-            check_labels(model, torch.tensor(labels), allow_null=allow_null)
+            DiT().check_condition(model, torch.tensor(labels), allow_null=allow_null)
 
 
 @torch.no_grad()
-def test_eps_from_output_takes_the_first_channels_of_learned_sigma():
+def test_prediction_takes_the_first_channels_of_learned_sigma():
     model = perturbed(build_dit("digits", num_layers=1, in_channels=4, out_channels=8))
     x, t, y = inputs(model, batch=2)
     out = model.eval()(x, t, y).sample  # (2, 8, 8, 8): eps then the variance interpolation
-    eps = eps_from_output(model, out)
+    eps = DiT().prediction(model, out)
     assert eps.shape == x.shape and torch.equal(eps, out[:, :4])
     plain = build_dit("digits", num_layers=1)  # 1 channel in, 1 out
     out = plain.eval()(*inputs(plain, batch=2)).sample  # (2, 1, 8, 8)
-    assert torch.equal(eps_from_output(plain, out), out)  # no learned sigma: the whole output
+    assert torch.equal(DiT().prediction(plain, out), out)  # no learned sigma: the whole output
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""One timestep + label embedder shared by every block, as in the official DiT (ard.teacher.tie_block_embedders).
+"""One timestep + label embedder shared by every block, as in the official DiT (ard.backbones.dit_embedders).
 
 diffusers' DiT gives every block its own copy (`transformer_blocks[i].norm1.emb`); the official DiT has one
 `t_embedder` and one `y_embedder`. Tied, a DiT computes bit for bit what it computed untied (the copies were
@@ -13,11 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ard.convert import official_keys, to_official_state_dict
+from ard.backbones.dit import DIT_SIZES, build_dit
+from ard.backbones.dit_embedders import embedders_tied, first_differing_embedder
+from ard.backbones.dit_official import official_keys, to_official_state_dict
+from ard.backbones.files import WEIGHTS_NAME
 from ard.student.export import load_checkpoint_student
 from ard.student.model import ARDStudent
-from ard.teacher import (DIGITS_TEACHER, DIT_SIZES, WEIGHTS_NAME, build_dit, embedders_tied, first_differing_embedder,
-                         load_teacher, teacher_identity)
+from ard.teacher import DIGITS_TEACHER, load_teacher, teacher_identity
 from test_convert import TINY, official_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]

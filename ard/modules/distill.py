@@ -43,7 +43,8 @@ from ard.student.export import export_student, load_exported
 from ard.student.gan import draw_generator
 from ard.student.model import CONFIG_NAME
 from ard.student.recipe import Recipe, student_inputs, substep_paths
-from ard.teacher import DIGITS_TEACHER, Numerics, check_teacher, load_teacher, num_classes, teacher_identity
+from ard.backbones.dit import Numerics, num_classes
+from ard.teacher import DIGITS_TEACHER, check_teacher, load_teacher, teacher_identity
 from ard.viz import image_grid, log_image, save_png
 
 # The student's knobs are declared once, in ARDStudent.__init__; this module forwards them and takes
@@ -107,11 +108,11 @@ class ARDDistillation(L.LightningModule):
         Args:
             teacher: the teacher DiT the student is initialised from (a diffusers directory or an official
                 DiT checkpoint, see `ard.teacher.load_teacher`); the store must hold its trajectories.
-            teacher_size: key of ard.teacher.DIT_SIZES; required for single-file checkpoints.
+            teacher_size: key of ard.backbones.dit.DIT_SIZES; required for single-file checkpoints.
             numerics: the teacher's numerics ("dit" | "diffusers"; None: the checkpoint's own); must be the
                 store's (its manifest's `teacher.numerics`).
             tie_embedders: every block shares block 0's timestep + label embedder, as in the official DiT (trained
-                and counted once; ard.teacher.tie_block_embedders). None: where the teacher's copies are equal
+                and counted once; ard.backbones.dit_embedders.tie_block_embedders). None: where the teacher's copies are equal
                 (official weights), else one per block (e.g. the shipped digits teacher); True: tie, refusing a
                 teacher whose copies differ; False: one per block, as diffusers builds it.
             num_steps: S, student steps; must equal the data's `student_steps`.

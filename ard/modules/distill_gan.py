@@ -163,8 +163,7 @@ class ARDGANDistillation(ARDDistillation):
 
     def _last_layer(self) -> torch.Tensor:
         """Weight of the layer that outputs the final state: the adaptive weight's W (docs/method.md, "The GAN stage")."""
-        head = self.student.transformer if self.student.heads is None else self.student.heads[-1]
-        return head.proj_out_2.weight
+        return self.student.backbone.output_weight(self.student.head_layers(-1))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)

@@ -22,7 +22,8 @@ from ard.checks import AtLeastOne, Indices, NonNegative, NonNegativeInt, check_k
 from ard.diffusion import (CfgChannels, TimestepSpacing, ddim_grid, ddim_sample, precision_of_trainer,
                            solver_identity, trajectory_inputs)
 from ard.runlock import DirectoryLock
-from ard.teacher import DIGITS_TEACHER, Numerics, load_teacher, num_classes, teacher_identity
+from ard.backbones.dit import Numerics, num_classes
+from ard.teacher import DIGITS_TEACHER, load_teacher, teacher_identity
 
 
 class PrecomputeTrajectories(L.LightningModule):
@@ -37,7 +38,7 @@ class PrecomputeTrajectories(L.LightningModule):
         Args:
             teacher: the teacher DiT (a diffusers directory or an official DiT checkpoint, see
                 `ard.teacher.load_teacher`).
-            teacher_size: key of ard.teacher.DIT_SIZES; required for single-file checkpoints.
+            teacher_size: key of ard.backbones.dit.DIT_SIZES; required for single-file checkpoints.
             num_steps: K, the teacher's DDIM steps (the grid has K + 1 states, the last one clean).
             timestep_spacing: DDIM timestep spacing ("leading": see ard.diffusion for why K = 24 needs it).
             guidance_scale: classifier-free guidance scale w (Ho & Salimans 2022, eq. 6; 1 = no guidance).

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from ard.checks import AtLeastOne, AtLeastTwo, NonNegative, NonNegativeInt, Positive, Probability, check_knobs
 from ard.diffusion import ddim_sample, make_scheduler, q_sample
-from ard.teacher import build_dit, eps_from_output, null_class
+from ard.backbones import backbone_of
+from ard.backbones.dit import build_dit, num_classes
 from ard.viz import image_grid, log_image, save_png
 
 
@@ -29,7 +30,7 @@ def diffusion_loss(model, x0: torch.Tensor, labels: torch.Tensor, t: torch.Tenso
     """
     ab = alphas_cumprod[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
     x_t = q_sample(x0, ab, noise)  # (B, C, H, W)
-    eps = eps_from_output(model, model(x_t, t, labels).sample)  # (B, C, H, W)
+    eps = backbone_of(model).predict(model, x_t, t, labels)  # (B, C, H, W)
     return F.mse_loss(eps, noise, reduction="none").mean(dim=(1, 2, 3))  # (B,)
 
 
@@ -43,7 +44,7 @@ class TeacherTraining(L.LightningModule):
                  seed: NonNegativeInt = 0):
         """
         Args:
-            size: a key of ard.teacher.DIT_SIZES.
+            size: a key of ard.backbones.dit.DIT_SIZES.
             lr: AdamW learning rate (after a linear warm-up).
             weight_decay: AdamW weight decay.
             warmup_steps: optimizer steps of linear learning-rate warm-up.
@@ -66,7 +67,7 @@ class TeacherTraining(L.LightningModule):
         x0, labels = batch  # (B, C, H, W), (B,)
         t = torch.randint(0, self.hparams.num_train_timesteps, (x0.shape[0],), device=self.device)  # (B,)
         drop = torch.rand(x0.shape[0], device=self.device) < self.hparams.label_dropout  # (B,)
-        labels = torch.where(drop, torch.full_like(labels, null_class(self.model)), labels)  # (B,)
+        labels = torch.where(drop, backbone_of(self.model).null_condition(self.model, labels), labels)  # (B,)
         loss = diffusion_loss(self.model, x0, labels, t, torch.randn_like(x0), self.alphas_cumprod).mean()
         self.log("train/loss", loss, prog_bar=True)
         return loss
@@ -90,7 +91,7 @@ class TeacherTraining(L.LightningModule):
     def sample_grid(self) -> torch.Tensor:
         """One row per class, `samples_per_class` columns, fixed noise: a (H', W') uint8 grid."""
         hp, cfg = self.hparams, self.model.config
-        n_cls = null_class(self.model)
+        n_cls = num_classes(self.model)
         g = torch.Generator().manual_seed(hp.seed)
         noise = torch.randn(n_cls * hp.samples_per_class, cfg.in_channels, cfg.sample_size, cfg.sample_size,
                             generator=g).to(self.device)  # (10 * k, C, H, W)

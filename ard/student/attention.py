@@ -237,3 +237,17 @@ class HistoryAttnProcessor:
             log_g = gate.detach().log().to(q.dtype).view(1, -1, 1, 1)  # (1, H, 1, 1)
             bias = F.pad(log_g.expand(-1, -1, -1, k_s.shape[2] - tokens), (0, tokens))  # (1, H, 1, n*L)
         return attention(q, k_s, v_s, bias)  # (B, H, L, d)
+
+
+class IgnoreHistory:
+    """The processor of an attention that the history blocks hand the history context to but that does not take
+    part in history (a PixArt block's text cross-attention: diffusers passes both attentions of a block the same
+    kwargs, and warns on every call about a key the processor does not accept): it runs the attention's own
+    processor without it."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None,
+                 history: HistoryContext | None = None, **kwargs) -> torch.Tensor:
+        return self.processor(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)

@@ -96,7 +96,8 @@ def load_checkpoint_student(path: str | Path) -> CheckpointStudent:
     anything else."""
     from ard.checkpoints import load_checkpoint
     from ard.student.recipe import Recipe
-    from ard.teacher import first_differing_embedder, load_teacher
+    from ard.backbones.dit_embedders import first_differing_embedder
+    from ard.teacher import load_teacher
 
     checkpoint = load_checkpoint(path)
     timesteps, state = checkpoint.get("boundary_timesteps"), checkpoint.get("state_dict")

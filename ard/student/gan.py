@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
+from ard.backbones import backbone_of
 from ard.diffusion import alpha_bar, make_scheduler, q_sample
 
 GanLossKind = Literal["hinge", "non_saturating"]
@@ -154,13 +155,15 @@ def teacher_features(teacher, x: torch.Tensor, t: torch.Tensor, labels: torch.Te
                      blocks: list[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The frozen teacher's tokens after each of `blocks` (each (B, L, D)) and its conditioning c = t_emb +
     y_emb (B, D), for x (B, C, H, W) at timesteps t (B,) with labels (B,). Differentiable w.r.t. x."""
-    hidden = teacher.pos_embed(x)  # (B, L, D)
+    family = backbone_of(teacher)
+    hidden = family.embed(teacher, x)  # (B, L, D)
     features = []
-    for i, block in enumerate(teacher.transformer_blocks[: blocks[-1] + 1]):
-        hidden = block(hidden, timestep=t, class_labels=labels)  # (B, L, D)
+    prepared = family.prepare(teacher, t, labels, hidden.dtype)
+    for i, block in enumerate(family.blocks(teacher)[: blocks[-1] + 1]):
+        hidden = family.run_block(teacher, block, hidden, prepared, None)  # (B, L, D)
         if i in blocks:
             features.append(hidden)
-    conditioning = teacher.transformer_blocks[0].norm1.emb(t, labels, hidden_dtype=hidden.dtype)  # (B, D)
+    conditioning = prepared.conditioning  # (B, D)
     return features, conditioning
 
 

@@ -1,9 +1,10 @@
-"""The ARD student: the teacher's diffusers DiT (copied) plus history attention in its lowest N blocks.
+"""The ARD student: the teacher's diffusers transformer (copied) plus history attention in its lowest N blocks.
 
 Step layout: the S states of a trajectory are folded into the batch (rows ordered (b, s)), so every
 block runs the teacher's own code on tokens (B*S, L, D) and each row gets the time embedding of its
-own timestep (token-wise time embedding, ARD sec. 3.2). Only the self-attention of the lowest N blocks
-is replaced (`HistoryAttnProcessor`); blocks above N attend within their own row, i.e. their own step.
+own timestep (token-wise time embedding, ARD sec. 3.2). Only the image self-attention of the lowest N blocks
+is replaced (`HistoryAttnProcessor`); blocks above N attend within their own row, i.e. their own step. What
+is family-specific (the blocks, the head, the condition) goes through the teacher's adapter (ard/backbones/).
 
 Output (ARD sec. 3.3; docs/method.md, "Output parametrisation"): the head's output, first C channels (learned-sigma teachers
 predict 2C), is read as
@@ -21,16 +22,15 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from diffusers import DiTTransformer2DModel
 from einops import rearrange
 from safetensors.torch import load_file, save_file
 
 from ard.atomic import atomic_directory
 from ard.diffusion import alpha_bar, ddim_jump, make_scheduler, predict_x0
 from ard.checks import check_choice
-from ard.student.attention import HistoryAttnProcessor, HistoryContext, KVCache, MaskKind
-from ard.teacher import disable_label_dropout, eps_from_output, set_numerics
+from ard.student.attention import HistoryAttnProcessor, HistoryContext, IgnoreHistory, KVCache, MaskKind
+from ard.backbones import backbone, backbone_of
+from ard.backbones.files import teacher_family
 
 HeadKind = Literal["shared", "per_step"]
 OutputKind = Literal["eps", "x0", "next_state"]
@@ -41,8 +41,17 @@ EXTRA_WEIGHTS = "ard_student.safetensors"  # per-step heads and history gates (a
 FORMAT_VERSION = 1
 
 
+class HeadCopy(nn.Module):
+    """One step's copy of the output head's layers (modules or parameters), under the same names."""
+
+    def __init__(self, layers: dict[str, nn.Module | nn.Parameter]):
+        super().__init__()
+        for name, layer in layers.items():
+            setattr(self, name, copy.deepcopy(layer))
+
+
 class ARDStudent(nn.Module):
-    """ARD student around a deep copy of `teacher` (a diffusers DiTTransformer2DModel).
+    """ARD student around a deep copy of `teacher` (a diffusers transformer of a served family, ard/backbones/).
 
     Knobs (docs/method.md, "Student steps", "History attention and masks M1-M4"):
         num_steps:      S, student steps (any S >= 1).
@@ -63,11 +72,12 @@ class ARDStudent(nn.Module):
     head is the default.
     """
 
-    def __init__(self, teacher: DiTTransformer2DModel, num_steps: int, history_blocks: int = 6,
+    def __init__(self, teacher: nn.Module, num_steps: int, history_blocks: int = 6,
                  mask: MaskKind = "block_causal", window: int = 1, heads: HeadKind = "shared",
                  output: OutputKind = "eps", history_start: HistoryStart = "plain", clip_x0: bool = False):
         super().__init__()
-        num_layers = len(teacher.transformer_blocks)
+        self.backbone = backbone_of(teacher)  # the family's adapter (stateless)
+        num_layers = len(self.backbone.blocks(teacher))
         if num_steps < 1:
             raise ValueError(f"num_steps={num_steps} must be >= 1")
         if not 0 <= history_blocks <= num_layers:
@@ -84,25 +94,26 @@ class ARDStudent(nn.Module):
         self.clip_x0 = clip_x0
         self.scheduler = make_scheduler()  # DiT's linear-beta schedule: alpha_bar of the boundaries
 
-        self.transformer = disable_label_dropout(copy.deepcopy(teacher))
+        self.transformer = self.backbone.disable_condition_dropout(copy.deepcopy(teacher))
+        blocks = self.backbone.blocks(self.transformer)
         for i in range(history_blocks):
-            self.transformer.transformer_blocks[i].attn1.set_processor(HistoryAttnProcessor(i, mask, window))
-        # Per-step heads: S copies of the teacher's final layer (norm_out has no parameters). The
-        # transformer's own final layer is then unused and frozen (kept so it stays a diffusers module).
+            self.backbone.history_attention(blocks[i]).set_processor(HistoryAttnProcessor(i, mask, window))
+            for other in self.backbone.passthrough_attentions(blocks[i]):
+                other.set_processor(IgnoreHistory(other.processor))
+        # Per-step heads: S copies of the teacher's output head's layers. The transformer's own head is then
+        # unused and frozen (kept so it stays a diffusers module).
         self.heads = None
+        own_head = self.backbone.head_layers(self.transformer)
         if heads == "per_step":
-            self.heads = nn.ModuleList(
-                nn.ModuleDict(dict(proj_out_1=copy.deepcopy(self.transformer.proj_out_1),
-                                   proj_out_2=copy.deepcopy(self.transformer.proj_out_2)))
-                for _ in range(num_steps))
-            self.transformer.proj_out_1.requires_grad_(False)
-            self.transformer.proj_out_2.requires_grad_(False)
+            self.heads = nn.ModuleList(HeadCopy(own_head) for _ in range(num_steps))
+            for layer in own_head.values():
+                layer.requires_grad_(False)
         # History gates (N, H), g = 0 at init: only where some step has history to gate.
         self.history_gate = None
         if history_start == "closed" and history_blocks > 0 and mask != "block_diagonal" and num_steps > 1:
-            heads_per_block = self.transformer.transformer_blocks[0].attn1.heads
-            self.history_gate = nn.Parameter(torch.zeros(history_blocks, heads_per_block,
-                                                         device=self.transformer.proj_out_1.weight.device))
+            heads_per_block = self.backbone.history_attention(blocks[0]).heads
+            device = next(self.transformer.parameters()).device
+            self.history_gate = nn.Parameter(torch.zeros(history_blocks, heads_per_block, device=device))
 
     # ------------------------------------------------------------------ settings
     def settings(self) -> dict:
@@ -119,16 +130,13 @@ class ARDStudent(nn.Module):
         x (R, C, H, W); t, y (R,). Rows are ordered (b, s) over history.num_steps steps (step None) or
         all belong to one step (step s). Returns the raw output (R, C', H, W).
         """
-        dit = self.transformer
-        patch = dit.config.patch_size
-        hidden = dit.pos_embed(x)  # (R, L, D)
-        for i, block in enumerate(dit.transformer_blocks):
+        family, model = self.backbone, self.transformer
+        hidden = family.embed(model, x)  # (R, L, D)
+        prepared = family.prepare(model, t, y, hidden.dtype)  # timestep / condition embeddings, once
+        for i, block in enumerate(family.blocks(model)):
             kwargs = dict(history=history) if i < self.history_blocks else None  # others keep their processor
-            if torch.is_grad_enabled() and dit.gradient_checkpointing:
-                hidden = dit._gradient_checkpointing_func(block, hidden, None, None, None, t, kwargs, y)  # (R, L, D)
-            else:
-                hidden = block(hidden, timestep=t, class_labels=y, cross_attention_kwargs=kwargs)  # (R, L, D)
-        conditioning = dit.transformer_blocks[0].norm1.emb(t, y, hidden_dtype=hidden.dtype)  # (R, D)
+            hidden = family.run_block(model, block, hidden, prepared, kwargs)  # (R, L, D)
+        conditioning = prepared.conditioning  # (R, D)
         if self.heads is None or step is not None:
             out = self._head(hidden, conditioning, step)  # (R, L, p*p*C')
         else:  # per-step heads over rows ordered (b, s)
@@ -138,15 +146,15 @@ class ARDStudent(nn.Module):
             out = torch.stack([self._head(hidden[:, s], conditioning[:, s], s) for s in range(steps)],
                               dim=1)  # (B, S, L, p*p*C')
             out = rearrange(out, "b s l e -> (b s) l e")  # (B*S, L, p*p*C')
-        side = int(out.shape[1] ** 0.5)
-        return rearrange(out, "r (h w) (p q c) -> r c (h p) (w q)", h=side, p=patch, q=patch)  # (R, C', H, W)
+        return self.backbone.unpatchify(self.transformer, out)  # (R, C', H, W)
+
+    def head_layers(self, s: int | None) -> nn.Module:
+        """The output head's layers of step s: the transformer's own (shared head) or step s's copy."""
+        return self.transformer if self.heads is None else self.heads[s]
 
     def _head(self, hidden: torch.Tensor, conditioning: torch.Tensor, s: int | None) -> torch.Tensor:
-        """DiT's final layer (adaLN modulation + linear) of step s: hidden (R, L, D) -> (R, L, p*p*C')."""
-        layers = self.transformer if self.heads is None else self.heads[s]
-        shift, scale = layers.proj_out_1(F.silu(conditioning)).chunk(2, dim=1)  # (R, D) each
-        hidden = self.transformer.norm_out(hidden) * (1 + scale[:, None]) + shift[:, None]  # (R, L, D)
-        return layers.proj_out_2(hidden)  # (R, L, p*p*C')
+        """The output head of step s: hidden (R, L, D) -> (R, L, p*p*C')."""
+        return self.backbone.head(self.transformer, self.head_layers(s), hidden, conditioning)  # (R, L, p*p*C')
 
     def _next_state(self, x: torch.Tensor, raw: torch.Tensor, t_from: torch.Tensor, t_to: torch.Tensor,
                     corrected: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -159,7 +167,7 @@ class ARDStudent(nn.Module):
         if corrected is not None and self.output == "next_state":
             raise ValueError("noise_correction needs an epsilon-parametrised student (output 'eps' or 'x0'); "
                              "this one has output='next_state'")
-        pred = eps_from_output(self.transformer, raw)  # (R, C, H, W)
+        pred = self.backbone.prediction(self.transformer, raw)  # (R, C, H, W)
         if self.output == "next_state":
             return pred, None
         a, b = alpha_bar(self.scheduler, t_from), alpha_bar(self.scheduler, t_to)  # (R,) float64
@@ -189,7 +197,7 @@ class ARDStudent(nn.Module):
         x = rearrange(states, "b s c h w -> (b s) c h w")  # (B*S, C, H, W)
         t_from = rearrange(timesteps[:, :-1], "b s -> (b s)")  # (B*S,)
         t_to = rearrange(timesteps[:, 1:], "b s -> (b s)")  # (B*S,)
-        y = labels.repeat_interleave(steps)  # (B*S,)
+        y = self.backbone.repeat(labels, steps)  # (B*S,)
         history = HistoryContext(num_steps=steps, gate=self.history_gate)
         raw = self._transformer(x, t_from, y, history)  # (B*S, C', H, W)
         first = (torch.arange(batch * steps, device=x.device) % steps == 0) if noise_correction else None  # (B*S,)
@@ -228,7 +236,7 @@ class ARDStudent(nn.Module):
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, directory: str | Path) -> None:
         """Write a standalone student directory atomically: the diffusers transformer (config.json +
-        safetensors; a tied embedder under every block's keys, as copies: ard.teacher.tie_block_embedders),
+        safetensors; a tied embedder under every block's keys, as copies: ard.backbones.dit_embedders),
         ard_student.json (the ARD settings) and ard_student.safetensors (heads, gates)."""
         with atomic_directory(directory) as tmp:
             self.transformer.save_pretrained(tmp, safe_serialization=True)
@@ -263,10 +271,7 @@ class ARDStudent(nn.Module):
         for key, kind in SETTING_TYPES.items():
             if not isinstance(config[key], kind) or (kind is int and isinstance(config[key], bool)):
                 raise ValueError(f"{config_path}: field {key!r} must be {kind.__name__}, got {config[key]!r}")
-        from ard.teacher import apply_tying
-
-        transformer = set_numerics(DiTTransformer2DModel.from_pretrained(directory, low_cpu_mem_usage=False))
-        transformer = apply_tying(transformer, tie_embedders, str(directory))
+        transformer = backbone(teacher_family(directory)).load_saved(directory, tie_embedders)
         try:
             student = cls(transformer, **config)
         except ValueError as e:

@@ -8,12 +8,12 @@ from __future__ import annotations
 import torch
 
 from ard.student.model import ARDStudent
-from ard.teacher import check_labels
 
 
 def sample(student: ARDStudent, noise: torch.Tensor, labels: torch.Tensor, timesteps: torch.Tensor,
            noise_correction: bool = False, grad_from_step: int = 0) -> torch.Tensor:
-    """Run the S student steps from `noise` (B, C, H, W) with labels (B,) over the boundary timesteps
+    """Run the S student steps from `noise` (B, C, H, W) with labels (B,) (the family's condition of B rows:
+    class labels, or a TextCondition) over the boundary timesteps
     (S+1,) or (B, S+1) (the last is CLEAN = -1). Returns all states (B, S+1, C, H, W), the first being
     the noise and the last the sample. Steps from `grad_from_step` on run under the caller's grad mode
     (wrap in torch.no_grad() for inference), earlier ones without grad (see `rollout_final`).
@@ -24,8 +24,8 @@ def sample(student: ARDStudent, noise: torch.Tensor, labels: torch.Tensor, times
     if tuple(timesteps.shape) != (batch, student.num_steps + 1):
         raise ValueError(f"timesteps {tuple(timesteps.shape)}: expected ({student.num_steps + 1},) or "
                          f"({batch}, {student.num_steps + 1}) for a {student.num_steps}-step student")
-    if not labels.is_meta:  # (meta tensors: FLOP counting) checks need values
-        check_labels(student.transformer, labels, allow_null=True)
+    if not noise.is_meta:  # (meta tensors: FLOP counting) checks need values
+        student.backbone.check_condition(student.transformer, labels, allow_null=True)
     timesteps = timesteps.to(noise.device)
     cache = student.new_cache(batch)
     states = [noise]

@@ -20,7 +20,7 @@ Key mapping (i = block index; every Linear maps its .weight and .bias):
                                       learned or resized pos_embed is refused instead of silently lost.
 
 The weights alone do not make diffusers compute like DiT: the timestep frequencies and one LayerNorm
-eps differ (`ard.teacher.set_numerics(model, "dit")`, which `load_teacher` applies to official files).
+eps differ (`ard.backbones.dit.set_numerics(model, "dit")`, which `load_teacher` applies to official files).
 
 The reverse, `to_official_state_dict`, takes block 0's embedder as the one t_embedder / y_embedder (refusing
 weights whose per-block copies differ: the official DiT cannot hold them), concatenates q/k/v into qkv and
@@ -33,6 +33,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+from ard.backbones.dit_embedders import first_differing_embedder
 
 POS_EMBED_ATOL = 1e-4  # float32 sin/cos of arguments up to the grid size: both tables agree to ~1e-6
 
@@ -143,8 +145,6 @@ def to_official_state_dict(state: dict, num_layers: int, sample_size: int) -> di
 
     Raises a one-line ValueError naming the first missing or unexpected key, or the first block whose embedder
     copy differs from block 0's (a DiT trained with one embedder per block has no official form)."""
-    from ard.teacher import first_differing_embedder
-
     _check_keys(state, diffusers_keys(num_layers), f"a diffusers DiT state dict with {num_layers} blocks")
     differing = first_differing_embedder(state)
     if differing is not None:

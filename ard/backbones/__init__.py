@@ -1,0 +1,39 @@
+"""Teacher families, each behind one adapter (base.Backbone): how a diffusers transformer of the family is built,
+loaded and identified, where history attention goes, how one student step's forward is prepared, its output head
+and its null condition for CFG. Nothing outside this package names a diffusers model class.
+
+    base.py           the interface
+    dit.py            class-conditional DiT (DiTTransformer2DModel): the embedded default and ImageNet
+    dit_embedders.py  one timestep + label embedder for every DiT block, as the official DiT
+    dit_official.py   facebookresearch/DiT checkpoints <-> diffusers' DiT layout
+    pixart.py         PixArt-alpha / Sigma (PixArtTransformer2DModel): text-conditioned, history on attn1 only
+    text.py           the condition of text-to-image families: encoded prompts (TextCondition)
+    files.py          diffusers model directories: config.json, weights, the family a config names
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from ard.backbones.base import Backbone
+from ard.backbones.dit import DiT
+from ard.backbones.pixart import PixArt
+
+BACKBONES: dict[str, Backbone] = {adapter.family: adapter for adapter in (DiT(), PixArt())}
+# The families that the store, distillation and evaluation serve end to end (load_teacher loads only these);
+# the others' adapters build students (history attention, KV cache, heads) but their stores are still to come.
+SERVED = ("dit",)
+
+
+def backbone(family: str) -> Backbone:
+    """The adapter of a family (a manifest's `teacher.family`); one line naming the known ones."""
+    if family not in BACKBONES:
+        raise ValueError(f"teacher family {family!r} has no adapter; known: {', '.join(map(repr, BACKBONES))}")
+    return BACKBONES[family]
+
+
+def backbone_of(model: nn.Module) -> Backbone:
+    """The adapter of a built or loaded model, by its diffusers class."""
+    for adapter in BACKBONES.values():
+        if isinstance(model, adapter.model_class):
+            return adapter
+    raise TypeError(f"{type(model).__name__} is not of a known teacher family ({', '.join(BACKBONES)})")
