@@ -589,12 +589,12 @@ def text_store(out: Path, encoder: Path) -> Path:
     files = {"prompts": out / "conditioning/prompts.jsonl", "embeddings": out / "conditioning/embeddings.npy",
              "lengths": out / "conditioning/lengths.npy"}
     files["prompts"].write_text("".join(json.dumps({"id": str(i), "text": f"a digit {i}"}) + "\n" for i in range(10)))
-    np.save(files["embeddings"], np.zeros((10, 4, 8), np.float32))
-    np.save(files["lengths"], np.full(10, 3, np.int64))
+    np.save(files["embeddings"], np.zeros((33, 8), np.float32))  # 3 tokens of each prompt and of the null prompt
+    np.save(files["lengths"], np.full(11, 3, np.int64))
     entries = {k: {"file": str(p.relative_to(out)), "sha256": fmt.sha256_file(p), "bytes": p.stat().st_size}
                for k, p in files.items()}
     entries["prompts"]["count"] = 10
-    entries["embeddings"].update(shape=[10, 4, 8], dtype="float32")
+    entries["embeddings"].update(shape=[33, 8], dtype="float32")
     encoder_entry = {"name": "tiny", "weights_sha256": encoder_identity(encoder), "max_tokens": 8, "dim": 8,
                      "masked": True}
     version_2(out, lambda m: m.update(conditioning={"kind": "text", "encoder": encoder_entry, **entries}))
@@ -628,7 +628,8 @@ def test_a_damaged_conditioning_sidecar_is_found(tmp_path, capsys, store, damage
 
 
 @pytest.mark.parametrize("edit, needle", [
-    (lambda c: c["embeddings"].update(shape=[10, 12, 8]), "needs tokens <= encoder.max_tokens=8"),
+    (lambda c: c["embeddings"].update(shape=[33, 12]), "needs dim = encoder.dim=8"),
+    (lambda c: c["embeddings"].update(shape=[89, 8]), "more tokens than 10 prompts and the null prompt of at most"),
     (lambda c: c["prompts"].update(file="../elsewhere.jsonl"), "must be a relative path inside the store"),
     (lambda c: c["encoder"].update(max_tokens="77"), "field 'conditioning.encoder.max_tokens' is \"77\""),
     (lambda c: c.pop("encoder"), "field 'conditioning.encoder' missing"),

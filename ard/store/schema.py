@@ -141,7 +141,7 @@ class Sidecar(Strict):
 
 
 class Embeddings(Sidecar):
-    shape: Annotated[list[Count], Field(min_length=3, max_length=3)]  # [prompts, tokens, dim]
+    shape: Annotated[list[Count], Field(min_length=2, max_length=2)]  # [valid tokens of every prompt, dim]
     dtype: StoreDtype
 
 
@@ -166,17 +166,18 @@ class TextConditioning(Strict):
     kind: Literal["text"]
     encoder: Encoder
     prompts: Prompts
-    embeddings: Embeddings
-    lengths: Sidecar  # (prompts,) int64 valid tokens of each prompt
+    embeddings: Embeddings  # the prompts' tokens one after the other (ard/store/text.py)
+    lengths: Sidecar  # (prompts + 1,) int64 tokens of each prompt, the null prompt's last
+    null_prompt: str = ""  # the null (negative) prompt of CFG, encoded after the prompts (label prompts.count)
 
     @model_validator(mode="after")
     def _fits(self):
-        p, t, d = self.embeddings.shape
-        if p != self.prompts.count:
-            raise ValueError(f"embeddings.shape[0]={p} is not prompts.count={self.prompts.count}")
-        if t > self.encoder.max_tokens or d != self.encoder.dim:
-            raise ValueError(f"embeddings.shape={self.embeddings.shape} needs tokens <= encoder.max_tokens="
-                             f"{self.encoder.max_tokens} and dim = encoder.dim={self.encoder.dim}")
+        tokens, dim = self.embeddings.shape
+        if dim != self.encoder.dim:
+            raise ValueError(f"embeddings.shape={self.embeddings.shape} needs dim = encoder.dim={self.encoder.dim}")
+        if tokens > (self.prompts.count + 1) * self.encoder.max_tokens:
+            raise ValueError(f"embeddings.shape={self.embeddings.shape}: more tokens than {self.prompts.count} "
+                             f"prompts and the null prompt of at most encoder.max_tokens={self.encoder.max_tokens}")
         return self
 
 
