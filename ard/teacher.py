@@ -24,7 +24,7 @@ DIGITS_TEACHER = ASSETS / "digits_teacher"  # shipped EMA weights of the embedde
 
 
 def load_teacher(path: str | Path = DIGITS_TEACHER, size: str | None = None, numerics: str | None = None,
-                 tie_embedders: bool | None = None) -> nn.Module:
+                 tie_embedders: bool | None = None, families: tuple[str, ...] = SERVED) -> nn.Module:
     """Load a teacher in eval mode, ready for distillation (the family's own condition dropout off).
 
     path: a diffusers-format directory (config.json + safetensors, e.g. a snapshot of
@@ -42,6 +42,7 @@ def load_teacher(path: str | Path = DIGITS_TEACHER, size: str | None = None, num
           copy equals block 0's (official weights, converted or a diffusers snapshot of them, anything saved tied),
           else keep one per block (a DiT trained so, such as the shipped digits teacher); True: tie, and refuse
           (one line naming the file and the key) weights whose copies differ; False: one embedder per block.
+    families: the families the caller serves (text teachers: precompute only, so far).
     """
     path = Path(path)
     if not path.exists():
@@ -51,9 +52,9 @@ def load_teacher(path: str | Path = DIGITS_TEACHER, size: str | None = None, num
         directory = model_directory(path)
         config = read_config(directory)
         family = family_of(config, directory / CONFIG_NAME)
-        if family not in SERVED:
+        if family not in families:
             raise ValueError(f"{directory / CONFIG_NAME}: field '_class_name' is {config['_class_name']!r} (family "
-                             f"{family!r}); ard serves the {', '.join(map(repr, SERVED))} family only")
+                             f"{family!r}); this stage serves the {', '.join(map(repr, families))} family only")
     return backbone(family).load(path, size, numerics, tie_embedders)
 
 

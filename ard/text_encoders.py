@@ -13,8 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
+from typing import Literal
 
 import torch
+
+from ard.checks import check_choice
+
+TextEncoderKind = Literal["hash"]  # the encoders available (T5 through `transformers` is still to come)
 
 END = "</s>"  # the end token every encoded prompt finishes with (so the empty prompt has one valid token)
 
@@ -75,3 +80,12 @@ class HashEncoder(TextEncoder):
             out[i, :len(words)] = torch.stack([self.word(w) for w in words]) + self.positions[:len(words)]
             mask[i, :len(words)] = True
         return out, mask
+
+
+def load_text_encoder(kind: TextEncoderKind, dim: int) -> TextEncoder:
+    """The text encoder `kind` for a teacher that reads `dim`-wide text tokens."""
+    check_choice("text_encoder", kind, TextEncoderKind)
+    return HashEncoder(dim=dim, max_tokens=HASH_MAX_TOKENS)
+
+
+HASH_MAX_TOKENS = 32  # the hash encoder's prompt length limit in precompute (short captions)

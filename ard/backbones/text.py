@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,12 @@ class TextCondition:
 
     @staticmethod
     def cat(conditions: list[TextCondition]) -> TextCondition:
-        """The rows of several conditions, in order; they must have the same token count and the same fields."""
-        first = conditions[0]
-        joined = {f.name: torch.cat([getattr(c, f.name) for c in conditions])
+        """The rows of several conditions, in order, padded to the longest's token count (masked: padding is
+        ignored); they must have the same fields."""
+        tokens = max(c.embeddings.shape[1] for c in conditions)
+        padded = [replace(c, embeddings=F.pad(c.embeddings, (0, 0, 0, tokens - c.embeddings.shape[1])),
+                          mask=F.pad(c.mask, (0, tokens - c.mask.shape[1]))) for c in conditions]
+        first = padded[0]
+        joined = {f.name: torch.cat([getattr(c, f.name) for c in padded])
                   for f in fields(first) if f.name != "null" and getattr(first, f.name) is not None}
         return replace(first, **joined)

@@ -9,6 +9,10 @@ shard is always computed as the same micro-batches of `micro_batch_size` consecu
 number of processes; float results depend on batch composition, so this fixes them (on the same hardware
 and software) for any DDP world size and any sequence of interruptions.
 
+Text teachers (PixArt): the prompts (`prompts`, a JSON Lines file) are encoded once into the store's conditioning
+sidecar (ard/store/text.py; resumable) before the manifest exists, and trajectory i's label is the index of its
+prompt; the manifest (version 2) records the encoder, the prompts' and embeddings' sha256 and the null prompt.
+
 One writer per store: global rank 0 locks the store directory (`ard.runlock`) in `prepare_data`, before the
 writer's setup checks or creates the manifest, and a callback the module adds releases it when the run ends,
 however it ends; a second precompute into the same store stops with one line naming the first.
@@ -21,9 +25,14 @@ import torch
 from ard.checks import AtLeastOne, Indices, NonNegative, NonNegativeInt, check_knobs
 from ard.diffusion import (CfgChannels, TimestepSpacing, ddim_grid, ddim_sample, precision_of_trainer,
                            solver_identity, trajectory_inputs)
-from ard.runlock import DirectoryLock
+from ard.backbones import backbone_of
 from ard.backbones.dit import Numerics, num_classes
+from ard.conditioning import read_prompts
+from ard.runlock import DirectoryLock
 from ard.teacher import DIGITS_TEACHER, load_teacher, teacher_identity
+from ard.text_encoders import TextEncoderKind, load_text_encoder
+
+TEXT_FAMILIES = ("pixart",)  # teachers conditioned on text: they need `prompts`
 
 
 class PrecomputeTrajectories(L.LightningModule):
@@ -33,7 +42,8 @@ class PrecomputeTrajectories(L.LightningModule):
                  timestep_spacing: TimestepSpacing = "leading", guidance_scale: NonNegative = 2.0,
                  clip_sample: bool = False, save_indices: Indices | None = None, with_x0: bool = False,
                  seed: NonNegativeInt = 0, micro_batch_size: AtLeastOne = 256, numerics: Numerics | None = None,
-                 cfg_channels: CfgChannels = "all"):
+                 cfg_channels: CfgChannels = "all", prompts: str | None = None, text_encoder: TextEncoderKind = "hash",
+                 null_prompt: str = ""):
         """
         Args:
             teacher: the teacher DiT (a diffusers directory or an official DiT checkpoint, see
@@ -54,6 +64,11 @@ class PrecomputeTrajectories(L.LightningModule):
             cfg_channels: "all" guides every epsilon channel; "dit" only the first 3, as facebookresearch/DiT's
                 sample.py (ard.diffusion.guided_eps). The autocast precision is the trainer's `precision`
                 (32-true, bf16-mixed or 16-mixed); both are recorded in the manifest's `solver` field.
+            prompts: text teachers only: the prompt file (JSON Lines {"id", "text"}, ard.conditioning.read_prompts);
+                trajectory i's label indexes it.
+            text_encoder: text teachers only: the prompts' encoder (ard.text_encoders; "hash": the deterministic
+                stand-in, as wide as the teacher's caption_channels).
+            null_prompt: text teachers only: the null (negative) prompt of CFG.
         """
         check_knobs(PrecomputeTrajectories.__init__, {k: v for k, v in locals().items() if k != "self"}, "model.")
         super().__init__()
@@ -63,28 +78,63 @@ class PrecomputeTrajectories(L.LightningModule):
         if self.save_indices[0] != 0 or self.save_indices[-1] != num_steps:
             raise ValueError(f"save_indices must lie in [0, {num_steps}] and include 0 (the noise) and {num_steps} "
                              f"(the final sample); got {save_indices}")
-        self.teacher = load_teacher(teacher, teacher_size, numerics)
+        self.teacher = load_teacher(teacher, teacher_size, numerics, families=("dit", *TEXT_FAMILIES))
         self.teacher.requires_grad_(False)
+        self.family = backbone_of(self.teacher).family
         self.identity = teacher_identity(self.teacher)
         cfg = self.teacher.config
         self.state_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)  # (C, H, W)
         self.store_lock: DirectoryLock | None = None  # held by global rank 0 while predicting
+        self.encoder, self.prompts, self.sidecar = None, None, None  # text teachers: see `conditioning`
+        if (self.family in TEXT_FAMILIES) != (prompts is not None):
+            raise ValueError(f"model.prompts={prompts!r}: a {self.family!r} teacher " + (
+                "is conditioned on text and needs a prompt file" if prompts is None else
+                "is conditioned on class labels and takes no prompts"))
+        if prompts is not None:
+            self.encoder = load_text_encoder(text_encoder, cfg.caption_channels)
+            self.prompts = read_prompts(prompts, self.encoder.max_tokens, self.encoder.count_tokens)
+
+    def conditioning(self) -> dict | None:
+        """A text store's manifest section: the prompts encoded into the store (once; then read back)."""
+        if self.prompts is None:
+            return None
+        from ard.store.text import encode_prompts
+
+        return encode_prompts(self.trainer.datamodule.path, self.prompts, self.encoder,
+                              null_prompt=self.hparams.null_prompt)
 
     def store_identity(self) -> dict:
         """The manifest fields this module decides (see ard.store.format.new_manifest)."""
         hp = self.hparams
+        conditioning = self.conditioning()
+        family = {} if conditioning is None else {"family": self.family}
         return dict(
-            teacher={"path": hp.teacher, **self.identity},
+            teacher={"path": hp.teacher, **self.identity, **family},
             solver=solver_identity(hp.num_steps, hp.timestep_spacing, hp.guidance_scale, hp.clip_sample,
                                    hp.cfg_channels, precision_of_trainer(self.trainer.precision)),
             grid_indices=self.save_indices,
             grid_timesteps=[self.grid[i] for i in self.save_indices],
             state_shape=self.state_shape,
             with_x0=hp.with_x0,
-            num_classes=num_classes(self.teacher),
+            num_classes=num_classes(self.teacher) if conditioning is None else len(self.prompts),
             seed=hp.seed,
             micro_batch_size=hp.micro_batch_size,
+            conditioning=conditioning,
         )
+
+    def num_labels(self) -> int:
+        """Labels are classes, or a text store's prompt indices."""
+        return num_classes(self.teacher) if self.prompts is None else len(self.prompts)
+
+    def condition(self, labels: torch.Tensor):
+        """The teacher's condition of `labels` (m,): the labels themselves, or their encoded prompts."""
+        if self.prompts is None:
+            return labels.to(self.device)
+        if self.sidecar is None:
+            from ard.store.text import TextSidecar
+
+            self.sidecar = TextSidecar(self.trainer.datamodule.path, self.conditioning())
+        return self.sidecar.condition(labels).to(self.device)
 
     def configure_callbacks(self) -> list[L.Callback]:
         """The callback that releases the store lock however predicting ends."""
@@ -96,6 +146,7 @@ class PrecomputeTrajectories(L.LightningModule):
         path = getattr(self.trainer.datamodule, "path", None)
         if path is not None and self.trainer.is_global_zero:
             self.store_lock = DirectoryLock(path, "data.path").acquire()
+            self.conditioning()  # text teachers: encode the prompts once, before any manifest
 
     def release_store_lock(self) -> None:
         """Delete the store's lock file and unlock it (nothing when this process holds no lock)."""
@@ -129,8 +180,8 @@ class PrecomputeTrajectories(L.LightningModule):
         states, x0s, labels = [], [], []
         for a in range(start, stop, hp.micro_batch_size):  # the fixed micro-batch layout of the shard
             idx = range(a, min(a + hp.micro_batch_size, stop))
-            noise, y = trajectory_inputs(hp.seed, idx, self.state_shape, num_classes(self.teacher))  # (m, C, H, W), (m,)
-            traj = ddim_sample(self.teacher, noise.to(self.device), y.to(self.device), hp.num_steps,
+            noise, y = trajectory_inputs(hp.seed, idx, self.state_shape, self.num_labels())  # (m, C, H, W), (m,)
+            traj = ddim_sample(self.teacher, noise.to(self.device), self.condition(y), hp.num_steps,
                                hp.guidance_scale, hp.timestep_spacing, self.save_indices, return_x0=hp.with_x0,
                                clip_sample=hp.clip_sample, cfg_channels=hp.cfg_channels)
             states.append(traj.states.float().cpu())  # (m, G, C, H, W)

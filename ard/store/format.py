@@ -34,7 +34,9 @@ from ard.checks import can_write
 from ard.store.mapping import MappedFiles
 from ard.store.schema import FORMAT, NUMPY_DTYPE, VERSIONS, StoreDtype, check_manifest
 
-VERSION = 1  # what this writer writes: class-conditional DDIM stores (ard.store.schema: the versions read)
+VERSION = 1  # what this writer writes for class-conditional DDIM stores (ard.store.schema: the versions read)
+TEXT_VERSION = 2  # ... and for text stores (a `conditioning` section, the teacher's family)
+CONDITIONING_FOLDER = "conditioning"  # a text store's encoded prompts (ard/store/text.py), written before the manifest
 MANIFEST = "manifest.json"
 SIDECAR = "shard.json"
 TORCH_DTYPE: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -125,8 +127,9 @@ def _first_difference(a: Any, b: Any, prefix: str = "") -> tuple[str, Any, Any] 
 def new_manifest(*, teacher: dict, solver: dict, grid_indices: Sequence[int], grid_timesteps: Sequence[int],
                  state_shape: Sequence[int], dtype: StoreDtype, with_x0: bool, num_classes: int,
                  num_trajectories: int, shard_size: int, seed: int, micro_batch_size: int,
-                 created: dict | None = None, config: dict | None = None) -> dict:
-    """A fresh manifest (no shards yet). Raises StoreError for values no store can have."""
+                 created: dict | None = None, config: dict | None = None, conditioning: dict | None = None) -> dict:
+    """A fresh manifest (no shards yet); with `conditioning` (a text store's section, ard/store/text.py) of
+    version 2. Raises StoreError for values no store can have."""
     if dtype not in get_args(StoreDtype):
         raise StoreError(f"dtype must be one of {get_args(StoreDtype)}, got {dtype!r}")
     for name, value in (("num_trajectories", num_trajectories), ("shard_size", shard_size),
@@ -135,7 +138,7 @@ def new_manifest(*, teacher: dict, solver: dict, grid_indices: Sequence[int], gr
             raise StoreError(f"{name} must be at least 1, got {value}")
     manifest = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": VERSION if conditioning is None else TEXT_VERSION,
         "teacher": dict(teacher),
         "solver": dict(solver),
         "grid": {"indices": [int(i) for i in grid_indices], "timesteps": [int(t) for t in grid_timesteps]},
@@ -152,6 +155,8 @@ def new_manifest(*, teacher: dict, solver: dict, grid_indices: Sequence[int], gr
         "shards": [],
         "complete": False,
     }
+    if conditioning is not None:
+        manifest["conditioning"] = conditioning
     manifest["store_id"] = store_id(manifest)
     try:
         check_manifest(manifest, "the new store's manifest")
@@ -203,7 +208,8 @@ def check_output(root: str | Path, manifest: dict) -> dict | None:
             raise StoreError(f"{path}: field {field!r} is {json.dumps(old)} in the existing store but this run "
                              f"has {json.dumps(new)}: a different store; choose another output directory")
     elif root.exists():
-        others = [p.name for p in root.iterdir() if not p.name.startswith(f".{MANIFEST}.tmp") and p.name != ".ard.lock"]
+        others = [p.name for p in root.iterdir() if not p.name.startswith(f".{MANIFEST}.tmp")
+                  and p.name not in (".ard.lock", CONDITIONING_FOLDER)]
         if others:
             raise StoreError(f"{root}: output directory is not empty and holds no {MANIFEST} (found "
                              f"{sorted(others)[0]!r}); refusing to write a store into it")

@@ -11,7 +11,8 @@ encoder without a mask (SD3's T5) stores every token up to its maximum.
 Encoding is resumable: chunks of `chunk_size` prompts are encoded into DIR/conditioning/partial/ (each file written
 atomically, named by its first prompt; partial/settings.json pins the prompts' sha256, the encoder's identity, the
 dtype and the chunk size, and a rerun with other settings is refused), a rerun encodes only the chunks missing, then
-the chunks are streamed into embeddings.npy and lengths.npy (atomically) and partial/ is removed.
+the chunks are streamed into embeddings.npy and lengths.npy (atomically) and partial/ is removed; encoded.json then
+records the settings and the manifest section, which a rerun with the same settings returns (other settings: refused).
 `encode_prompts` returns the manifest's `conditioning` section (ard.store.schema.TextConditioning), whose sha256s
 `ard-store verify` checks (ard.store.format.check_conditioning_file).
 """
@@ -29,12 +30,13 @@ from tqdm import tqdm
 from ard.atomic import atomic_file, write_atomic, write_npz_atomic, write_text_atomic
 from ard.backbones.text import TextCondition
 from ard.conditioning import Prompt
+from ard.store.format import CONDITIONING_FOLDER as FOLDER
 from ard.store.schema import NUMPY_DTYPE
 from ard.text_encoders import TextEncoder
 
-FOLDER = "conditioning"
 PROMPTS, EMBEDDINGS, LENGTHS = "prompts.jsonl", "embeddings.npy", "lengths.npy"
 PARTIAL = "partial"
+DONE = "encoded.json"  # the finished encoding's settings and manifest section: a rerun returns it
 
 
 def file_entry(path: Path) -> dict:
@@ -67,10 +69,16 @@ def encode_prompts(root: str | Path, prompts: list[Prompt], encoder: TextEncoder
         raise ValueError(f"dtype={dtype!r}: must be one of {', '.join(NUMPY_DTYPE)}")
     folder = Path(root) / FOLDER
     partial = folder / PARTIAL
-    partial.mkdir(parents=True, exist_ok=True)
     lines = "".join(json.dumps({"id": p.id, "text": p.text}, ensure_ascii=False) + "\n" for p in prompts)
     settings = {"prompts_sha256": hashlib.sha256(lines.encode()).hexdigest(), "encoder": encoder.identity(),
                 "dtype": dtype, "chunk_size": chunk_size, "null_prompt": null_prompt}
+    if (folder / DONE).exists():
+        done = json.loads((folder / DONE).read_text())
+        if done["settings"] != settings:
+            raise ValueError(f"{folder / DONE}: the store's prompts were encoded with other settings (prompts, "
+                             "encoder, dtype or null prompt); use another store directory")
+        return done["section"]
+    partial.mkdir(parents=True, exist_ok=True)
     pinned = partial / "settings.json"
     if pinned.exists() and json.loads(pinned.read_text()) != settings:
         raise ValueError(f"{pinned}: an unfinished encoding with other settings (prompts, encoder, dtype or chunk "
@@ -90,8 +98,11 @@ def encode_prompts(root: str | Path, prompts: list[Prompt], encoder: TextEncoder
             lengths += [int(keep[i].sum()) for i in range(len(batch))]
         write_npz_atomic(partial / f"{start:09d}.npz", tokens=to_numpy(torch.cat(tokens), dtype),
                          lengths=np.array(lengths, dtype=np.int64))
-    return _finish(folder, [partial / f"{c:09d}.npz" for c in chunks], lines, encoder, dtype, len(prompts),
-                   null_prompt)
+    section = _finish(folder, [partial / f"{c:09d}.npz" for c in chunks], lines, encoder, dtype, len(prompts),
+                      null_prompt)
+    write_text_atomic(folder / DONE, json.dumps({"settings": settings, "section": section}, indent=1) + "\n")
+    shutil.rmtree(partial)
+    return section
 
 
 def _finish(folder: Path, chunks: list[Path], lines: str, encoder: TextEncoder, dtype: str, count: int,
@@ -106,7 +117,6 @@ def _finish(folder: Path, chunks: list[Path], lines: str, encoder: TextEncoder, 
             f.write(np.ascontiguousarray(np.load(c)["tokens"]).tobytes())
     write_atomic(folder / LENGTHS, lambda f: np.save(f, lengths))
     write_text_atomic(folder / PROMPTS, lines)
-    shutil.rmtree(folder / PARTIAL)
     entry = lambda name: {"file": f"{FOLDER}/{name}", **file_entry(folder / name)}  # noqa: E731
     return {"kind": "text",
             "encoder": {"name": encoder.name, "path": encoder.path, "weights_sha256": encoder.identity(),

@@ -1,0 +1,75 @@
+"""Precompute for a text teacher (a tiny PixArt, the hash encoder): prompts encoded once into the store, trajectories
+labelled by prompt index and reproducible from the stored condition, a version-2 manifest that `ard-store verify`
+accepts, resuming without encoding again, and one-line refusals of a missing or unneeded prompt file."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ard.backbones.pixart import PixArt
+from ard.cli import main as ard_main
+from ard.diffusion import ddim_sample, trajectory_inputs
+from ard.store import format as fmt
+from ard.store.cli import main as store_main
+from ard.store.text import TextSidecar
+from test_bad_inputs import ROOT, expect_one_line, predict_args, teacher  # noqa: F401
+
+CAPTIONS = ["a handwritten zero", "a handwritten one", "a thin seven", "a bold three", "two", "a tilted nine"]
+
+
+@pytest.fixture(scope="module")
+def pixart_teacher(tmp_path_factory):
+    torch.manual_seed(0)
+    model = PixArt().build("tiny")
+    for p in model.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    directory = tmp_path_factory.mktemp("pixart") / "teacher"
+    model.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "captions.jsonl"
+    path.write_text("".join(json.dumps({"id": f"c{i}", "text": t}) + "\n" for i, t in enumerate(CAPTIONS)))
+    return path
+
+
+def text_predict_args(teacher, out, prompts, *extra):
+    return [*predict_args(teacher, out, f"--model.init_args.prompts={prompts}", "--model.init_args.num_steps=4",
+                          "--model.init_args.save_indices=null", "--model.init_args.clip_sample=false", n=12),
+            "--data.init_args.shard_size=8", *extra]
+
+
+def test_a_text_store_holds_prompt_indices_and_reproduces(tmp_path, capsys, pixart_teacher, prompt_file):
+    out = tmp_path / "store"
+    ard_main(text_predict_args(pixart_teacher, out, prompt_file))
+    store_main(["verify", str(out)])
+    assert "ok" in capsys.readouterr().out
+    store = fmt.TrajectoryStore(out)
+    m = store.manifest
+    assert (m["version"], m["teacher"]["family"], m["num_classes"]) == (2, "pixart", len(CAPTIONS))
+    cond = m["conditioning"]
+    assert cond["kind"] == "text" and cond["prompts"]["count"] == len(CAPTIONS) and cond["encoder"]["name"] == "hash"
+    noise, label = trajectory_inputs(m["seed"], [5], (1, 8, 8), len(CAPTIONS))
+    assert int(store.labels[5]) == int(label[0]) and set(store.labels.tolist()) <= set(range(len(CAPTIONS)))
+    teacher = PixArt().load(pixart_teacher)
+    condition = TextSidecar(out, cond).condition(label)
+    with torch.no_grad():
+        again = ddim_sample(teacher, noise, condition, 4, 2.0, "leading").states[0]  # (G, C, H, W)
+    stored = fmt.to_float32(store.read(np.array([5])), m["state"]["dtype"])[0]  # (G, C, H, W)
+    torch.testing.assert_close(stored, again, rtol=1e-5, atol=1e-5)  # (batch composition: float rounding)
+    encoded = (out / "conditioning" / "encoded.json").stat().st_mtime_ns
+    ard_main(text_predict_args(pixart_teacher, out, prompt_file))  # complete: resumes nothing, encodes nothing
+    assert (out / "conditioning" / "encoded.json").stat().st_mtime_ns == encoded
+
+
+def test_prompts_are_needed_by_text_teachers_only(tmp_path, capsys, pixart_teacher, prompt_file, teacher):
+    args = [a for a in text_predict_args(pixart_teacher, tmp_path / "a", prompt_file) if "prompts=" not in a]
+    expect_one_line(capsys, lambda: ard_main(args), "a 'pixart' teacher is conditioned on text and needs a prompt",
+                    [pixart_teacher])
+    expect_one_line(capsys, lambda: ard_main(predict_args(teacher, tmp_path / "b",
+                                                          f"--model.init_args.prompts={prompt_file}")),
+                    "a 'dit' teacher is conditioned on class labels and takes no prompts", [teacher])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
