@@ -62,7 +62,8 @@ def teacher_identity(model: nn.Module) -> dict[str, str]:
     """What a teacher computes, whatever it was loaded from (a pipeline snapshot, its transformer/ subfolder,
     an official .pt): sha256 of its weights (state dict: names, dtypes, shapes, bytes, in name order), of its
     config (the diffusers config without private keys: the path it came from, versions, the numerics flag),
-    and its numerics. The store's manifest records it, and distillation and evaluation compare against it."""
+    and its numerics; its family where it is not a DiT (absent for DiTs, as in stores written before other
+    families). The store's manifest records it, and distillation and evaluation compare against it."""
     weights = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
@@ -70,8 +71,9 @@ def teacher_identity(model: nn.Module) -> dict[str, str]:
         weights.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
     config_bytes = json.dumps(config, sort_keys=True, default=str).encode()
+    family = backbone_of(model)
     return {"weights_sha256": weights.hexdigest(), "config_sha256": hashlib.sha256(config_bytes).hexdigest(),
-            "numerics": backbone_of(model).numerics(model)}
+            "numerics": family.numerics(model), **({} if family.family == "dit" else {"family": family.family})}
 
 
 def check_teacher(recorded: dict, ours: dict, where: str, what: str) -> None:

@@ -19,9 +19,10 @@ from ard.backbones.dit import DiT
 from ard.backbones.pixart import PixArt
 
 BACKBONES: dict[str, Backbone] = {adapter.family: adapter for adapter in (DiT(), PixArt())}
-# The families that the store, distillation and evaluation serve end to end (load_teacher loads only these);
-# the others' adapters build students (history attention, KV cache, heads) but their stores are still to come.
+# The families that the store, distillation and evaluation serve end to end (load_teacher's default); the text
+# families are served by precompute and distillation so far (their evaluation is still to come).
 SERVED = ("dit",)
+TEXT = ("pixart",)  # families conditioned on text: stores of encoded prompts (ard/store/text.py)
 
 
 def backbone(family: str) -> Backbone:

@@ -31,6 +31,10 @@ class TextCondition:
         return replace(self, **{f.name: take(getattr(self, f.name)) for f in fields(self)
                                 if f.name != "null" and getattr(self, f.name) is not None})
 
+    def __getitem__(self, rows) -> TextCondition:
+        """The condition of some rows (an index tensor or a boolean mask)."""
+        return self._rows(lambda x: x[rows])
+
     def repeat_interleave(self, repeats: int) -> TextCondition:
         return self._rows(lambda x: x.repeat_interleave(repeats, dim=0))  # (R * repeats, ...)
 

@@ -43,7 +43,9 @@ from ard.student.export import export_student, load_exported
 from ard.student.gan import draw_generator
 from ard.student.model import CONFIG_NAME
 from ard.student.recipe import Recipe, student_inputs, substep_paths
+from ard.backbones import SERVED, TEXT, backbone_of
 from ard.backbones.dit import Numerics, num_classes
+from ard.store.text import TextSidecar
 from ard.teacher import DIGITS_TEACHER, check_teacher, load_teacher, teacher_identity
 from ard.viz import image_grid, log_image, save_png
 
@@ -167,7 +169,9 @@ class ARDDistillation(L.LightningModule):
             raise ValueError("model.noise_correction=True needs an epsilon-parametrised student: output 'eps' or "
                              "'x0'")
         self.noise_correction = noise_correction
-        teacher_model = load_teacher(teacher, teacher_size, numerics, tie_embedders)
+        teacher_model = load_teacher(teacher, teacher_size, numerics, tie_embedders, families=(*SERVED, *TEXT))
+        self.text = backbone_of(teacher_model).family in TEXT  # labels index the store's encoded prompts
+        self.sidecar: TextSidecar | None = None  # a text store's encoded prompts (setup)
         self.student = ARDStudent(teacher_model, num_steps, history_blocks=history_blocks, mask=mask,
                                   window=window, heads=heads, output=output, history_start=history_start,
                                   clip_x0=clip_x0).train()  # the teacher was loaded in eval mode
@@ -175,7 +179,7 @@ class ARDDistillation(L.LightningModule):
             self.student.transformer.enable_gradient_checkpointing()
         config = teacher_model.config
         self.state_shape = (config.in_channels, config.sample_size, config.sample_size)  # (C, H, W) of one state
-        self.num_classes = num_classes(teacher_model)
+        self.num_classes = None if self.text else num_classes(teacher_model)  # a text store's: its prompts (setup)
         self.teacher_identity = teacher_identity(teacher_model)  # checked against the store's in setup
         if samples.per_class and self.state_shape[0] not in (1, 3) and samples.vae is None:
             raise ValueError(f"teacher {teacher}: {self.state_shape[0]}-channel (latent) states need samples.vae to "
@@ -194,6 +198,9 @@ class ARDDistillation(L.LightningModule):
         if not all(hasattr(datamodule, a) for a in ("check_compatible", "timesteps", "student_steps")):
             raise ValueError(f"{type(self).__name__} needs a trajectory store as data "
                              f"(ard.data.trajectories.TrajectoryDataModule); got {type(datamodule).__name__}")
+        if self.text:
+            self.num_classes = datamodule.manifest["num_classes"]  # its prompts (the teacher identity is checked)
+            self.sidecar = TextSidecar(datamodule.path, datamodule.manifest["conditioning"])
         datamodule.check_compatible(self.state_shape, self.num_classes)
         manifest = str(Path(datamodule.path) / "manifest.json")
         # the student must start from the store's teacher: weights, config and numerics
@@ -217,6 +224,15 @@ class ARDDistillation(L.LightningModule):
                                    None if paths is None else torch.tensor(paths), recipe.srl_shift,
                                    solver["cfg_channels"], recipe.srl_timesteps, recipe.srl_weights,
                                    recipe.srl_weight, self.noise_correction)
+
+    def condition(self, labels: torch.Tensor):
+        """The teacher's condition of store labels (B,): the class labels, or their encoded prompts (a text store's
+        sidecar, with the null prompt for CFG)."""
+        return self.sidecar.condition(labels).to(self.device) if self.text else labels
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Every batch's labels as the teacher's conditions (a text store's prompts: read once per batch)."""
+        return {**batch, "labels": self.condition(batch["labels"])} if self.text else batch
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         check_finite_weights(checkpoint["state_dict"], f"step {self.global_step}: checkpoint (not written)")
@@ -347,7 +363,7 @@ class ARDDistillation(L.LightningModule):
         labels = torch.tensor(list(classes), device=self.device).repeat_interleave(grid.per_class)  # (n,)
         g = torch.Generator().manual_seed(grid.seed)
         noise = torch.randn(len(labels), *self.state_shape, generator=g).to(self.device)  # (n, C, H, W)
-        return image_grid(self.generate(noise, labels), nrow=grid.per_class)
+        return image_grid(self.generate(noise, self.condition(labels)), nrow=grid.per_class)
 
     @torch.no_grad()
     def generate(self, noise: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -372,7 +388,8 @@ class ARDDistillation(L.LightningModule):
         the checkpoint or the DDP wrapper."""
         if "teacher" not in self._frozen:
             self._frozen["teacher"] = load_teacher(self.hparams.teacher, self.hparams.teacher_size,
-                                                   self.hparams.numerics).requires_grad_(False)
+                                                   self.hparams.numerics, families=(*SERVED, *TEXT)
+                                                   ).requires_grad_(False)
         return self._frozen["teacher"].to(self.device)
 
     def export_student(self, directory: str | Path) -> Path:

@@ -25,14 +25,13 @@ import torch
 from ard.checks import AtLeastOne, Indices, NonNegative, NonNegativeInt, check_knobs
 from ard.diffusion import (CfgChannels, TimestepSpacing, ddim_grid, ddim_sample, precision_of_trainer,
                            solver_identity, trajectory_inputs)
-from ard.backbones import backbone_of
+from ard.backbones import SERVED, TEXT, backbone_of
 from ard.backbones.dit import Numerics, num_classes
 from ard.conditioning import read_prompts
 from ard.runlock import DirectoryLock
 from ard.teacher import DIGITS_TEACHER, load_teacher, teacher_identity
 from ard.text_encoders import TextEncoderKind, load_text_encoder
 
-TEXT_FAMILIES = ("pixart",)  # teachers conditioned on text: they need `prompts`
 
 
 class PrecomputeTrajectories(L.LightningModule):
@@ -78,7 +77,7 @@ class PrecomputeTrajectories(L.LightningModule):
         if self.save_indices[0] != 0 or self.save_indices[-1] != num_steps:
             raise ValueError(f"save_indices must lie in [0, {num_steps}] and include 0 (the noise) and {num_steps} "
                              f"(the final sample); got {save_indices}")
-        self.teacher = load_teacher(teacher, teacher_size, numerics, families=("dit", *TEXT_FAMILIES))
+        self.teacher = load_teacher(teacher, teacher_size, numerics, families=(*SERVED, *TEXT))
         self.teacher.requires_grad_(False)
         self.family = backbone_of(self.teacher).family
         self.identity = teacher_identity(self.teacher)
@@ -86,7 +85,7 @@ class PrecomputeTrajectories(L.LightningModule):
         self.state_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)  # (C, H, W)
         self.store_lock: DirectoryLock | None = None  # held by global rank 0 while predicting
         self.encoder, self.prompts, self.sidecar = None, None, None  # text teachers: see `conditioning`
-        if (self.family in TEXT_FAMILIES) != (prompts is not None):
+        if (self.family in TEXT) != (prompts is not None):
             raise ValueError(f"model.prompts={prompts!r}: a {self.family!r} teacher " + (
                 "is conditioned on text and needs a prompt file" if prompts is None else
                 "is conditioned on class labels and takes no prompts"))
@@ -107,9 +106,8 @@ class PrecomputeTrajectories(L.LightningModule):
         """The manifest fields this module decides (see ard.store.format.new_manifest)."""
         hp = self.hparams
         conditioning = self.conditioning()
-        family = {} if conditioning is None else {"family": self.family}
         return dict(
-            teacher={"path": hp.teacher, **self.identity, **family},
+            teacher={"path": hp.teacher, **self.identity},
             solver=solver_identity(hp.num_steps, hp.timestep_spacing, hp.guidance_scale, hp.clip_sample,
                                    hp.cfg_channels, precision_of_trainer(self.trainer.precision)),
             grid_indices=self.save_indices,

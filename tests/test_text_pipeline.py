@@ -1,6 +1,7 @@
-"""Precompute for a text teacher (a tiny PixArt, the hash encoder): prompts encoded once into the store, trajectories
-labelled by prompt index and reproducible from the stored condition, a version-2 manifest that `ard-store verify`
-accepts, resuming without encoding again, and one-line refusals of a missing or unneeded prompt file."""
+"""A text teacher (a tiny PixArt, the hash encoder) through precompute and distillation: prompts encoded once into
+the store, trajectories labelled by prompt index and reproducible from the stored condition, a version-2 manifest
+that `ard-store verify` accepts, resuming without encoding again, one-line refusals of a missing or unneeded prompt
+file; students distilled from the text store with teacher forcing and with the teacher's own targets on rollouts."""
 import json
 
 import numpy as np
@@ -13,7 +14,8 @@ from ard.diffusion import ddim_sample, trajectory_inputs
 from ard.store import format as fmt
 from ard.store.cli import main as store_main
 from ard.store.text import TextSidecar
-from test_bad_inputs import ROOT, expect_one_line, predict_args, teacher  # noqa: F401
+from ard.student import ARDStudent
+from test_bad_inputs import ROOT, expect_one_line, fit_args, predict_args, teacher  # noqa: F401
 
 CAPTIONS = ["a handwritten zero", "a handwritten one", "a thin seven", "a bold three", "two", "a tilted nine"]
 
@@ -36,9 +38,9 @@ def prompt_file(tmp_path_factory):
     return path
 
 
-def text_predict_args(teacher, out, prompts, *extra):
+def text_predict_args(teacher, out, prompts, *extra, n=12):
     return [*predict_args(teacher, out, f"--model.init_args.prompts={prompts}", "--model.init_args.num_steps=4",
-                          "--model.init_args.save_indices=null", "--model.init_args.clip_sample=false", n=12),
+                          "--model.init_args.save_indices=null", "--model.init_args.clip_sample=false", n=n),
             "--data.init_args.shard_size=8", *extra]
 
 
@@ -73,3 +75,15 @@ def test_prompts_are_needed_by_text_teachers_only(tmp_path, capsys, pixart_teach
                                                           f"--model.init_args.prompts={prompt_file}")),
                     "a 'dit' teacher is conditioned on class labels and takes no prompts", [teacher])
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("recipe", [[], ["--model.init_args.recipe.inputs=rollout",
+                                         "--model.init_args.recipe.targets=teacher_from_state"]],
+                         ids=["teacher_forcing", "rollout_teacher_targets"])
+def test_a_student_distils_from_a_text_store(tmp_path, pixart_teacher, prompt_file, recipe):
+    store = tmp_path / "store"
+    ard_main(text_predict_args(pixart_teacher, store, prompt_file, n=16))
+    run = tmp_path / "run"
+    ard_main(fit_args(run, pixart_teacher, store, "--model.init_args.clip_x0=false", *recipe))
+    student = ARDStudent.from_pretrained(run / "student_ema")
+    assert student.backbone.family == "pixart" and student.history_blocks == 1
