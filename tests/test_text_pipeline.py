@@ -87,3 +87,39 @@ def test_a_student_distils_from_a_text_store(tmp_path, pixart_teacher, prompt_fi
     ard_main(fit_args(run, pixart_teacher, store, "--model.init_args.clip_x0=false", *recipe))
     student = ARDStudent.from_pretrained(run / "student_ema")
     assert student.backbone.family == "pixart" and student.history_blocks == 1
+
+
+def test_the_caption_digits_presets_run_teacher_trajectories_and_students(tmp_path, monkeypatch):
+    """configs/digits_t2i/ over the digits presets: two steps of the captioned PixArt teacher, exported as a diffusers
+    PixArt; its trajectories on the caption file; two steps of the ARD student and of the baseline on them; the
+    teacher's sample grid has one row per digit, as the DiT teacher's."""
+    import wandb
+
+    from ard.modules.teacher_training import TeacherTraining
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    ard_main(["fit", "-c", str(ROOT / "configs/digits/teacher.yaml"), "-c", str(ROOT / "configs/digits_t2i/teacher.yaml"),
+              f"--trainer.default_root_dir={tmp_path}", "--trainer.limit_val_batches=0", "--trainer.max_steps=2",
+              "--trainer.enable_progress_bar=false", "--trainer.logger=false"])
+    wandb.finish()
+    teacher = PixArt().load(tmp_path / "teacher_ema")
+    assert teacher.config.caption_channels == 32 and len(teacher.transformer_blocks) == 6
+    store = tmp_path / "store"
+    ard_main(["predict", "-c", str(ROOT / "configs/digits/trajectories.yaml"), "-c",
+              str(ROOT / "configs/digits_t2i/trajectories.yaml"), f"--model.init_args.teacher={tmp_path / 'teacher_ema'}",
+              f"--model.init_args.prompts={ROOT / 'configs/digits_t2i/captions.jsonl'}",
+              f"--data.init_args.path={store}", "--data.init_args.num_trajectories=80", "--data.init_args.shard_size=40",
+              f"--trainer.default_root_dir={tmp_path / 'precompute'}"])
+    assert fmt.TrajectoryStore(store).manifest["num_classes"] == 40
+    for preset in ([], ["-c", str(ROOT / "configs/digits_t2i/baseline.yaml")]):
+        run = tmp_path / f"run{len(preset)}"
+        ard_main(["fit", "-c", str(ROOT / "configs/digits/ard.yaml"), "-c", str(ROOT / "configs/digits_t2i/ard.yaml"),
+                  *preset, f"--model.init_args.teacher={tmp_path / 'teacher_ema'}", f"--data.init_args.path={store}",
+                  "--data.init_args.val_count=16", f"--trainer.default_root_dir={run}", "--trainer.max_steps=2",
+                  "--trainer.limit_val_batches=0", "--trainer.logger=false", "--trainer.enable_progress_bar=false"])
+        assert ARDStudent.from_pretrained(run / "student_ema").history_blocks == (0 if preset else 1)
+    module = TeacherTraining(family="pixart", samples_per_class=2, sample_steps=2)
+    grid = module.sample_grid()  # 10 rows (one per digit's first caption) of 2 samples: as the DiT teacher's grid
+    assert grid.shape == TeacherTraining(samples_per_class=2, sample_steps=2).sample_grid().shape == (330, 66, 3)
+    rows = module.condition(torch.tensor([7, 7]), drop=torch.tensor([False, True]), templates=torch.tensor([0, 0]))
+    assert rows.mask.sum(1).tolist() == [4, 1]  # "a handwritten seven" + end token; dropped: the null prompt ""

@@ -12,6 +12,8 @@ and its null condition for CFG. Nothing outside this package names a diffusers m
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch.nn as nn
 
 from ard.backbones.base import Backbone
@@ -23,6 +25,7 @@ BACKBONES: dict[str, Backbone] = {adapter.family: adapter for adapter in (DiT(),
 # families are served by precompute and distillation so far (their evaluation is still to come).
 SERVED = ("dit",)
 TEXT = ("pixart",)  # families conditioned on text: stores of encoded prompts (ard/store/text.py)
+Family = Literal["dit", "pixart"]  # the families a teacher can be trained in (ard.modules.teacher_training)
 
 
 def backbone(family: str) -> Backbone:

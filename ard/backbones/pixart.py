@@ -32,6 +32,11 @@ _XL2 = dict(num_layers=28, num_attention_heads=16, attention_head_dim=72, patch_
 PIXART_SIZES: dict[str, dict] = {
     "PixArt-XL/2-512": dict(_XL2, sample_size=64, use_additional_conditions=False),
     "PixArt-XL/2-1024": dict(_XL2, sample_size=128, use_additional_conditions=True),
+    # the text-to-image default's teacher: the digits DiT's geometry (6 blocks, width 128, patch 2, 8x8x1, epsilon
+    # only), reading 32-wide text tokens (the hash encoder's)
+    "digits": dict(num_layers=6, num_attention_heads=4, attention_head_dim=32, patch_size=2, in_channels=1,
+                   out_channels=1, cross_attention_dim=128, caption_channels=32, sample_size=8, norm_num_groups=1,
+                   use_additional_conditions=False),
     "tiny": dict(num_layers=2, num_attention_heads=2, attention_head_dim=8, patch_size=2, in_channels=1,
                  out_channels=2, cross_attention_dim=16, caption_channels=32, sample_size=8, norm_num_groups=1,
                  use_additional_conditions=False),

@@ -1,6 +1,8 @@
-"""Train a DiT diffusion teacher (epsilon prediction, DiT's schedule, CFG label dropout).
+"""Train a diffusion teacher on the digits (epsilon prediction, DiT's schedule, CFG condition dropout).
 
-Used by the embedded default: `ard fit -c configs/digits/teacher.yaml`. EMA weights come from
+A class-conditional DiT (the embedded default: `ard fit -c configs/digits/teacher.yaml`) or a text-conditioned
+PixArt on the digits' captions (the text-to-image default: `ard fit -c configs/digits_t2i/teacher.yaml`; each image
+gets one of its digit's captions at random, ard/data/captions.py, encoded by the text encoder once at the start). EMA weights come from
 Lightning's `EMAWeightAveraging` callback (configured in the YAML), which swaps them in for validation
 (callback hooks run before the module's, so the grid is drawn at validation start, on the EMA weights),
 stores them as the checkpoint's `state_dict` and copies them into the model when training ends;
@@ -15,10 +17,13 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from ard.checks import AtLeastOne, AtLeastTwo, NonNegative, NonNegativeInt, Positive, Probability, check_knobs
+from ard.backbones import TEXT, Family, backbone, backbone_of
+from ard.backbones.text import TextCondition
+from ard.checks import (AtLeastOne, AtLeastTwo, NonNegative, NonNegativeInt, Positive, Probability, check_choice,
+                        check_knobs)
+from ard.data.captions import NAMES, TEMPLATES, digit_captions
 from ard.diffusion import ddim_sample, make_scheduler, q_sample
-from ard.backbones import backbone_of
-from ard.backbones.dit import build_dit, num_classes
+from ard.text_encoders import TextEncoderKind, load_text_encoder
 from ard.viz import image_grid, log_image, save_png
 
 
@@ -26,7 +31,8 @@ def diffusion_loss(model, x0: torch.Tensor, labels: torch.Tensor, t: torch.Tenso
                    alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """Unreduced epsilon-prediction loss (Ho et al. 2020, eq. 14), shape (B,).
 
-    x0: (B, C, H, W) clean images; t: (B,) timesteps; noise: (B, C, H, W); labels (B,) (null = dropped).
+    x0: (B, C, H, W) clean images; t: (B,) timesteps; noise: (B, C, H, W); labels: the (B,) rows' conditions
+    (class labels or a TextCondition; the null condition where dropped).
     """
     ab = alphas_cumprod[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
     x_t = q_sample(x0, ab, noise)  # (B, C, H, W)
@@ -35,40 +41,63 @@ def diffusion_loss(model, x0: torch.Tensor, labels: torch.Tensor, t: torch.Tenso
 
 
 class TeacherTraining(L.LightningModule):
-    """DiT teacher trained from scratch with epsilon prediction and 10% label dropout for CFG."""
+    """A teacher trained from scratch with epsilon prediction and 10% condition dropout for CFG."""
 
-    def __init__(self, size: str = "digits", lr: Positive = 1e-3, weight_decay: NonNegative = 0.0,
+    def __init__(self, family: Family = "dit", size: str = "digits", lr: Positive = 1e-3, weight_decay: NonNegative = 0.0,
                  warmup_steps: NonNegativeInt = 500, label_dropout: Probability = 0.1,
                  num_train_timesteps: AtLeastTwo = 1000, sample_guidance_scale: NonNegative = 2.0,
                  sample_steps: AtLeastOne = 24, clip_sample: bool = True, samples_per_class: NonNegativeInt = 8,
-                 seed: NonNegativeInt = 0):
+                 seed: NonNegativeInt = 0, text_encoder: TextEncoderKind = "hash"):
         """
         Args:
-            size: a key of ard.backbones.dit.DIT_SIZES.
+            family: "dit" (class labels) or "pixart" (the digits' captions).
+            size: a named size of the family (ard.backbones.dit.DIT_SIZES, ard.backbones.pixart.PIXART_SIZES).
             lr: AdamW learning rate (after a linear warm-up).
             weight_decay: AdamW weight decay.
             warmup_steps: optimizer steps of linear learning-rate warm-up.
-            label_dropout: probability of replacing a label by the null class (CFG training).
+            label_dropout: probability of replacing a condition by the null class or prompt (CFG training).
             num_train_timesteps: T of the linear-beta schedule (1e-4..0.02).
             sample_guidance_scale: CFG scale of the sample grids made at validation.
             sample_steps: DDIM steps of those grids.
             clip_sample: clip the x0-prediction to [-1, 1] when sampling (pixel-space data).
             samples_per_class: columns of the validation sample grid (one row per class).
             seed: seed of the validation noise (same noise every time, so grids are comparable).
+            text_encoder: a text family's encoder of the captions (ard.text_encoders).
         """
         check_knobs(TeacherTraining.__init__, {k: v for k, v in locals().items() if k != "self"}, "model.")
         super().__init__()
         self.save_hyperparameters()
-        self.model = build_dit(size)
+        self.model = backbone(check_choice("family", family, Family)).build(size)
+        self.text = family in TEXT
+        if self.text:  # every caption and the null prompt, encoded once: (P + 1, T, D), (P + 1, T)
+            encoder = load_text_encoder(text_encoder, self.model.config.caption_channels)
+            embeddings, mask = encoder.encode([p.text for p in digit_captions()] + [""])
+            self.register_buffer("caption_embeddings", embeddings, persistent=False)
+            self.register_buffer("caption_mask", mask, persistent=False)
         self.register_buffer("alphas_cumprod", make_scheduler(num_train_timesteps=num_train_timesteps)
                              .alphas_cumprod.float(), persistent=False)
+
+    def condition(self, digits: torch.Tensor, drop: torch.Tensor | None = None,
+                  templates: torch.Tensor | None = None):
+        """The model's condition of digit labels (B,): the labels, or caption `templates` (B,) of each digit
+        (None: drawn at random) as encoded text; rows where `drop` get the null class or prompt."""
+        if not self.text:
+            return digits if drop is None else torch.where(
+                drop, backbone_of(self.model).null_condition(self.model, digits), digits)  # (B,)
+        if templates is None:
+            templates = torch.randint(len(TEMPLATES), digits.shape, device=digits.device)  # (B,)
+        null = len(NAMES) * len(TEMPLATES)  # the null prompt's row
+        rows = digits * len(TEMPLATES) + templates  # (B,)
+        rows = rows if drop is None else torch.where(drop, torch.full_like(rows, null), rows)
+        return TextCondition(self.caption_embeddings[rows], self.caption_mask[rows],
+                             null=TextCondition(self.caption_embeddings[null:], self.caption_mask[null:]))
 
     def training_step(self, batch, batch_idx):
         x0, labels = batch  # (B, C, H, W), (B,)
         t = torch.randint(0, self.hparams.num_train_timesteps, (x0.shape[0],), device=self.device)  # (B,)
         drop = torch.rand(x0.shape[0], device=self.device) < self.hparams.label_dropout  # (B,)
-        labels = torch.where(drop, backbone_of(self.model).null_condition(self.model, labels), labels)  # (B,)
-        loss = diffusion_loss(self.model, x0, labels, t, torch.randn_like(x0), self.alphas_cumprod).mean()
+        condition = self.condition(labels, drop)
+        loss = diffusion_loss(self.model, x0, condition, t, torch.randn_like(x0), self.alphas_cumprod).mean()
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -77,7 +106,8 @@ class TeacherTraining(L.LightningModule):
         g = torch.Generator(device=self.device).manual_seed(batch_idx)  # fixed t and noise: comparable numbers
         t = torch.randint(0, self.hparams.num_train_timesteps, (x0.shape[0],), generator=g, device=self.device)
         noise = torch.randn(x0.shape, generator=g, device=self.device)
-        loss = diffusion_loss(self.model, x0, labels, t, noise, self.alphas_cumprod).mean()
+        condition = self.condition(labels, templates=torch.zeros_like(labels))  # each digit's first caption
+        loss = diffusion_loss(self.model, x0, condition, t, noise, self.alphas_cumprod).mean()
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
 
     def on_validation_epoch_start(self):
@@ -89,14 +119,15 @@ class TeacherTraining(L.LightningModule):
 
     @torch.no_grad()
     def sample_grid(self) -> torch.Tensor:
-        """One row per class, `samples_per_class` columns, fixed noise: a (H', W') uint8 grid."""
+        """One row per digit (its first caption for text), `samples_per_class` columns, fixed noise: a uint8 grid."""
         hp, cfg = self.hparams, self.model.config
-        n_cls = num_classes(self.model)
+        n_cls = len(NAMES)
         g = torch.Generator().manual_seed(hp.seed)
         noise = torch.randn(n_cls * hp.samples_per_class, cfg.in_channels, cfg.sample_size, cfg.sample_size,
                             generator=g).to(self.device)  # (10 * k, C, H, W)
         labels = torch.arange(n_cls, device=self.device).repeat_interleave(hp.samples_per_class)  # (10 * k,)
-        traj = ddim_sample(self.model, noise, labels, hp.sample_steps, hp.sample_guidance_scale,
+        condition = self.condition(labels, templates=torch.zeros_like(labels))
+        traj = ddim_sample(self.model, noise, condition, hp.sample_steps, hp.sample_guidance_scale,
                            save_indices=[hp.sample_steps], clip_sample=hp.clip_sample)
         return image_grid(traj.states[:, -1], nrow=hp.samples_per_class)
 

@@ -1,0 +1,37 @@
+"""Captions of the digits: the text-to-image default's prompts. Each digit has the same few captions; the prompt
+file configs/digits_t2i/captions.jsonl lists them in `digit_captions()` order (ids "<digit>-<k>"), so a prompt's
+index tells its digit (`caption_digit`), which the digit classifier checks in the prompt-adherence metric.
+
+    python -m ard.data.captions configs/digits_t2i/captions.jsonl   # (re)write the prompt file
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from ard.atomic import write_text_atomic
+from ard.conditioning import Prompt
+
+NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+TEMPLATES = ["a handwritten {name}", "the digit {name}", "a {name} written by hand", "the number {numeral}"]
+
+
+def digit_captions() -> list[Prompt]:
+    """The captions of digit d are prompts d * len(TEMPLATES) ... (d + 1) * len(TEMPLATES) - 1."""
+    return [Prompt(f"{d}-{k}", t.format(name=NAMES[d], numeral=d)) for d in range(len(NAMES))
+            for k, t in enumerate(TEMPLATES)]
+
+
+def caption_digit(index: int) -> int:
+    """The digit that prompt `index` of `digit_captions()` names."""
+    return index // len(TEMPLATES)
+
+
+def write_prompt_file(path: str | Path) -> Path:
+    lines = "".join(json.dumps({"id": p.id, "text": p.text}) + "\n" for p in digit_captions())
+    return write_text_atomic(path, lines)
+
+
+if __name__ == "__main__":
+    print(write_prompt_file(sys.argv[1]))
