@@ -10,8 +10,12 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from ard.atomic import write_text_atomic
+from ard.backbones.text import TextCondition
 from ard.conditioning import Prompt
+from ard.text_encoders import TextEncoder
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 TEMPLATES = ["a handwritten {name}", "the digit {name}", "a {name} written by hand", "the number {numeral}"]
@@ -26,6 +30,26 @@ def digit_captions() -> list[Prompt]:
 def caption_digit(index: int) -> int:
     """The digit that prompt `index` of `digit_captions()` names."""
     return index // len(TEMPLATES)
+
+
+class CaptionConditions:
+    """Every digit caption and the null prompt, encoded once by `encoder`: `conditions(digits, templates, drop)`
+    is the TextCondition of caption `templates` (B,) of each digit (None: drawn at random), the null prompt in
+    the rows where `drop` (CFG training), on the digits' device."""
+
+    def __init__(self, encoder: TextEncoder):
+        self.embeddings, self.mask = encoder.encode([p.text for p in digit_captions()] + [""])  # (P+1, T, D), (P+1, T)
+        self.null_row = len(NAMES) * len(TEMPLATES)
+
+    def __call__(self, digits: torch.Tensor, templates: torch.Tensor | None = None,
+                 drop: torch.Tensor | None = None) -> TextCondition:
+        if templates is None:
+            templates = torch.randint(len(TEMPLATES), digits.shape, device=digits.device)  # (B,)
+        rows = digits * len(TEMPLATES) + templates  # (B,) prompt indices
+        rows = rows if drop is None else torch.where(drop, torch.full_like(rows, self.null_row), rows)
+        rows = rows.cpu()
+        null = TextCondition(self.embeddings[self.null_row:], self.mask[self.null_row:])
+        return TextCondition(self.embeddings[rows], self.mask[rows], null=null).to(digits.device)
 
 
 def write_prompt_file(path: str | Path) -> Path:

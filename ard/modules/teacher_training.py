@@ -18,10 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from ard.backbones import TEXT, Family, backbone, backbone_of
-from ard.backbones.text import TextCondition
 from ard.checks import (AtLeastOne, AtLeastTwo, NonNegative, NonNegativeInt, Positive, Probability, check_choice,
                         check_knobs)
-from ard.data.captions import NAMES, TEMPLATES, digit_captions
+from ard.data.captions import NAMES, CaptionConditions
 from ard.diffusion import ddim_sample, make_scheduler, q_sample
 from ard.text_encoders import TextEncoderKind, load_text_encoder
 from ard.viz import image_grid, log_image, save_png
@@ -69,11 +68,8 @@ class TeacherTraining(L.LightningModule):
         self.save_hyperparameters()
         self.model = backbone(check_choice("family", family, Family)).build(size)
         self.text = family in TEXT
-        if self.text:  # every caption and the null prompt, encoded once: (P + 1, T, D), (P + 1, T)
-            encoder = load_text_encoder(text_encoder, self.model.config.caption_channels)
-            embeddings, mask = encoder.encode([p.text for p in digit_captions()] + [""])
-            self.register_buffer("caption_embeddings", embeddings, persistent=False)
-            self.register_buffer("caption_mask", mask, persistent=False)
+        self.captions = (CaptionConditions(load_text_encoder(text_encoder, self.model.config.caption_channels))
+                         if self.text else None)  # every caption and the null prompt, encoded once
         self.register_buffer("alphas_cumprod", make_scheduler(num_train_timesteps=num_train_timesteps)
                              .alphas_cumprod.float(), persistent=False)
 
@@ -81,16 +77,10 @@ class TeacherTraining(L.LightningModule):
                   templates: torch.Tensor | None = None):
         """The model's condition of digit labels (B,): the labels, or caption `templates` (B,) of each digit
         (None: drawn at random) as encoded text; rows where `drop` get the null class or prompt."""
-        if not self.text:
-            return digits if drop is None else torch.where(
-                drop, backbone_of(self.model).null_condition(self.model, digits), digits)  # (B,)
-        if templates is None:
-            templates = torch.randint(len(TEMPLATES), digits.shape, device=digits.device)  # (B,)
-        null = len(NAMES) * len(TEMPLATES)  # the null prompt's row
-        rows = digits * len(TEMPLATES) + templates  # (B,)
-        rows = rows if drop is None else torch.where(drop, torch.full_like(rows, null), rows)
-        return TextCondition(self.caption_embeddings[rows], self.caption_mask[rows],
-                             null=TextCondition(self.caption_embeddings[null:], self.caption_mask[null:]))
+        if self.text:
+            return self.captions(digits, templates, drop)
+        return digits if drop is None else torch.where(
+            drop, backbone_of(self.model).null_condition(self.model, digits), digits)  # (B,)
 
     def training_step(self, batch, batch_idx):
         x0, labels = batch  # (B, C, H, W), (B,)
