@@ -16,6 +16,11 @@ mean squared distance to the teacher's final sample (per pixel, in [-1, 1] units
 at S steps samples at exactly the students' boundary timesteps (their ard_sampling.json; without an S-step
 student, the grid indices s * K / S the trajectory store serves them from).
 
+A text store (a PixArt teacher's: ard/store/text.py) makes the evaluation set's labels prompt indices: every row
+samples each noise with the same prompt's stored encoding (`Conditions`), and where the store's prompts are the
+digits' captions (ard/data/captions.py) each row also reports its prompt adherence: the share of its samples the
+digit classifier assigns to the digit their caption names.
+
 Images enter the metrics as uint8 exactly like the ADM evaluator (round((x + 1) * 127.5), clipped).
 FIDs carry a bootstrap standard deviation (resampling the generated set) and the report states each
 reference's noise floor on the rows' footing: against the teacher, the FID of the teacher's N samples to N
@@ -67,7 +72,9 @@ from ard.metrics.reference import check_npz_images
 from ard.metrics.table import metrics_table
 from ard.student import sample
 from ard.student.export import exported_noise_correction, load_exported
+from ard.backbones import SERVED, TEXT
 from ard.backbones.dit import Numerics, num_classes
+from ard.data.captions import caption_digit, digit_captions
 from ard.teacher import DIGITS_TEACHER, check_teacher, load_teacher, teacher_identity
 from ard.viz import image_grid, label_rows, save_png
 
@@ -77,6 +84,7 @@ REPORT_KEYS = ("model", "steps", "nfe", "fid", "fid_sd", "fid_vs_teacher", "fid_
                "mse_vs_teacher_se", "is", "precision", "recall", "num_samples", "sec_per_image", "gflops_per_image")
 REPORT_COLUMNS = ("model", "steps", "nfe", "fid", "fid_vs_teacher", "mse_vs_teacher", "is", "precision", "recall",
                   "sec_per_image", "gflops_per_image")  # report.md's (ard.metrics.table.COLUMNS)
+ADHERENCE = "prompt_adherence"  # a row's key and column where the prompts name digits (the captions of the digits)
 NOISE_FLOOR_METHOD = {
     "teacher": "FID of the teacher's N samples against N more from independent noises and labels (N vs N, as the rows)",
     "real": "FID between two random halves of the real reference"}
@@ -156,11 +164,41 @@ def make_decoder(vae: str | None, latent_scale: float, batch_size: int, device: 
     return lambda x: to_uint8(decode_latents(autoencoder, x.to(device), latent_scale, batch_size).cpu())
 
 
+@dataclass
+class Conditions:
+    """How the evaluation set's labels condition every row: class labels as they are, or a text store's prompt
+    indices as their encoded prompts; `classes`: the digit each label asks for where the prompts name digits."""
+    count: int  # labels are drawn from 0..count-1
+    condition: Callable[[torch.Tensor], object]  # labels (B,) on the device -> the models' condition
+    key: dict  # what of the conditioning the evaluation set depends on (its cache key)
+    classes: np.ndarray | None = None  # (count,) the digit of each label, for prompt adherence
+
+    @classmethod
+    def of(cls, teacher, manifest: dict | None, store: str | None) -> "Conditions":
+        cond = (manifest or {}).get("conditioning") or {}
+        if cond.get("kind") != "text":
+            return cls(num_classes(teacher), lambda labels: labels, {})
+        from ard.store.text import TextSidecar
+
+        sidecar = TextSidecar(store, cond)
+        stored = (Path(store) / cond["prompts"]["file"]).read_text().splitlines()
+        captions = [json.dumps({"id": p.id, "text": p.text}) for p in digit_captions()]
+        classes = np.array([caption_digit(i) for i in range(len(captions))]) if stored == captions else None
+        return cls(cond["prompts"]["count"], lambda labels: sidecar.condition(labels).to(labels.device),
+                   {k: cond[k]["sha256"] for k in ("prompts", "embeddings", "lengths")}, classes)
+
+
+def conditioned(sampler: Sampler, conditions: Conditions) -> Sampler:
+    """`sampler` fed the evaluation set's labels through `conditions`."""
+    return lambda noise, labels: sampler(noise, conditions.condition(labels))
+
+
 def resolve_teacher(teacher: str, teacher_size: str | None, store: str | None, numerics: Numerics | None,
                     given: dict, allow_store_mismatch: bool):
     """Load the teacher and settle its sampling settings: the explicit ones, else the store's, else
     SOLVER_DEFAULTS. Refuses (one line naming the manifest field) a teacher or setting that differs from the
-    store's unless `allow_store_mismatch`. Returns (teacher model, its identity, solver settings)."""
+    store's unless `allow_store_mismatch`. Returns (teacher model, its identity, solver settings, the store's
+    manifest or None)."""
     manifest, where = None, None
     if store is not None:
         from ard.store.format import MANIFEST, read_manifest
@@ -172,7 +210,8 @@ def resolve_teacher(teacher: str, teacher_size: str | None, store: str | None, n
     solver = solver_identity(**settings)
     if numerics is None and manifest is not None:
         numerics = manifest["teacher"].get("numerics")  # None (an older store): the checkpoint's own
-    model = load_teacher(teacher, teacher_size, numerics)
+    text = manifest is not None and (manifest.get("conditioning") or {}).get("kind") == "text"
+    model = load_teacher(teacher, teacher_size, numerics, families=(*SERVED, *TEXT) if text else SERVED)
     identity = teacher_identity(model)
     if manifest is not None and not allow_store_mismatch:
         check_teacher(manifest["teacher"], identity, where, f"teacher={teacher}")
@@ -180,7 +219,7 @@ def resolve_teacher(teacher: str, teacher_size: str | None, store: str | None, n
             if key in recorded and recorded[key] != value:
                 raise ValueError(f"{where}: field 'solver.{key}' is {recorded[key]!r}, the evaluation has {value!r} "
                                  "(pass allow_store_mismatch: true to evaluate against another teacher setting)")
-    return model, identity, solver
+    return model, identity, solver, manifest
 
 
 def tensor(array: np.ndarray) -> torch.Tensor:
@@ -203,17 +242,17 @@ def sample_batches(sampler: Sampler, noise: np.ndarray, labels: np.ndarray, batc
 
 
 def eval_set(teacher, identity: dict, solver: dict, num_samples: int, seed: int, batch_size: int, cache_dir: Path,
-             device: torch.device) -> dict[str, np.ndarray]:
+             device: torch.device, conditions: Conditions) -> dict[str, np.ndarray]:
     """Noises, labels and the teacher's K-step samples of the evaluation set, and the teacher's samples from N
     more noises and labels (indices N..2N-1 of the same seed: independent) for the FID-vs-teacher noise floor;
     cached in <cache_dir>/eval_set-<key>/ as .npy files written batch by batch, returned memory-mapped."""
-    key = hashlib.sha256(json.dumps([EVAL_SET_FORMAT, identity, solver, num_samples, seed],
-                                    sort_keys=True).encode()).hexdigest()[:16]
+    what = [EVAL_SET_FORMAT, identity, solver, num_samples, seed] + ([conditions.key] if conditions.key else [])
+    key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir / f"eval_set-{key}"
     if not path.exists():
         config = teacher.config
         shape = (config.in_channels, config.sample_size, config.sample_size)  # (C, H, W)
-        sampler = teacher_sampler(teacher, solver)
+        sampler = conditioned(teacher_sampler(teacher, solver), conditions)
         with atomic_directory(path) as tmp:
             def array(name, dtype, item_shape=()):
                 return np.lib.format.open_memmap(tmp / f"{name}.npy", "w+", dtype, (num_samples, *item_shape))
@@ -223,7 +262,7 @@ def eval_set(teacher, identity: dict, solver: dict, num_samples: int, seed: int,
             for a in range(0, num_samples, batch_size):
                 b = min(a + batch_size, num_samples)
                 for first, out in ((0, final), (num_samples, floor)):
-                    n, y = trajectory_inputs(seed, range(first + a, first + b), shape, num_classes(teacher))
+                    n, y = trajectory_inputs(seed, range(first + a, first + b), shape, conditions.count)
                     if first == 0:
                         noise[a:b], labels[a:b] = n.numpy(), y.numpy()
                     batches = sample_batches(sampler, n.numpy(), y.numpy(), b - a, device, solver["precision"])
@@ -274,24 +313,26 @@ class Setup:
     grid_samples: int
     image_size: tuple[int, int]  # (H, W) of the decoded images
     npz_dir: Path | None  # export_npz: where each row's ADM batch goes
+    classes: np.ndarray | None = None  # the digit each label asks for (prompt adherence), where known
 
 
 def build_rows(teacher, solver: dict, students: dict[str, str], undistilled_steps: list[int] | None,
-               noise_correction: bool, device: torch.device) -> list[RowSpec]:
+               noise_correction: bool, device: torch.device, conditions: Conditions) -> list[RowSpec]:
     """The report's rows in order: the K-step teacher (the reference), the undistilled teacher at each of
-    `undistilled_steps` (at the students' boundaries), the students."""
+    `undistilled_steps` (at the students' boundaries), the students; every sampler fed through `conditions`."""
     k, w = solver["num_steps"], solver["guidance_scale"]
     cfg_passes = 1 if w == 1.0 else 2
     name = f"teacher (DDIM, w={w:g})"
     loaded = {row: student_sampler(directory, device, noise_correction) for row, directory in students.items()}
     boundaries = {row: timesteps for row, (_, timesteps) in loaded.items()}
-    rows = [RowSpec(name, k * cfg_passes, teacher_sampler(teacher, solver), ddim_grid(k, solver["timestep_spacing"]),
-                    reference=True)]
+    rows = [RowSpec(name, k * cfg_passes, conditioned(teacher_sampler(teacher, solver), conditions),
+                    ddim_grid(k, solver["timestep_spacing"]), reference=True)]
     for s in undistilled_steps or []:
         timesteps = undistilled_timesteps(s, boundaries, solver)
-        rows.append(RowSpec(name, s * cfg_passes, undistilled_sampler(teacher, solver, timesteps, noise_correction),
-                            timesteps, noise_correction))
-    return rows + [RowSpec(row, len(ts) - 1, sampler, ts, noise_correction) for row, (sampler, ts) in loaded.items()]
+        sampler = conditioned(undistilled_sampler(teacher, solver, timesteps, noise_correction), conditions)
+        rows.append(RowSpec(name, s * cfg_passes, sampler, timesteps, noise_correction))
+    return rows + [RowSpec(row, len(ts) - 1, conditioned(sampler, conditions), ts, noise_correction)
+                   for row, (sampler, ts) in loaded.items()]
 
 
 class Row:
@@ -369,13 +410,15 @@ def report_row(spec: RowSpec, row: Row, sec: float, teacher: FeatureStats, setup
     sq = torch.cat(row.sq)  # (N,) per-sample squared distance to the teacher's final sample
     noise, labels = (tensor(setup.data[k][:1]).to(dev) for k in ("noise", "labels"))  # (1, C, h, w), (1,)
     gflops = gflops_per_image(spec.sampler, noise, labels)
+    adherence = {} if setup.classes is None else {ADHERENCE: float(
+        (logits.argmax(dim=1) == torch.from_numpy(setup.classes[np.asarray(setup.data["labels"])])).float().mean())}
     return {"model": spec.name, "steps": spec.steps, "nfe": spec.nfe, "fid": vs_real["fid"],
             "fid_sd": vs_real["fid_sd"], "fid_vs_teacher": fid_from_features(feats, teacher, dev),
             "fid_vs_teacher_sd": float(bootstrap_fid(feats, teacher, setup.bootstrap, 0, dev).std()),
             "mse_vs_teacher": float(sq.mean()), "mse_vs_teacher_se": float(sq.std() / len(sq) ** 0.5),
             "is": vs_real["is"], "precision": vs_real["precision"], "recall": vs_real["recall"],
             "num_samples": len(sq), "sec_per_image": sec, "gflops_per_image": gflops,
-            "timesteps": [int(t) for t in spec.timesteps], "noise_correction": spec.noise_correction}
+            "timesteps": [int(t) for t in spec.timesteps], "noise_correction": spec.noise_correction, **adherence}
 
 
 def report_markdown(rows: list[dict], floors: dict[str, float]) -> str:
@@ -389,7 +432,8 @@ def report_markdown(rows: list[dict], floors: dict[str, float]) -> str:
             f"Noise floors: FID vs teacher {floors['teacher']:.2f} (the teacher's {n} samples against {n} more "
             f"from independent noises and labels), FID vs real {floors['real']:.2f} (two random halves of the "
             "real reference). samples.png: one row per model in the table's order, one noise and label per column.")
-    return metrics_table(rows, REPORT_COLUMNS) + "\n\n" + note + "\n"
+    columns = REPORT_COLUMNS + ((ADHERENCE,) if ADHERENCE in rows[0] else ())
+    return metrics_table(rows, columns) + "\n\n" + note + "\n"
 
 
 def write_report(out_dir: Path, report: dict, grid: list[torch.Tensor], grid_samples: int, wandb: bool) -> None:
@@ -489,22 +533,23 @@ def evaluate(
     features = make_extractor(extractor).to(dev)
     given = dict(num_steps=teacher_steps, timestep_spacing=spacing, guidance_scale=guidance_scale,
                  clip_sample=clip_sample, cfg_channels=cfg_channels, precision=precision)
-    teacher_model, identity, solver = resolve_teacher(teacher, teacher_size, store, numerics, given,
-                                                      allow_store_mismatch)
+    teacher_model, identity, solver, manifest = resolve_teacher(teacher, teacher_size, store, numerics, given,
+                                                                allow_store_mismatch)
+    conditions = Conditions.of(teacher_model, manifest, store)
     teacher_model = teacher_model.to(dev)
     if teacher_model.config.in_channels not in (1, 3) and vae is None:
         raise ValueError(f"the teacher makes {teacher_model.config.in_channels}-channel latents: pass vae "
                          "(a diffusers AutoencoderKL directory)")
     decode = make_decoder(vae, latent_scale, batch_size, dev)
-    specs = build_rows(teacher_model, solver, students or {}, undistilled_steps, noise_correction, dev)
+    specs = build_rows(teacher_model, solver, students or {}, undistilled_steps, noise_correction, dev, conditions)
     config = teacher_model.config
     size = tuple(decode(torch.zeros(1, config.in_channels, config.sample_size, config.sample_size,
                                     device=dev)).shape[2:])  # (H, W) of the images
     real = (reference_from_images(digits_images("all"), features, cache) if reference == "digits"
             else reference_from_adm_npz(reference, features, cache, image_size=size))
-    setup = Setup(eval_set(teacher_model, identity, solver, num_samples, seed, batch_size, cache, dev), decode,
-                  features, real, dev, solver["precision"], batch_size, bootstrap, grid_samples, size,
-                  out_dir / "npz" if export_npz else None)
+    setup = Setup(eval_set(teacher_model, identity, solver, num_samples, seed, batch_size, cache, dev, conditions),
+                  decode, features, real, dev, solver["precision"], batch_size, bootstrap, grid_samples, size,
+                  out_dir / "npz" if export_npz else None, conditions.classes if extractor == "digits" else None)
 
     rows, grid, floors = [], [], {"real": fid_noise_floor(real.features)}
     for spec in specs:

@@ -14,6 +14,7 @@ from ard.diffusion import ddim_sample, trajectory_inputs
 from ard.store import format as fmt
 from ard.store.cli import main as store_main
 from ard.store.text import TextSidecar
+from ard.evaluate import evaluate
 from ard.student import ARDStudent
 from test_bad_inputs import ROOT, expect_one_line, fit_args, predict_args, teacher  # noqa: F401
 
@@ -87,6 +88,15 @@ def test_a_student_distils_from_a_text_store(tmp_path, pixart_teacher, prompt_fi
     ard_main(fit_args(run, pixart_teacher, store, "--model.init_args.clip_x0=false", *recipe))
     student = ARDStudent.from_pretrained(run / "student_ema")
     assert student.backbone.family == "pixart" and student.history_blocks == 1
+    if recipe:
+        return
+    rows = evaluate(students={"ard": str(run / "student_ema")}, teacher=str(pixart_teacher), store=str(store),
+                    undistilled_steps=[4], num_samples=8, batch_size=8, bootstrap=2, out=str(tmp_path / "eval"),
+                    cache_dir=str(tmp_path / "cache"), grid_samples=2, wandb=False)
+    assert [(r["model"], r["steps"]) for r in rows] == [("teacher (DDIM, w=2)", 4), ("teacher (DDIM, w=2)", 4),
+                                                         ("ard", 4)]
+    assert rows[1]["mse_vs_teacher"] < 1e-8  # the undistilled teacher on the full grid: the teacher itself
+    assert "prompt_adherence" not in rows[0]  # these captions name no digits
 
 
 def test_the_caption_digits_presets_run_teacher_trajectories_and_students(tmp_path, monkeypatch):
@@ -118,6 +128,11 @@ def test_the_caption_digits_presets_run_teacher_trajectories_and_students(tmp_pa
                   "--data.init_args.val_count=16", f"--trainer.default_root_dir={run}", "--trainer.max_steps=2",
                   "--trainer.limit_val_batches=0", "--trainer.logger=false", "--trainer.enable_progress_bar=false"])
         assert ARDStudent.from_pretrained(run / "student_ema").history_blocks == (0 if preset else 1)
+    rows = evaluate(students={"ard": str(tmp_path / "run0" / "student_ema")}, teacher=str(tmp_path / "teacher_ema"),
+                    store=str(store), num_samples=20, batch_size=20, bootstrap=2, out=str(tmp_path / "eval"),
+                    cache_dir=str(tmp_path / "cache"), grid_samples=2, wandb=False)
+    assert all(0 <= r["prompt_adherence"] <= 1 for r in rows)  # the digit captions: the classifier checks the digit
+    assert "prompt adherence" in (tmp_path / "eval" / "report.md").read_text()
     module = TeacherTraining(family="pixart", samples_per_class=2, sample_steps=2)
     grid = module.sample_grid()  # 10 rows (one per digit's first caption) of 2 samples: as the DiT teacher's grid
     assert grid.shape == TeacherTraining(samples_per_class=2, sample_steps=2).sample_grid().shape == (330, 66, 3)

@@ -47,6 +47,7 @@ COLUMNS = {column.key: column for column in (
     Column("recall", "recall", "{:.3f}"),
     Column("s / image", "sec_per_image", "{:.2e}"),
     Column("GFLOPs / image", "gflops_per_image", "{:.4f}"),
+    Column("prompt adherence", "prompt_adherence", "{:.3f}"),
 )}
 
 
