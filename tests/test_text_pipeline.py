@@ -15,6 +15,7 @@ from ard.store import format as fmt
 from ard.store.cli import main as store_main
 from ard.store.text import TextSidecar
 from ard.evaluate import evaluate
+from ard.evaluate import main as eval_main
 from ard.student import ARDStudent
 from test_bad_inputs import ROOT, expect_one_line, fit_args, predict_args, teacher  # noqa: F401
 
@@ -99,6 +100,7 @@ def test_a_student_distils_from_a_text_store(tmp_path, pixart_teacher, prompt_fi
     assert "prompt_adherence" not in rows[0]  # these captions name no digits
 
 
+@pytest.mark.slow  # (about 25 s: every preset of the text-to-image default, end to end)
 def test_the_caption_digits_presets_run_teacher_trajectories_and_students(tmp_path, monkeypatch):
     """configs/digits_t2i/ over the digits presets: two steps of the captioned PixArt teacher, exported as a diffusers
     PixArt; its trajectories on the caption file; two steps of the ARD student and of the baseline on them; the
@@ -128,9 +130,13 @@ def test_the_caption_digits_presets_run_teacher_trajectories_and_students(tmp_pa
                   "--data.init_args.val_count=16", f"--trainer.default_root_dir={run}", "--trainer.max_steps=2",
                   "--trainer.limit_val_batches=0", "--trainer.logger=false", "--trainer.enable_progress_bar=false"])
         assert ARDStudent.from_pretrained(run / "student_ema").history_blocks == (0 if preset else 1)
-    rows = evaluate(students={"ard": str(tmp_path / "run0" / "student_ema")}, teacher=str(tmp_path / "teacher_ema"),
-                    store=str(store), num_samples=20, batch_size=20, bootstrap=2, out=str(tmp_path / "eval"),
-                    cache_dir=str(tmp_path / "cache"), grid_samples=2, wandb=False)
+    students = {"baseline": str(tmp_path / "run2" / "student_ema"), "ard": str(tmp_path / "run0" / "student_ema")}
+    eval_main(["--config", str(ROOT / "configs/digits_t2i/eval.yaml"), f"--students={json.dumps(students)}",
+               f"--teacher={tmp_path / 'teacher_ema'}", f"--store={store}", "--num_samples=20", "--batch_size=20",
+               "--bootstrap=2", f"--out={tmp_path / 'eval'}", f"--cache_dir={tmp_path / 'cache'}", "--grid_samples=2",
+               "--wandb=false"])
+    rows = json.loads((tmp_path / "eval" / "report.json").read_text())["rows"]
+    assert [r["model"] for r in rows[2:]] == ["baseline", "ard"]
     assert all(0 <= r["prompt_adherence"] <= 1 for r in rows)  # the digit captions: the classifier checks the digit
     assert "prompt adherence" in (tmp_path / "eval" / "report.md").read_text()
     module = TeacherTraining(family="pixart", samples_per_class=2, sample_steps=2)
