@@ -3,6 +3,7 @@ self-attention only, the KV cache = one pass and holding image tokens only, no l
 the teacher, closed start = baseline, padded text ignored, the cross-attention silent, the 1024 models'
 size conditions passed through, save / load."""
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,3 +141,19 @@ def test_sampling_guidance_and_save_load_round_trip(teacher, tmp_path):
         assert torch.equal(a, sample(loaded, noise, condition, torch.tensor([999, 499, -1])))
     with pytest.raises(ValueError, match="reads 32 \\(caption_channels\\)"):
         sample(student, noise, TextCondition(torch.randn(B, 5, 8), condition.mask), torch.tensor([999, 499, -1]))
+
+
+@pytest.mark.parametrize("mask", ["block_causal", "window", "noise_and_current"])
+def test_historys_counted_flops_are_its_extra_keys(mask):
+    """scripts/bench_history_cost.py's count on a tiny PixArt (meta device): the extra FLOPs of history are
+    exactly 2 (scores, values) multiply-adds per extra key, query and channel in each history block."""
+    import runpy
+
+    from ard.student.attention import visible_steps
+
+    script = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "bench_history_cost.py"))
+    with torch.device("meta"):
+        teacher = PixArt().build("tiny", num_layers=3)
+    extra = (script["sample_flops"](teacher, S, 2, mask, 1, 5) - script["sample_flops"](teacher, S, 0, mask, 1, 5))
+    earlier = sum(len(visible_steps(mask, s, 1)) - 1 for s in range(S))
+    assert extra == 2 * 2 * 2 * 16 ** 2 * 16 * earlier  # FLOPs = 2 x MACs; N = 2 blocks, L = 16 tokens, D = 16
