@@ -103,7 +103,7 @@ KNOBS = [
                                                             "num_workers", "max_open_shards")],
     *[(StoreShards.__init__, n, "data.") for n in ("num_trajectories", "shard_size")],
     *[(PrecomputeTrajectories.__init__, n, "model.") for n in ("num_steps", "guidance_scale", "save_indices",
-                                                               "seed", "micro_batch_size")],
+                                                               "seed", "micro_batch_size", "text_max_tokens")],
     *[(TeacherTraining.__init__, n, "model.") for n in ("lr", "weight_decay", "warmup_steps", "label_dropout",
                                                         "num_train_timesteps", "sample_steps", "samples_per_class")],
     *[(DigitsDataModule.__init__, n, "data.") for n in ("batch_size", "split_seed", "num_workers")],

@@ -101,3 +101,46 @@ def test_an_unmasked_encoder_stores_every_token(tmp_path):
     section = encode_prompts(tmp_path, PROMPTS[:2], Unmasked())
     lengths = np.load(tmp_path / FOLDER / "lengths.npy")
     assert section["encoder"]["masked"] is False and lengths.tolist() == [6, 6, 6]
+
+
+@pytest.fixture(scope="module")
+def tiny_t5(tmp_path_factory):
+    """A tiny random T5 encoder with a word-level tokenizer made on the spot (no download), saved as a local
+    directory the way a T5 checkpoint is: tokenizer files and model.safetensors."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    words = sorted({w for p in PROMPTS for w in p.text.split()})
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    directory = tmp_path_factory.mktemp("t5")
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(directory)
+    torch.manual_seed(0)
+    T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4)
+                   ).save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def test_a_t5_encoders_valid_tokens_do_not_depend_on_padding(tmp_path, tiny_t5):
+    """PixArt reads T5's valid tokens only, so only they are stored: they must not depend on the batch's padding.
+    The store records the encoder's weights' sha256 and reads back what it encoded."""
+    from ard.conditioning import encoder_identity
+    from ard.text_encoders import load_text_encoder
+
+    encoder = load_text_encoder("t5", 16, str(tiny_t5), max_tokens=8)
+    alone, mask = encoder.encode(["a handwritten one"])
+    batch, batch_mask = encoder.encode(["a handwritten one", PROMPTS[9].text])
+    assert mask.sum() == 4 and batch_mask[1].sum() == 8  # the words and the end token
+    torch.testing.assert_close(batch[0][batch_mask[0]], alone[0][mask[0]], rtol=1e-5, atol=1e-6)
+    section = encode_prompts(tmp_path, PROMPTS, encoder, dtype="float32", chunk_size=4)
+    assert section["encoder"]["weights_sha256"] == encoder_identity(tiny_t5)
+    got = TextSidecar(tmp_path, section).condition(torch.tensor([1, 9]))
+    assert torch.equal(got.mask, batch_mask)
+    torch.testing.assert_close(got.embeddings[got.mask], batch[batch_mask], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="a 16-wide T5; the teacher reads 32-wide text tokens"):
+        load_text_encoder("t5", 32, str(tiny_t5))
+    with pytest.raises(ValueError, match="text_encoder='t5' needs text_encoder_path"):
+        load_text_encoder("t5", 16)

@@ -42,7 +42,7 @@ class PrecomputeTrajectories(L.LightningModule):
                  clip_sample: bool = False, save_indices: Indices | None = None, with_x0: bool = False,
                  seed: NonNegativeInt = 0, micro_batch_size: AtLeastOne = 256, numerics: Numerics | None = None,
                  cfg_channels: CfgChannels = "all", prompts: str | None = None, text_encoder: TextEncoderKind = "hash",
-                 null_prompt: str = ""):
+                 text_encoder_path: str | None = None, text_max_tokens: AtLeastOne = 120, null_prompt: str = ""):
         """
         Args:
             teacher: the teacher DiT (a diffusers directory or an official DiT checkpoint, see
@@ -66,7 +66,10 @@ class PrecomputeTrajectories(L.LightningModule):
             prompts: text teachers only: the prompt file (JSON Lines {"id", "text"}, ard.conditioning.read_prompts);
                 trajectory i's label indexes it.
             text_encoder: text teachers only: the prompts' encoder (ard.text_encoders; "hash": the deterministic
-                stand-in, as wide as the teacher's caption_channels).
+                stand-in, as wide as the teacher's caption_channels; "t5": from text_encoder_path).
+            text_encoder_path: "t5": a local directory with its tokenizer and safetensors weights.
+            text_max_tokens: the encoder's maximum prompt length (longer prompts are refused, never cut;
+                PixArt-alpha: 120, Sigma: 300).
             null_prompt: text teachers only: the null (negative) prompt of CFG.
         """
         check_knobs(PrecomputeTrajectories.__init__, {k: v for k, v in locals().items() if k != "self"}, "model.")
@@ -90,7 +93,7 @@ class PrecomputeTrajectories(L.LightningModule):
                 "is conditioned on text and needs a prompt file" if prompts is None else
                 "is conditioned on class labels and takes no prompts"))
         if prompts is not None:
-            self.encoder = load_text_encoder(text_encoder, cfg.caption_channels)
+            self.encoder = load_text_encoder(text_encoder, cfg.caption_channels, text_encoder_path, text_max_tokens)
             self.prompts = read_prompts(prompts, self.encoder.max_tokens, self.encoder.count_tokens)
 
     def conditioning(self) -> dict | None:
