@@ -103,25 +103,28 @@ def test_an_unmasked_encoder_stores_every_token(tmp_path):
     assert section["encoder"]["masked"] is False and lengths.tolist() == [6, 6, 6]
 
 
-@pytest.fixture(scope="module")
-def tiny_t5(tmp_path_factory):
-    """A tiny random T5 encoder with a word-level tokenizer made on the spot (no download), saved as a local
-    directory the way a T5 checkpoint is: tokenizer files and model.safetensors."""
+def make_tiny_t5(directory, texts: list[str], width: int = 16):
+    """A tiny random T5 encoder with a word-level tokenizer of the words of `texts`, made on the spot (no
+    download), saved as a local directory the way a T5 checkpoint is: tokenizer files and model.safetensors."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
-    words = sorted({w for p in PROMPTS for w in p.text.split()})
+    words = sorted({w for text in texts for w in text.split()})
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    directory = tmp_path_factory.mktemp("t5")
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>",
                             unk_token="<unk>").save_pretrained(directory)
     torch.manual_seed(0)
-    T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4)
+    T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=width, d_kv=4, d_ff=32, num_layers=2, num_heads=4)
                    ).save_pretrained(directory, safe_serialization=True)
     return directory
+
+
+@pytest.fixture(scope="module")
+def tiny_t5(tmp_path_factory):
+    return make_tiny_t5(tmp_path_factory.mktemp("t5"), [p.text for p in PROMPTS])
 
 
 def test_a_t5_encoders_valid_tokens_do_not_depend_on_padding(tmp_path, tiny_t5):

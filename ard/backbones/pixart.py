@@ -30,6 +30,7 @@ _XL2 = dict(num_layers=28, num_attention_heads=16, attention_head_dim=72, patch_
             out_channels=8, cross_attention_dim=1152, caption_channels=4096)
 # Named sizes (the PixArt-alpha transformer configs; Sigma's have the same geometry), and a tiny one for tests.
 PIXART_SIZES: dict[str, dict] = {
+    "PixArt-XL/2-256": dict(_XL2, sample_size=32, use_additional_conditions=False),
     "PixArt-XL/2-512": dict(_XL2, sample_size=64, use_additional_conditions=False),
     "PixArt-XL/2-1024": dict(_XL2, sample_size=128, use_additional_conditions=True),
     # the text-to-image default's teacher: the digits DiT's geometry (6 blocks, width 128, patch 2, 8x8x1, epsilon
@@ -95,7 +96,7 @@ class PixArt(Backbone):
         check_pixart_config(config, directory / CONFIG_NAME)
         if size is not None:
             for key, value in self.build_config(size).items():
-                if key in config and config[key] != value:
+                if config.get(key) is not None and config[key] != value:
                     raise ValueError(f"{directory / CONFIG_NAME}: {key}={config[key]} does not match size {size!r} "
                                      f"({key}={value})")
         check_weights_present(directory)
