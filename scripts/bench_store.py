@@ -1,6 +1,6 @@
 """Benchmarks of the trajectory store, printed as JSON (the figures of docs/store.md's "Measured" section).
 
-    python scripts/bench_store.py [--sections read,writer,kill,ddp] [--work DIR] > bench_store.json
+    python scripts/bench_store.py [--sections read,writer,kill,ddp,text] [--work DIR] > bench_store.json
 
 read:   random-batch read throughput (batches of 256, indices sorted within a batch, warm page cache) of a
         digits store (the preset's geometry: 16384 x 25 states of 1x8x8 fp32 in 8 shards, a 4-step student's 5
@@ -16,6 +16,10 @@ kill:   SIGKILLs at random moments during a digits precompute (scripts/precomput
         killed in turn), then one run to the end: lost / duplicated trajectories and whether the
         store equals an uninterrupted run's.
 ddp:    1 process against 2 (DDP on CPU, gloo): identical shards?
+text:   bytes per trajectory and per prompt of text stores: the digits-T2I preset (its 40 captions encoded into a
+        store by the hash encoder; states from the preset's geometry) and the PixArt-alpha-512 preset (states from
+        its geometry; prompts of 20 / 40 / 80 valid T5-XXL tokens of width 4096 in fp16, and the 120-token padded
+        embedding a store of the full encoder output would keep).
 Run with OMP_NUM_THREADS=1 on a shared CPU; each section takes about a minute.
 """
 from __future__ import annotations
@@ -278,9 +282,44 @@ def bench_ddp(work: Path, n: int) -> dict:
             **{f"two_processes_{k}": v for k, v in count_check(work / "ddp2", n).items()}}
 
 
+def bench_text(work: Path) -> dict:
+    """Bytes per trajectory and per prompt of the text presets' stores (see the module docstring)."""
+    import yaml
+
+    from ard.data.captions import digit_captions
+    from ard.store.text import encode_prompts
+    from ard.text_encoders import HashEncoder
+
+    def preset(*files: str) -> dict:  # the overlays' merged model and data init_args
+        merged: dict = {}
+        for f in files:
+            config = yaml.safe_load((ROOT / f).read_text())
+            for group in ("model", "data"):
+                merged.setdefault(group, {}).update(config.get(group, {}).get("init_args", {}))
+        return merged
+
+    def trajectory_bytes(config: dict, shape: tuple, steps: int) -> int:
+        saved = len(config["model"].get("save_indices") or range(steps + 1))
+        item = {"float16": 2, "bfloat16": 2, "float32": 4}[config["data"].get("dtype", "float32")]
+        return saved * int(np.prod(shape)) * item + 16  # states + the int64 label and index
+
+    digits = preset("configs/digits/trajectories.yaml", "configs/digits_t2i/trajectories.yaml")
+    section = encode_prompts(work / "digits_t2i", digit_captions(), HashEncoder(dim=32))
+    prompts = section["prompts"]["count"]
+    per_prompt = (section["embeddings"]["bytes"] + section["lengths"]["bytes"] + section["prompts"]["bytes"]) / prompts
+    alpha = preset("configs/imagenet256/trajectories.yaml", "configs/pixart/alpha512_trajectories.yaml")
+    t5 = lambda tokens: tokens * 4096 * 2 + 8  # noqa: E731  fp16 tokens + the int64 length
+    return {"digits_t2i": {"bytes_per_trajectory": trajectory_bytes(digits, (1, 8, 8), 24),
+                           "bytes_per_prompt": per_prompt, "prompts": prompts,
+                           "embedding_tokens": section["embeddings"]["shape"][0]},
+            "pixart_alpha512": {"bytes_per_trajectory": trajectory_bytes(alpha, (4, 64, 64), 24),
+                                "bytes_per_prompt_20_40_80_tokens": [t5(n) for n in (20, 40, 80)],
+                                "bytes_per_prompt_padded_120": t5(120) - 8}}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", default="read,writer,kill,ddp")
+    parser.add_argument("--sections", default="read,writer,kill,ddp,text")
     parser.add_argument("--work", default=None, help="scratch directory (default: a temporary one, removed)")
     parser.add_argument("--rounds", type=int, default=60, help="timed rounds of 32 batches per read method")
     parser.add_argument("--writer-trajectories", type=int, default=1024)
@@ -304,6 +343,8 @@ def main(argv: list[str] | None = None) -> None:
             result["kill_resume"] = bench_kill(work, args.kills, args.kill_trajectories, args.kill_max_delay)
         if "ddp" in sections:
             result["ddp"] = bench_ddp(work, args.ddp_trajectories)
+        if "text" in sections:
+            result["text"] = bench_text(work)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
