@@ -271,7 +271,7 @@ def test_the_paper_grid_gives_boundaries_uniform_in_t_and_its_presets_agree(monk
     whose boundaries are T (S - s) / S on it, as configs/digits/paper.yaml states for S = 4."""
     from ard.diffusion import ddim_grid
 
-    overlay, boundaries = registry.GRIDS["paper25"]
+    overlay, boundaries = registry.GRIDS["paper25"].trajectories, registry.GRIDS["paper25"].boundaries
     monkeypatch.chdir(ROOT)
     with pytest.raises(SystemExit):
         ard_main(["predict", "-c", "configs/digits/trajectories.yaml", "-c", overlay, "--print_config"])
@@ -285,7 +285,7 @@ def test_the_paper_grid_gives_boundaries_uniform_in_t_and_its_presets_agree(monk
     model = paper["model"]["init_args"]
     assert paper["data"]["init_args"]["boundaries"] == boundaries(model["num_steps"])
     assert (model["output"], model["heads"], model["recipe"]["inputs"]) == ("next_state", "per_step", "teacher")
-    assert registry.GRIDS["leading24"] == (None, None)  # the default store: boundaries s * K / S
+    assert registry.GRIDS["leading24"] == registry.TeacherGrid()  # the default store: boundaries s * K / S
     script = runpy.run_path(str(ROOT / "scripts" / "precompute_trajectories.py"))  # the tool's store command
     args = script["predict_args"](["-c", "configs/digits/trajectories.yaml", "-c", overlay, "--out", "s",
                                    "--num-trajectories", "8"])

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ard.bench.probes import exposure, health, history_gate
-from ard.bench.registry import GAN_PRESET, GAN_VARIANTS, NC, RENAMED_SINCE_PLAIN_DEFAULT
+from ard.bench.registry import GAN_PRESET, GAN_VARIANTS, GRIDS, NC, RENAMED_SINCE_PLAIN_DEFAULT
 from ard.bench.reports import load_report, merge_committed, report_stem, repo_relative, write_report
 from ard.bench.runs import fit, precompute, train_seconds
 
@@ -50,7 +50,7 @@ def probe(row: dict, named: dict[str, str], store: Path, steps: int, nc: bool) -
 
 
 def evaluate_all(work: Path, store: Path, students: dict[Job, Path], num_samples: int,
-                 noise_correction: bool) -> tuple[list[dict], dict, dict]:
+                 noise_correction: bool, grid: str = "leading24") -> tuple[list[dict], dict, dict]:
     """`ard.evaluate.evaluate` per S over every student of that S (and, with `noise_correction`, again sampled with
     it), the K-step and the undistilled S-step teacher included; an evaluation of the same students and size in
     <work>/eval is reused. Returns the rows (probed; the K-step teacher's once), the noise floors and the last
@@ -65,8 +65,9 @@ def evaluate_all(work: Path, store: Path, students: dict[Job, Path], num_samples
             out = work / "eval" / f"S{s}{'-nc' if nc else ''}"
             done = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else None
             if not done or done["settings"]["students"] != named or done["settings"]["num_samples"] != num_samples:
+                teacher = {"teacher": GRIDS[grid].teacher} if GRIDS[grid].teacher else {}  # else ard-eval's default
                 evaluate(students=named, store=str(store), undistilled_steps=[s], num_samples=num_samples,
-                         out=str(out), cache_dir=str(work / "cache"), wandb=False, noise_correction=nc)
+                         out=str(out), cache_dir=str(work / "cache"), wandb=False, noise_correction=nc, **teacher)
             report = json.loads((out / "report.json").read_text())
             for r in report["rows"]:
                 if r["model"] in named:
@@ -95,7 +96,7 @@ def benchmark(*, work: Path, results: str, name: str, steps: list[int], variants
     students = train(work, store, jobs, gan_jobs, max_steps, gan_steps, tuple(gan_args), workers, grid)
     if train_only:
         return
-    rows, floors, evaluated = evaluate_all(work, store, students, num_samples, noise_correction)
+    rows, floors, evaluated = evaluate_all(work, store, students, num_samples, noise_correction, grid)
     settings = {**repo_relative(evaluated), "max_steps": max_steps, "num_trajectories": num_trajectories,
                 "seeds": seeds, "grid": grid, "invocation_seconds": time.time() - start}  # finished runs are reused
     if gan_variants:

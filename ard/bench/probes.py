@@ -45,7 +45,12 @@ def exposure(student_dir: Path, store: Path, steps: int) -> dict[str, list[float
     data = TrajectoryDataModule(str(store), steps, batch_size=512, boundaries=[index[t] for t in timesteps])
     data.setup()
     batch = next(iter(data.val_dataloader()))
-    fed, own = exposure_errors(student, batch["states"], batch["timesteps"], batch["labels"])  # (B, S) each
+    labels, conditioning = batch["labels"], read_manifest(store).get("conditioning") or {}
+    if conditioning.get("kind") == "text":  # a text store's labels: their prompts' stored encodings
+        from ard.store.text import TextSidecar
+
+        labels = TextSidecar(store, conditioning).condition(labels)
+    fed, own = exposure_errors(student, batch["states"], batch["timesteps"], labels)  # (B, S) each
     return {"fed": fed.mean(0).tolist(), "own": own.mean(0).tolist()}
 
 

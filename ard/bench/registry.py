@@ -3,6 +3,7 @@ configs/digits/ard.yaml), the variant names of older reports, and the GAN pilot'
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 
 def knobs(group: str = "", **values) -> list[str]:
@@ -47,13 +48,23 @@ RECIPES: dict[str, list[str]] = {
     "rollout+srl-if": knobs("recipe", inputs="rollout", targets="trajectory", srl_timesteps=SRL_IF_S4,
                             srl_weights="snr", srl_weight=0.1),
 }
-# The training store's teacher grid: name -> (a configs/digits/trajectories.yaml overlay or None, the grid indices of
-# an S-step student's boundaries or None for s * K / S). "paper25": DiT's own 25-step respacing, as the paper's
-# setting (configs/imagenet256/paper.yaml), with boundaries uniform in t: T (S - s) / S, grid index 24 s / S
-# (S = 4: 999 / 749 / 500 / 250), then the clean state.
-GRIDS: dict[str, tuple[str | None, Callable[[int], list[int]] | None]] = {
-    "leading24": (None, None),
-    "paper25": ("configs/digits/paper_trajectories.yaml", lambda s: [24 * i // s for i in range(s)] + [25]),
+@dataclass(frozen=True)
+class TeacherGrid:
+    """The training store's teacher and grid, as overlays of the digits presets."""
+    trajectories: str | None = None  # a configs/digits/trajectories.yaml overlay (None: the preset's store)
+    boundaries: Callable[[int], list[int]] | None = None  # an S-step student's grid indices (None: s * K / S)
+    fit: str | None = None  # a configs/digits/ard.yaml overlay: another teacher's presets
+    teacher: str | None = None  # the teacher the evaluation samples (None: ard-eval's default, the digits DiT)
+
+
+# "paper25": DiT's own 25-step respacing, as the paper's setting (configs/imagenet256/paper.yaml), with boundaries
+# uniform in t: T (S - s) / S, grid index 24 s / S (S = 4: 999 / 749 / 500 / 250), then the clean state.
+# "t2i": the text-to-image default (configs/digits_t2i/: the captioned PixArt teacher, K = 24 leading).
+GRIDS: dict[str, TeacherGrid] = {
+    "leading24": TeacherGrid(),
+    "paper25": TeacherGrid("configs/digits/paper_trajectories.yaml", lambda s: [24 * i // s for i in range(s)] + [25]),
+    "t2i": TeacherGrid("configs/digits_t2i/trajectories.yaml", fit="configs/digits_t2i/ard.yaml",
+                       teacher="ard/assets/digits_t2i_teacher"),
 }
 # A variant is a model, optionally followed by "+" and a recipe: "ard-N2+rollout".
 VARIANTS: dict[str, list[str]] = {m + ("+" + r if r else ""): MODELS[m] + RECIPES[r] for m in MODELS for r in RECIPES}

@@ -31,7 +31,7 @@ def precompute(store: Path, num_trajectories: int, log: Path, grid: str = "leadi
     """The digits training store (DDIM, CFG 2, every grid state; K = 24 leading, or the GRIDS overlay's grid); a
     complete store is kept as it is."""
     manifest = store / "manifest.json"
-    overlay = GRIDS[grid][0]
+    overlay = GRIDS[grid].trajectories
     kept = json.loads(manifest.read_text()) if manifest.exists() else {}
     if kept.get("complete") and kept.get("num_trajectories") != num_trajectories:
         raise SystemExit(f"{manifest}: a complete store of {kept.get('num_trajectories')} trajectories, not the "
@@ -73,10 +73,11 @@ def fit(work: Path, store: Path, variant: str, steps: int, seed: int, max_steps:
         raise SystemExit(f"{run_dir} was trained {trained} iterations, not {max_steps}: use another --work for "
                          "another training length")
     if not (run_dir / "student_ema" / "ard_sampling.json").exists():
-        boundaries = GRIDS[grid][1]
-        data = [f"--data.init_args.boundaries={boundaries(steps)}"] if boundaries else []
+        teacher = GRIDS[grid]
+        data = [f"--data.init_args.boundaries={teacher.boundaries(steps)}"] if teacher.boundaries else []
+        overlay = ["-c", teacher.fit] if teacher.fit else []  # before the run's own settings, which win
         start = time.time()
-        run([sys.executable, "-m", "ard.cli", "fit", "-c", "configs/digits/ard.yaml",
+        run([sys.executable, "-m", "ard.cli", "fit", "-c", "configs/digits/ard.yaml", *overlay,
              *stage_args(variant, run_dir, seed, max_steps, init, gan_args),
              f"--data.init_args.path={store}", f"--data.init_args.student_steps={steps}",
              f"--model.init_args.num_steps={steps}", f"--seed_everything={seed}", f"--data.init_args.seed={seed}",
