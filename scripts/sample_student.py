@@ -11,6 +11,12 @@ evaluator's layout, arr_0 (N, H, W, 3), with the labels as arr_1):
     python scripts/sample_student.py sample --checkpoint runs/imagenet256/ard/checkpoints/last.ckpt \
         --num-samples 50000 --vae pretrained/sd-vae-ft-ema --npz --out samples/imagenet256_ard
 
+A text-to-image student (a PixArt teacher's) samples the prompts of its text store: --labels are then prompt
+indices of --store (each prompt's stored encoding; CFG is not used by students):
+
+    python scripts/sample_student.py sample --student runs/digits_t2i/ard/student_ema \
+        --store runs/digits_t2i/trajectories --labels 0 4 8 12 16 20 24 28 32 36 --per-label 8 --out samples/t2i
+
 Export a checkpoint's EMA student as a standalone directory:
 
     python scripts/sample_student.py export --checkpoint runs/digits/ard/checkpoints/last.ckpt \
@@ -36,6 +42,8 @@ from ard.data.digits import to_uint8
 from ard.diffusion import trajectory_inputs
 from ard.latents import LATENT_SCALE, decode_latents, load_vae
 from ard.metrics import save_npz_images
+from ard.backbones import TEXT
+from ard.backbones.dit import num_classes
 from ard.student import ARDStudent, sample
 from ard.student.export import export_student, exported_noise_correction, load_checkpoint_student, load_exported
 from ard.viz import image_grid, save_png
@@ -57,7 +65,7 @@ def run_sample(args) -> None:
     student = student.to(device)
     config = student.transformer.config
     shape = (config.in_channels, config.sample_size, config.sample_size)  # (C, H, W)
-    n_classes = int(config.num_embeds_ada_norm)
+    condition, n_classes = store_conditions(student, args.store)
     if args.labels is not None:
         labels = [label for label in args.labels for _ in range(args.per_label)]
         bad = [label for label in labels if not 0 <= label < n_classes]
@@ -79,7 +87,7 @@ def run_sample(args) -> None:
         noise, y = trajectory_inputs(args.seed, idx, shape, n_classes,
                                      labels=labels[start:start + len(idx)] if labels is not None else None)
         with torch.no_grad(), autocast:
-            x = sample(student, noise.to(device), y.to(device), timesteps,
+            x = sample(student, noise.to(device), condition(y.to(device)), timesteps,
                        args.noise_correction or trained_corrected)[:, -1].float()  # (b, C, H, W)
             check_finite_samples(x, f"student samples {idx[0]}..{idx[-1]} (nothing written)")
             images = decode_latents(vae, x, args.latent_scale) if vae is not None else x  # (b, 3|1, H', W')
@@ -93,6 +101,26 @@ def run_sample(args) -> None:
     if args.npz:
         path = out_dir / f"samples_{len(images)}x{images.shape[2]}x{images.shape[3]}x3.npz"
         print(f"wrote {save_npz_images(path, images, torch.cat(all_labels))}")  # ADM layout arr_0 (N, H, W, 3)
+
+
+def store_conditions(student: ARDStudent, store: str | None):
+    """How labels condition the student, and how many there are: class labels as they are, or (a text family's
+    student) prompt indices of the text store `store`, read as their stored encodings."""
+    if student.backbone.family not in TEXT:
+        if store is not None:
+            raise ValueError(f"--store {store}: a class-conditional student samples class labels; drop --store")
+        return (lambda labels: labels), num_classes(student.transformer)
+    if store is None:
+        raise ValueError(f"a {student.backbone.family!r} student is conditioned on text: pass --store, the text "
+                         "store whose prompts --labels index")
+    from ard.store.format import read_manifest
+    from ard.store.text import TextSidecar
+
+    conditioning = read_manifest(store).get("conditioning") or {}
+    if conditioning.get("kind") != "text":
+        raise ValueError(f"--store {store}: not a text store (its manifest has no text conditioning)")
+    sidecar = TextSidecar(store, conditioning)
+    return (lambda labels: sidecar.condition(labels).to(labels.device)), sidecar.count
 
 
 def run_export(args) -> None:
@@ -112,6 +140,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     who.add_argument("--labels", type=int, nargs="+", help="class labels, one grid row each")
     who.add_argument("--num-samples", type=int, help="number of samples with labels drawn from (seed, index)")
     p.add_argument("--per-label", type=int, default=8, help="samples per label given by --labels")
+    p.add_argument("--store", help="text students: the text store whose prompts the labels index")
     p.add_argument("--seed", type=int, default=0, help="base seed: sample i's noise depends on (seed, i) only")
     p.add_argument("--start-index", type=int, default=0, help="index of the first sample (to split a run)")
     p.add_argument("--out", required=True, help="output directory (grid.png, samples_*.npz)")

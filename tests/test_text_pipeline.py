@@ -3,6 +3,7 @@ the store, trajectories labelled by prompt index and reproducible from the store
 that `ard-store verify` accepts, resuming without encoding again, one-line refusals of a missing or unneeded prompt
 file; students distilled from the text store with teacher forcing and with the teacher's own targets on rollouts."""
 import json
+import runpy
 
 import numpy as np
 import pytest
@@ -82,7 +83,7 @@ def test_prompts_are_needed_by_text_teachers_only(tmp_path, capsys, pixart_teach
 @pytest.mark.parametrize("recipe", [[], ["--model.init_args.recipe.inputs=rollout",
                                          "--model.init_args.recipe.targets=teacher_from_state"]],
                          ids=["teacher_forcing", "rollout_teacher_targets"])
-def test_a_student_distils_from_a_text_store(tmp_path, pixart_teacher, prompt_file, recipe):
+def test_a_student_distils_from_a_text_store(tmp_path, capsys, pixart_teacher, prompt_file, recipe):
     store = tmp_path / "store"
     ard_main(text_predict_args(pixart_teacher, store, prompt_file, n=16))
     run = tmp_path / "run"
@@ -98,6 +99,13 @@ def test_a_student_distils_from_a_text_store(tmp_path, pixart_teacher, prompt_fi
                                                          ("ard", 4)]
     assert rows[1]["mse_vs_teacher"] < 1e-8  # the undistilled teacher on the full grid: the teacher itself
     assert "prompt_adherence" not in rows[0]  # these captions name no digits
+    script = runpy.run_path(str(ROOT / "scripts" / "sample_student.py"))["main"]
+    script(["sample", "--student", str(run / "student_ema"), "--store", str(store), "--labels", "0", "5",
+            "--per-label", "2", "--npz", "--out", str(tmp_path / "samples")])
+    assert np.load(next((tmp_path / "samples").glob("samples_*.npz")))["arr_1"].tolist() == [0, 0, 5, 5]
+    with pytest.raises(SystemExit):
+        script(["sample", "--student", str(run / "student_ema"), "--labels", "0", "--out", str(tmp_path / "s2")])
+    assert "is conditioned on text: pass --store" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # (about 25 s: every preset of the text-to-image default, end to end)
