@@ -10,6 +10,7 @@ import numpy as np
 from ard.bench.registry import GAN_VARIANTS, NC, second_stage
 
 METRICS = ("fid", "fid_vs_teacher", "mse_vs_teacher", "is", "precision", "recall", "sec_per_image")
+OPTIONAL_METRICS = ("prompt_adherence",)  # aggregated where every seed's row has it (ard.evaluate: captions of digits)
 SENSITIVITY = 5.0  # the baseline's degradation must be at least this many bootstrap sds
 TARGET_RATIO = 0.2  # the paper: ARD degrades at most 1/5 as much as the baseline
 GAN_FID_REDUCTION = 0.2  # the goal at S = 2: the GAN stage's FID vs real >= 20% below the continued student's
@@ -23,7 +24,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
     out = []
     for (model, steps), rs in groups.items():
         row = {"model": model, "steps": steps, "nfe": rs[0]["nfe"], "seeds": len(rs)}
-        for m in METRICS:
+        for m in METRICS + tuple(m for m in OPTIONAL_METRICS if all(m in r for r in rs)):
             values = np.array([r[m] for r in rs], dtype=float)
             row[m], row[m + "_spread"] = float(values.mean()), float(values.std(ddof=1)) if len(rs) > 1 else 0.0
         for m in ("fid", "fid_vs_teacher"):  # the bootstrap sd of one run's FID, averaged over the seeds

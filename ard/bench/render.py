@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ard.bench.aggregate import GAN_FID_REDUCTION, METRICS, SENSITIVITY, TARGET_RATIO
+from ard.bench.aggregate import GAN_FID_REDUCTION, METRICS, OPTIONAL_METRICS, SENSITIVITY, TARGET_RATIO
 from ard.bench.probes import HEALTH_WINDOW
 from ard.metrics.table import COLUMNS, Column, metrics_table
 
@@ -72,7 +72,8 @@ def _metrics_table(agg: list[dict], teacher_steps: int) -> list[str]:
     """The K-step teacher first, then by S and name; a row of one seed has no sd."""
     rows = [r if r["seeds"] > 1 else {k: v for k, v in r.items() if not k.endswith("_spread")}
             for r in sorted(agg, key=lambda r: (r["steps"] != teacher_steps, r["steps"], r["model"]))]
-    return metrics_table(rows, REPORT_COLUMNS).split("\n")
+    optional = [_over_seeds(m) for m in OPTIONAL_METRICS if any(m in r for r in rows)]
+    return metrics_table(rows, REPORT_COLUMNS + optional).split("\n")
 
 
 def _verdict_table(checks: list[dict]) -> list[str]:
