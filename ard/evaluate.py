@@ -85,6 +85,7 @@ REPORT_KEYS = ("model", "steps", "nfe", "fid", "fid_sd", "fid_vs_teacher", "fid_
 REPORT_COLUMNS = ("model", "steps", "nfe", "fid", "fid_vs_teacher", "mse_vs_teacher", "is", "precision", "recall",
                   "sec_per_image", "gflops_per_image")  # report.md's (ard.metrics.table.COLUMNS)
 ADHERENCE = "prompt_adherence"  # a row's key and column where the prompts name digits (the captions of the digits)
+DECODE = "decode_sec_per_image"  # the decoder's (VAE's) seconds per image, apart from the sampling's: latent rows
 NOISE_FLOOR_METHOD = {
     "teacher": "FID of the teacher's N samples against N more from independent noises and labels (N vs N, as the rows)",
     "real": "FID between two random halves of the real reference"}
@@ -172,20 +173,22 @@ class Conditions:
     condition: Callable[[torch.Tensor], object]  # labels (B,) on the device -> the models' condition
     key: dict  # what of the conditioning the evaluation set depends on (its cache key)
     classes: np.ndarray | None = None  # (count,) the digit of each label, for prompt adherence
+    encoder_seconds: float | None = None  # the text encoder's seconds per prompt (when the store was made)
 
     @classmethod
     def of(cls, teacher, manifest: dict | None, store: str | None) -> "Conditions":
         cond = (manifest or {}).get("conditioning") or {}
         if cond.get("kind") != "text":
             return cls(num_classes(teacher), lambda labels: labels, {})
-        from ard.store.text import TextSidecar
+        from ard.store.text import TextSidecar, encoding_seconds
 
         sidecar = TextSidecar(store, cond)
         stored = (Path(store) / cond["prompts"]["file"]).read_text().splitlines()
         captions = [json.dumps({"id": p.id, "text": p.text}) for p in digit_captions()]
         classes = np.array([caption_digit(i) for i in range(len(captions))]) if stored == captions else None
         return cls(cond["prompts"]["count"], lambda labels: sidecar.condition(labels).to(labels.device),
-                   {k: cond[k]["sha256"] for k in ("prompts", "embeddings", "lengths")}, classes)
+                   {k: cond[k]["sha256"] for k in ("prompts", "embeddings", "lengths")}, classes,
+                   encoding_seconds(store))
 
 
 def conditioned(sampler: Sampler, conditions: Conditions) -> Sampler:
@@ -342,13 +345,16 @@ class Row:
     def __init__(self, decode: Decoder, extractor: FeatureExtractor, grid_samples: int):
         self.decode, self.extractor, self.grid_samples = decode, extractor, grid_samples
         self.features, self.logits, self.sq, self.grid = [], [], [], []
+        self.decode_seconds = 0.0  # the decoder's (the VAE's, for latents) time, apart from the sampling
 
     @torch.no_grad()
     def add(self, final: torch.Tensor, target: torch.Tensor | None = None, write: Callable | None = None) -> None:
         """final: (b, C, h, w) model outputs on CPU; target: the teacher's (b, C, h, w) from the same noises."""
         if target is not None:
             self.sq.append((final.float() - target.float()).pow(2).mean(dim=(1, 2, 3)))  # (b,)
+        start = time.perf_counter()
         images = self.decode(final)  # (b, 1|3, H, W) uint8
+        self.decode_seconds += time.perf_counter() - start
         device = next(self.extractor.parameters()).device
         features, logits = self.extractor.eval().features_and_logits(images.to(device))  # (b, D), (b, K)
         self.features.append(features.float().cpu())
@@ -417,12 +423,14 @@ def report_row(spec: RowSpec, row: Row, sec: float, teacher: FeatureStats, setup
             "fid_vs_teacher_sd": float(bootstrap_fid(feats, teacher, setup.bootstrap, 0, dev).std()),
             "mse_vs_teacher": float(sq.mean()), "mse_vs_teacher_se": float(sq.std() / len(sq) ** 0.5),
             "is": vs_real["is"], "precision": vs_real["precision"], "recall": vs_real["recall"],
-            "num_samples": len(sq), "sec_per_image": sec, "gflops_per_image": gflops,
+            "num_samples": len(sq), "sec_per_image": sec, "decode_sec_per_image": row.decode_seconds / len(sq),
+            "gflops_per_image": gflops,
             "timesteps": [int(t) for t in spec.timesteps], "noise_correction": spec.noise_correction, **adherence}
 
 
-def report_markdown(rows: list[dict], floors: dict[str, float]) -> str:
-    """report.md: the rows' table and what its numbers are (the first row is the reference, the K-step teacher)."""
+def report_markdown(rows: list[dict], floors: dict[str, float], settings: dict) -> str:
+    """report.md: the rows' table and what its numbers are (the first row is the reference, the K-step teacher);
+    latent rows add the VAE's decoding time apart from the sampling's, text stores the text encoder's per prompt."""
     undistilled = [r for r in rows[1:] if r["model"] == rows[0]["model"]]
     n = rows[0]["num_samples"]
     note = (f"{n} samples per model, the same noises and labels for every row; ± is the bootstrap sd of FID "
@@ -432,14 +440,19 @@ def report_markdown(rows: list[dict], floors: dict[str, float]) -> str:
             f"Noise floors: FID vs teacher {floors['teacher']:.2f} (the teacher's {n} samples against {n} more "
             f"from independent noises and labels), FID vs real {floors['real']:.2f} (two random halves of the "
             "real reference). samples.png: one row per model in the table's order, one noise and label per column.")
-    columns = REPORT_COLUMNS + ((ADHERENCE,) if ADHERENCE in rows[0] else ())
+    if settings.get("text_encoder_sec_per_prompt") is not None:
+        seconds = settings["text_encoder_sec_per_prompt"]
+        note += (f" Text: each prompt encoded once, into the store, in {seconds:.2e} s (the encoding's machine); "
+                 "s / image is the transformer's sampling alone.")
+    columns = (REPORT_COLUMNS + ((DECODE,) if settings.get("vae") else ())
+               + ((ADHERENCE,) if ADHERENCE in rows[0] else ()))
     return metrics_table(rows, columns) + "\n\n" + note + "\n"
 
 
 def write_report(out_dir: Path, report: dict, grid: list[torch.Tensor], grid_samples: int, wandb: bool) -> None:
     """report.json, report.md, samples.png (one row of `grid_samples` images per model), the W&B log."""
     write_text_atomic(out_dir / "report.json", json.dumps(report, indent=1))
-    write_text_atomic(out_dir / "report.md", report_markdown(report["rows"], report["noise_floor"]))
+    write_text_atomic(out_dir / "report.md", report_markdown(report["rows"], report["noise_floor"], report["settings"]))
     names = [f"{r['model']}, {r['steps']} steps" for r in report["rows"]]
     picture = save_png(label_rows(image_grid(torch.cat(grid), nrow=grid_samples), names), out_dir / "samples.png")
     if wandb:
@@ -567,7 +580,8 @@ def evaluate(
                 "teacher_steps": solver["num_steps"], "guidance_scale": solver["guidance_scale"],
                 "spacing": solver["timestep_spacing"], "num_samples": num_samples, "seed": seed,
                 "reference": reference, "extractor": features.identity, "vae": vae, "precision": solver["precision"],
-                "device": str(dev), "students": students or {}}
+                "device": str(dev), "students": students or {},
+                "text_encoder_sec_per_prompt": conditions.encoder_seconds}
     write_report(out_dir, {"rows": rows, "noise_floor": floors, "noise_floor_method": NOISE_FLOOR_METHOD,
                            "settings": settings}, grid, grid_samples, wandb)
     return rows

@@ -253,3 +253,13 @@ def test_metrics_table_renders_registry_and_custom_columns():
     assert metrics_table([row, {"model": "x", "fid": 1.0, "fid_spread": None}], ["seeds", spread, no_pm]) == (
         "| seeds | FID vs real | same-noise MSE |\n|---|---|---|\n"
         "| 3 | 36.62 ± 1.50 [6.00] | 0.0571 |\n| - | 1.00 | - |")
+
+
+@pytest.mark.parametrize("vae", [None, "pretrained/vae"])
+def test_report_shows_the_vaes_decoding_time_apart_for_latent_rows(vae):
+    from ard.evaluate import report_markdown
+
+    row = {"model": "teacher", "steps": 2, "num_samples": 4, "timesteps": [999, -1], "sec_per_image": 0.25,
+           "decode_sec_per_image": 0.125}
+    table = report_markdown([row], {"teacher": 1.0, "real": 2.0}, {"vae": vae})
+    assert ("VAE s / image" in table and "1.25e-01" in table) == (vae is not None) and "2.50e-01" in table

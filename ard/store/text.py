@@ -12,7 +12,8 @@ Encoding is resumable: chunks of `chunk_size` prompts are encoded into DIR/condi
 atomically, named by its first prompt; partial/settings.json pins the prompts' sha256, the encoder's identity, the
 dtype and the chunk size, and a rerun with other settings is refused), a rerun encodes only the chunks missing, then
 the chunks are streamed into embeddings.npy and lengths.npy (atomically) and partial/ is removed; encoded.json then
-records the settings and the manifest section, which a rerun with the same settings returns (other settings: refused).
+records the settings and the manifest section, which a rerun with the same settings returns (other settings: refused),
+and the encoder's seconds per prompt (the evaluation reports it apart from the transformer's sampling time).
 `encode_prompts` returns the manifest's `conditioning` section (ard.store.schema.TextConditioning), whose sha256s
 `ard-store verify` checks (ard.store.format.check_conditioning_file).
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +90,7 @@ def encode_prompts(root: str | Path, prompts: list[Prompt], encoder: TextEncoder
     chunks = range(0, len(texts), chunk_size)
     for start in tqdm([c for c in chunks if not (partial / f"{c:09d}.npz").exists()], desc="encoding prompts",
                       unit="chunk"):
-        tokens, lengths = [], []
+        tokens, lengths, clock = [], [], time.perf_counter()
         for first in range(start, min(start + chunk_size, len(texts)), batch_size):
             batch = texts[first:min(first + batch_size, start + chunk_size, len(texts))]
             with torch.no_grad():
@@ -97,10 +99,12 @@ def encode_prompts(root: str | Path, prompts: list[Prompt], encoder: TextEncoder
             tokens += [emb[i][keep[i]] for i in range(len(batch))]  # (n_i, D) each
             lengths += [int(keep[i].sum()) for i in range(len(batch))]
         write_npz_atomic(partial / f"{start:09d}.npz", tokens=to_numpy(torch.cat(tokens), dtype),
-                         lengths=np.array(lengths, dtype=np.int64))
-    section = _finish(folder, [partial / f"{c:09d}.npz" for c in chunks], lines, encoder, dtype, len(prompts),
-                      null_prompt)
-    write_text_atomic(folder / DONE, json.dumps({"settings": settings, "section": section}, indent=1) + "\n")
+                         lengths=np.array(lengths, dtype=np.int64), seconds=np.array(time.perf_counter() - clock))
+    files = [partial / f"{c:09d}.npz" for c in chunks]
+    seconds = sum(float(np.load(f)["seconds"]) for f in files)  # the encoder's time, whatever run encoded a chunk
+    section = _finish(folder, files, lines, encoder, dtype, len(prompts), null_prompt)
+    write_text_atomic(folder / DONE, json.dumps({"settings": settings, "section": section,
+                                                 "seconds_per_prompt": seconds / len(texts)}, indent=1) + "\n")
     shutil.rmtree(partial)
     return section
 
@@ -160,3 +164,9 @@ class TextSidecar:
                              f"[0, {self.count}] ({self.count}: the null prompt)")
         batch = self.rows(labels)
         return TextCondition(batch.embeddings, batch.mask, null=self.rows([self.count]))
+
+
+def encoding_seconds(root: str | Path) -> float | None:
+    """The text encoder's seconds per prompt when the store's prompts were encoded (None: not recorded)."""
+    done = Path(root) / FOLDER / DONE
+    return json.loads(done.read_text()).get("seconds_per_prompt") if done.exists() else None
