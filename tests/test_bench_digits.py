@@ -285,6 +285,8 @@ def test_the_paper_grid_gives_boundaries_uniform_in_t_and_its_presets_agree(monk
     model = paper["model"]["init_args"]
     assert paper["data"]["init_args"]["boundaries"] == boundaries(model["num_steps"])
     assert (model["output"], model["heads"], model["recipe"]["inputs"]) == ("next_state", "per_step", "teacher")
+    assert [c["class_path"] for c in paper["trainer"]["callbacks"]][:1] == ["ard.ema.WarmupEMA"]  # its warmed-up EMA
+    assert registry.GRIDS["paper25"].fit == "configs/digits/paper.yaml"
     assert registry.GRIDS["leading24"] == registry.TeacherGrid()  # the default store: boundaries s * K / S
     script = runpy.run_path(str(ROOT / "scripts" / "precompute_trajectories.py"))  # the tool's store command
     args = script["predict_args"](["-c", "configs/digits/trajectories.yaml", "-c", overlay, "--out", "s",
