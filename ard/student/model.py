@@ -65,7 +65,8 @@ class ARDStudent(nn.Module):
                         the baseline exactly); "plain": full history from the start (the paper).
         clip_x0:        clamp the x0 implied by eps / x0 outputs to [-1, 1] (pixel-space teachers).
     Defaults of heads / output / history_start (docs/results/digits_benchmark*.md): eps + DDIM jump beat
-    direct next-state regression (which did not converge in 400 iterations); history_start is "plain" (the
+    direct next-state regression (its 400-iteration EMA student, which the EMA's start dominated: see docs/method.md,
+    "Output parametrisation", under review); history_start is "plain" (the
     paper) because the closed start's gates stay shut under training at the main learning rate (largest
     opening 0.0005-0.0033 over 3 seeds and S = 2, 3, 4), so a "closed" ARD student keeps computing the
     baseline; per-step heads were not measured (they equal the shared head at init), so the smaller shared
