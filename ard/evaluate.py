@@ -85,6 +85,7 @@ REPORT_KEYS = ("model", "steps", "nfe", "fid", "fid_sd", "fid_vs_teacher", "fid_
 REPORT_COLUMNS = ("model", "steps", "nfe", "fid", "fid_vs_teacher", "mse_vs_teacher", "is", "precision", "recall",
                   "sec_per_image", "gflops_per_image")  # report.md's (ard.metrics.table.COLUMNS)
 ADHERENCE = "prompt_adherence"  # a row's key and column where the prompts name digits (the captions of the digits)
+CLIP = "clip_score"  # a row's CLIP score against its prompts (text stores, given a local CLIP)
 DECODE = "decode_sec_per_image"  # the decoder's (VAE's) seconds per image, apart from the sampling's: latent rows
 NOISE_FLOOR_METHOD = {
     "teacher": "FID of the teacher's N samples against N more from independent noises and labels (N vs N, as the rows)",
@@ -189,6 +190,20 @@ class Conditions:
         return cls(cond["prompts"]["count"], lambda labels: sidecar.condition(labels).to(labels.device),
                    {k: cond[k]["sha256"] for k in ("prompts", "embeddings", "lengths")}, classes,
                    encoding_seconds(store))
+
+
+def clip_metric(clip: str | None, conditions: Conditions, store: str | None) -> tuple[Callable | None, list | None]:
+    """The CLIP score's metric factory and the texts of the labels' prompts (None, None without `clip`)."""
+    if clip is None:
+        return None, None
+    if not conditions.key:
+        raise ValueError(f"clip={clip}: the CLIP score compares samples with their prompts: evaluate a text store")
+    from ard.metrics.clip import clip_score_metric
+    from ard.store.format import read_manifest
+
+    clip_score_metric(clip)  # the directory, now: one line before anything is sampled
+    lines = (Path(store) / read_manifest(store)["conditioning"]["prompts"]["file"]).read_text().splitlines()
+    return (lambda: clip_score_metric(clip)), [json.loads(line)["text"] for line in lines]
 
 
 def conditioned(sampler: Sampler, conditions: Conditions) -> Sampler:
@@ -317,6 +332,8 @@ class Setup:
     image_size: tuple[int, int]  # (H, W) of the decoded images
     npz_dir: Path | None  # export_npz: where each row's ADM batch goes
     classes: np.ndarray | None = None  # the digit each label asks for (prompt adherence), where known
+    clip: Callable | None = None  # a new CLIP-score metric per row (text stores with `clip`)
+    prompts: list[str] | None = None  # the text of each label's prompt (the CLIP score's texts)
 
 
 def build_rows(teacher, solver: dict, students: dict[str, str], undistilled_steps: list[int] | None,
@@ -342,19 +359,23 @@ class Row:
     """One model streamed through the evaluation, batch by batch: the same-noise distance to the teacher,
     decoding, features and logits (once per sample), the npz export and the few images of the picture."""
 
-    def __init__(self, decode: Decoder, extractor: FeatureExtractor, grid_samples: int):
-        self.decode, self.extractor, self.grid_samples = decode, extractor, grid_samples
+    def __init__(self, decode: Decoder, extractor: FeatureExtractor, grid_samples: int, clip=None):
+        self.decode, self.extractor, self.grid_samples, self.clip = decode, extractor, grid_samples, clip
         self.features, self.logits, self.sq, self.grid = [], [], [], []
         self.decode_seconds = 0.0  # the decoder's (the VAE's, for latents) time, apart from the sampling
 
     @torch.no_grad()
-    def add(self, final: torch.Tensor, target: torch.Tensor | None = None, write: Callable | None = None) -> None:
-        """final: (b, C, h, w) model outputs on CPU; target: the teacher's (b, C, h, w) from the same noises."""
+    def add(self, final: torch.Tensor, target: torch.Tensor | None = None, write: Callable | None = None,
+            texts: list[str] | None = None) -> None:
+        """final: (b, C, h, w) model outputs on CPU; target: the teacher's (b, C, h, w) from the same noises; texts:
+        their prompts, for the CLIP score."""
         if target is not None:
             self.sq.append((final.float() - target.float()).pow(2).mean(dim=(1, 2, 3)))  # (b,)
         start = time.perf_counter()
         images = self.decode(final)  # (b, 1|3, H, W) uint8
         self.decode_seconds += time.perf_counter() - start
+        if self.clip is not None and texts is not None:
+            self.clip.update(images.expand(-1, 3, -1, -1), texts)  # (b, 3, H, W) uint8
         device = next(self.extractor.parameters()).device
         features, logits = self.extractor.eval().features_and_logits(images.to(device))  # (b, D), (b, K)
         self.features.append(features.float().cpu())
@@ -390,12 +411,13 @@ def stream(spec: RowSpec, setup: Setup) -> tuple[Row, float]:
     else:
         timed, seconds = n, 0.0
         batches = sample_batches(spec.sampler, noise, labels, b, *where)
-    row = Row(setup.decode, setup.extractor, setup.grid_samples)
+    row = Row(setup.decode, setup.extractor, setup.grid_samples, setup.clip() if setup.clip else None)
+    texts = (lambda a, b: [setup.prompts[int(i)] for i in labels[a:b]]) if setup.clip else (lambda a, b: None)
     with npz_writer(setup.npz_dir, spec.name, spec.steps, setup.image_size, labels) as write:
         for a, final, t in batches:
             check_finite_samples(final, f"{spec.name} ({spec.steps} steps): nothing reported; in the batch from "
                                         f"sample {a}")
-            row.add(final, tensor(target[a:a + len(final)]), write)
+            row.add(final, tensor(target[a:a + len(final)]), write, texts(a, a + len(final)))
             seconds += t
     return row, seconds / timed
 
@@ -416,6 +438,7 @@ def report_row(spec: RowSpec, row: Row, sec: float, teacher: FeatureStats, setup
     sq = torch.cat(row.sq)  # (N,) per-sample squared distance to the teacher's final sample
     noise, labels = (tensor(setup.data[k][:1]).to(dev) for k in ("noise", "labels"))  # (1, C, h, w), (1,)
     gflops = gflops_per_image(spec.sampler, noise, labels)
+    clip = {} if row.clip is None else {CLIP: float(row.clip.compute())}
     adherence = {} if setup.classes is None else {ADHERENCE: float(
         (logits.argmax(dim=1) == torch.from_numpy(setup.classes[np.asarray(setup.data["labels"])])).float().mean())}
     return {"model": spec.name, "steps": spec.steps, "nfe": spec.nfe, "fid": vs_real["fid"],
@@ -425,7 +448,8 @@ def report_row(spec: RowSpec, row: Row, sec: float, teacher: FeatureStats, setup
             "is": vs_real["is"], "precision": vs_real["precision"], "recall": vs_real["recall"],
             "num_samples": len(sq), "sec_per_image": sec, "decode_sec_per_image": row.decode_seconds / len(sq),
             "gflops_per_image": gflops,
-            "timesteps": [int(t) for t in spec.timesteps], "noise_correction": spec.noise_correction, **adherence}
+            "timesteps": [int(t) for t in spec.timesteps], "noise_correction": spec.noise_correction, **adherence,
+            **clip}
 
 
 def report_markdown(rows: list[dict], floors: dict[str, float], settings: dict) -> str:
@@ -445,7 +469,7 @@ def report_markdown(rows: list[dict], floors: dict[str, float], settings: dict) 
         note += (f" Text: each prompt encoded once, into the store, in {seconds:.2e} s (the encoding's machine); "
                  "s / image is the transformer's sampling alone.")
     columns = (REPORT_COLUMNS + ((DECODE,) if settings.get("vae") else ())
-               + ((ADHERENCE,) if ADHERENCE in rows[0] else ()))
+               + ((ADHERENCE,) if ADHERENCE in rows[0] else ()) + ((CLIP,) if CLIP in rows[0] else ()))
     return metrics_table(rows, columns) + "\n\n" + note + "\n"
 
 
@@ -487,6 +511,7 @@ def evaluate(
     out: str = "runs/eval",
     cache_dir: str = "runs/cache",
     grid_samples: AtLeastOne = 10,
+    clip: str | None = None,
     wandb: bool = True,
 ) -> list[dict]:
     """Evaluate the teacher and students on one shared evaluation set; write report.json and report.md.
@@ -532,6 +557,8 @@ def evaluate(
         out: output directory (report.json, report.md, samples.png).
         cache_dir: where the evaluation set and reference statistics are cached.
         grid_samples: columns of samples.png (one row per model, same noises and labels).
+        clip: a local CLIP directory (transformers CLIPModel + CLIPProcessor): every row's CLIP score against its
+            prompts (text stores only; ard/metrics/clip.py).
         wandb: log the table and the picture to W&B (offline).
     """
     check_knobs(evaluate, locals())  # the ranges in the annotations (first thing: locals() holds the arguments)
@@ -549,6 +576,7 @@ def evaluate(
     teacher_model, identity, solver, manifest = resolve_teacher(teacher, teacher_size, store, numerics, given,
                                                                 allow_store_mismatch)
     conditions = Conditions.of(teacher_model, manifest, store)
+    clip_setup = clip_metric(clip, conditions, store)  # (its directory checked before anything is sampled)
     teacher_model = teacher_model.to(dev)
     if teacher_model.config.in_channels not in (1, 3) and vae is None:
         raise ValueError(f"the teacher makes {teacher_model.config.in_channels}-channel latents: pass vae "
@@ -562,7 +590,8 @@ def evaluate(
             else reference_from_adm_npz(reference, features, cache, image_size=size))
     setup = Setup(eval_set(teacher_model, identity, solver, num_samples, seed, batch_size, cache, dev, conditions),
                   decode, features, real, dev, solver["precision"], batch_size, bootstrap, grid_samples, size,
-                  out_dir / "npz" if export_npz else None, conditions.classes if extractor == "digits" else None)
+                  out_dir / "npz" if export_npz else None, conditions.classes if extractor == "digits" else None,
+                  *clip_setup)
 
     rows, grid, floors = [], [], {"real": fid_noise_floor(real.features)}
     for spec in specs:

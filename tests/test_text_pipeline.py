@@ -18,6 +18,7 @@ from ard.store.text import TextSidecar
 from ard.evaluate import evaluate
 from ard.evaluate import main as eval_main
 from ard.student import ARDStudent
+from tiny_clip import make_tiny_clip
 from test_bad_inputs import ROOT, expect_one_line, fit_args, predict_args, teacher  # noqa: F401
 
 CAPTIONS = ["a handwritten zero", "a handwritten one", "a thin seven", "a bold three", "two", "a tilted nine"]
@@ -92,9 +93,11 @@ def test_a_student_distils_from_a_text_store(tmp_path, capsys, pixart_teacher, p
     assert student.backbone.family == "pixart" and student.history_blocks == 1
     if recipe:
         return
+    clip = make_tiny_clip(tmp_path / "clip", CAPTIONS)
     rows = evaluate(students={"ard": str(run / "student_ema")}, teacher=str(pixart_teacher), store=str(store),
                     undistilled_steps=[4], num_samples=8, batch_size=8, bootstrap=2, out=str(tmp_path / "eval"),
-                    cache_dir=str(tmp_path / "cache"), grid_samples=2, wandb=False)
+                    cache_dir=str(tmp_path / "cache"), grid_samples=2, wandb=False, clip=str(clip))
+    assert all(0 <= r["clip_score"] <= 100 for r in rows)  # every row against its prompts (ard/metrics/clip.py)
     assert [(r["model"], r["steps"]) for r in rows] == [("teacher (DDIM, w=2)", 4), ("teacher (DDIM, w=2)", 4),
                                                          ("ard", 4)]
     assert rows[1]["mse_vs_teacher"] < 1e-8  # the undistilled teacher on the full grid: the teacher itself
@@ -176,3 +179,13 @@ def test_the_shipped_caption_teacher_draws_the_digit_its_caption_names():
         images = ddim_sample(teacher, noise, captions, 24, 2.0, save_indices=[24], clip_sample=True).states[:, -1]
         predicted = load_digit_classifier()[0](to_uint8(images)).argmax(dim=1)
     assert (predicted == digits).float().mean() >= 0.9
+
+
+def test_the_clip_score_needs_a_text_store_and_a_clip_directory(tmp_path):
+    with pytest.raises(ValueError, match="the CLIP score compares samples with their prompts: evaluate a text store"):
+        evaluate(clip=str(make_tiny_clip(tmp_path / "clip", CAPTIONS)), num_samples=4, out=str(tmp_path / "o"),
+                 cache_dir=str(tmp_path / "c"), wandb=False)
+    from ard.metrics.clip import clip_score_metric
+
+    with pytest.raises(FileNotFoundError, match="clip=.*nothing: not a directory"):
+        clip_score_metric(tmp_path / "nothing")

@@ -49,6 +49,7 @@ COLUMNS = {column.key: column for column in (
     Column("GFLOPs / image", "gflops_per_image", "{:.4f}"),
     Column("prompt adherence", "prompt_adherence", "{:.3f}"),
     Column("VAE s / image", "decode_sec_per_image", "{:.2e}"),
+    Column("CLIP score", "clip_score", "{:.2f}"),
 )}
 
 
