@@ -175,35 +175,33 @@ class Conditions:
     key: dict  # what of the conditioning the evaluation set depends on (its cache key)
     classes: np.ndarray | None = None  # (count,) the digit of each label, for prompt adherence
     encoder_seconds: float | None = None  # the text encoder's seconds per prompt (when the store was made)
+    prompts: list[str] | None = None  # (count,) each label's prompt text (the CLIP score's texts)
 
     @classmethod
     def of(cls, teacher, manifest: dict | None, store: str | None) -> "Conditions":
-        cond = (manifest or {}).get("conditioning") or {}
-        if cond.get("kind") != "text":
+        from ard.store.text import encoding_seconds, store_conditioner
+
+        condition = store_conditioner(store, manifest) if manifest is not None else None
+        if condition is None:
             return cls(num_classes(teacher), lambda labels: labels, {})
-        from ard.store.text import TextSidecar, encoding_seconds
-
-        sidecar = TextSidecar(store, cond)
-        stored = (Path(store) / cond["prompts"]["file"]).read_text().splitlines()
-        captions = [json.dumps({"id": p.id, "text": p.text}) for p in digit_captions()]
+        cond = manifest["conditioning"]
+        stored = [json.loads(line) for line in (Path(store) / cond["prompts"]["file"]).read_text().splitlines()]
+        captions = [{"id": p.id, "text": p.text} for p in digit_captions()]
         classes = np.array([caption_digit(i) for i in range(len(captions))]) if stored == captions else None
-        return cls(cond["prompts"]["count"], lambda labels: sidecar.condition(labels).to(labels.device),
+        return cls(cond["prompts"]["count"], condition,
                    {k: cond[k]["sha256"] for k in ("prompts", "embeddings", "lengths")}, classes,
-                   encoding_seconds(store))
+                   encoding_seconds(store), [p["text"] for p in stored])
 
 
-def clip_metric(clip: str | None, conditions: Conditions, store: str | None) -> tuple[Callable | None, list | None]:
-    """The CLIP score's metric factory and the texts of the labels' prompts (None, None without `clip`)."""
+def clip_metric(clip: str | None, conditions: Conditions):
+    """The CLIP score's metric (one for every row, reset before each; None without `clip`)."""
     if clip is None:
-        return None, None
-    if not conditions.key:
+        return None
+    if conditions.prompts is None:
         raise ValueError(f"clip={clip}: the CLIP score compares samples with their prompts: evaluate a text store")
     from ard.metrics.clip import clip_score_metric
-    from ard.store.format import read_manifest
 
-    clip_score_metric(clip)  # the directory, now: one line before anything is sampled
-    lines = (Path(store) / read_manifest(store)["conditioning"]["prompts"]["file"]).read_text().splitlines()
-    return (lambda: clip_score_metric(clip)), [json.loads(line)["text"] for line in lines]
+    return clip_score_metric(clip)
 
 
 def conditioned(sampler: Sampler, conditions: Conditions) -> Sampler:
@@ -332,7 +330,7 @@ class Setup:
     image_size: tuple[int, int]  # (H, W) of the decoded images
     npz_dir: Path | None  # export_npz: where each row's ADM batch goes
     classes: np.ndarray | None = None  # the digit each label asks for (prompt adherence), where known
-    clip: Callable | None = None  # a new CLIP-score metric per row (text stores with `clip`)
+    clip: object | None = None  # the CLIP-score metric (text stores with `clip`), reset for every row
     prompts: list[str] | None = None  # the text of each label's prompt (the CLIP score's texts)
 
 
@@ -411,7 +409,9 @@ def stream(spec: RowSpec, setup: Setup) -> tuple[Row, float]:
     else:
         timed, seconds = n, 0.0
         batches = sample_batches(spec.sampler, noise, labels, b, *where)
-    row = Row(setup.decode, setup.extractor, setup.grid_samples, setup.clip() if setup.clip else None)
+    if setup.clip is not None:
+        setup.clip.reset()  # this row's samples only
+    row = Row(setup.decode, setup.extractor, setup.grid_samples, setup.clip)
     texts = (lambda a, b: [setup.prompts[int(i)] for i in labels[a:b]]) if setup.clip else (lambda a, b: None)
     with npz_writer(setup.npz_dir, spec.name, spec.steps, setup.image_size, labels) as write:
         for a, final, t in batches:
@@ -576,7 +576,7 @@ def evaluate(
     teacher_model, identity, solver, manifest = resolve_teacher(teacher, teacher_size, store, numerics, given,
                                                                 allow_store_mismatch)
     conditions = Conditions.of(teacher_model, manifest, store)
-    clip_setup = clip_metric(clip, conditions, store)  # (its directory checked before anything is sampled)
+    clip_score = clip_metric(clip, conditions)  # (loaded, or refused in one line, before anything is sampled)
     teacher_model = teacher_model.to(dev)
     if teacher_model.config.in_channels not in (1, 3) and vae is None:
         raise ValueError(f"the teacher makes {teacher_model.config.in_channels}-channel latents: pass vae "
@@ -591,7 +591,7 @@ def evaluate(
     setup = Setup(eval_set(teacher_model, identity, solver, num_samples, seed, batch_size, cache, dev, conditions),
                   decode, features, real, dev, solver["precision"], batch_size, bootstrap, grid_samples, size,
                   out_dir / "npz" if export_npz else None, conditions.classes if extractor == "digits" else None,
-                  *clip_setup)
+                  clip_score, conditions.prompts)
 
     rows, grid, floors = [], [], {"real": fid_noise_floor(real.features)}
     for spec in specs:

@@ -114,13 +114,13 @@ def store_conditions(student: ARDStudent, store: str | None):
         raise ValueError(f"a {student.backbone.family!r} student is conditioned on text: pass --store, the text "
                          "store whose prompts --labels index")
     from ard.store.format import read_manifest
-    from ard.store.text import TextSidecar
+    from ard.store.text import store_conditioner
 
-    conditioning = read_manifest(store).get("conditioning") or {}
-    if conditioning.get("kind") != "text":
+    manifest = read_manifest(store)
+    condition = store_conditioner(store, manifest)
+    if condition is None:
         raise ValueError(f"--store {store}: not a text store (its manifest has no text conditioning)")
-    sidecar = TextSidecar(store, conditioning)
-    return (lambda labels: sidecar.condition(labels).to(labels.device)), sidecar.count
+    return condition, manifest["num_classes"]  # (a text store's labels: its prompts)
 
 
 def run_export(args) -> None:

@@ -36,6 +36,7 @@ def exposure(student_dir: Path, store: Path, steps: int) -> dict[str, list[float
     fed the teacher's states ("fed") and on its own states ("own"): ard.student.exposure."""
     from ard.data.trajectories import TrajectoryDataModule
     from ard.store.format import read_manifest
+    from ard.store.text import store_conditioner
     from ard.student.export import load_exported
     from ard.student.exposure import exposure_errors
 
@@ -45,11 +46,8 @@ def exposure(student_dir: Path, store: Path, steps: int) -> dict[str, list[float
     data = TrajectoryDataModule(str(store), steps, batch_size=512, boundaries=[index[t] for t in timesteps])
     data.setup()
     batch = next(iter(data.val_dataloader()))
-    labels, conditioning = batch["labels"], read_manifest(store).get("conditioning") or {}
-    if conditioning.get("kind") == "text":  # a text store's labels: their prompts' stored encodings
-        from ard.store.text import TextSidecar
-
-        labels = TextSidecar(store, conditioning).condition(labels)
+    condition = store_conditioner(store, read_manifest(store))  # a text store's labels: their prompts' encodings
+    labels = batch["labels"] if condition is None else condition(batch["labels"])
     fed, own = exposure_errors(student, batch["states"], batch["timesteps"], labels)  # (B, S) each
     return {"fed": fed.mean(0).tolist(), "own": own.mean(0).tolist()}
 

@@ -45,7 +45,7 @@ from ard.student.model import CONFIG_NAME
 from ard.student.recipe import Recipe, student_inputs, substep_paths
 from ard.backbones import SERVED, TEXT, backbone_of
 from ard.backbones.dit import Numerics, num_classes
-from ard.store.text import TextSidecar
+from ard.store.text import store_conditioner
 from ard.teacher import DIGITS_TEACHER, check_teacher, load_teacher, teacher_identity
 from ard.viz import image_grid, log_image, save_png
 
@@ -171,7 +171,7 @@ class ARDDistillation(L.LightningModule):
         self.noise_correction = noise_correction
         teacher_model = load_teacher(teacher, teacher_size, numerics, tie_embedders, families=(*SERVED, *TEXT))
         self.text = backbone_of(teacher_model).family in TEXT  # labels index the store's encoded prompts
-        self.sidecar: TextSidecar | None = None  # a text store's encoded prompts (setup)
+        self.prompt_condition = None  # a text store's labels -> their encoded prompts (setup)
         self.student = ARDStudent(teacher_model, num_steps, history_blocks=history_blocks, mask=mask,
                                   window=window, heads=heads, output=output, history_start=history_start,
                                   clip_x0=clip_x0).train()  # the teacher was loaded in eval mode
@@ -200,7 +200,7 @@ class ARDDistillation(L.LightningModule):
                              f"(ard.data.trajectories.TrajectoryDataModule); got {type(datamodule).__name__}")
         if self.text:
             self.num_classes = datamodule.manifest["num_classes"]  # its prompts (the teacher identity is checked)
-            self.sidecar = TextSidecar(datamodule.path, datamodule.manifest["conditioning"])
+            self.prompt_condition = store_conditioner(datamodule.path, datamodule.manifest)
         datamodule.check_compatible(self.state_shape, self.num_classes)
         manifest = str(Path(datamodule.path) / "manifest.json")
         # the student must start from the store's teacher: weights, config and numerics
@@ -228,7 +228,7 @@ class ARDDistillation(L.LightningModule):
     def condition(self, labels: torch.Tensor):
         """The teacher's condition of store labels (B,): the class labels, or their encoded prompts (a text store's
         sidecar, with the null prompt for CFG)."""
-        return self.sidecar.condition(labels).to(self.device) if self.text else labels
+        return self.prompt_condition(labels) if self.text else labels
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         """Every batch's labels as the teacher's conditions (a text store's prompts: read once per batch)."""

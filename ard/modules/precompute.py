@@ -88,6 +88,7 @@ class PrecomputeTrajectories(L.LightningModule):
         self.state_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)  # (C, H, W)
         self.store_lock: DirectoryLock | None = None  # held by global rank 0 while predicting
         self.encoder, self.prompts, self.sidecar = None, None, None  # text teachers: see `conditioning`
+        self.section: dict | None = None  # a text store's conditioning section, once encoded
         if (self.family in TEXT) != (prompts is not None):
             raise ValueError(f"model.prompts={prompts!r}: a {self.family!r} teacher " + (
                 "is conditioned on text and needs a prompt file" if prompts is None else
@@ -97,13 +98,15 @@ class PrecomputeTrajectories(L.LightningModule):
             self.prompts = read_prompts(prompts, self.encoder.max_tokens, self.encoder.count_tokens)
 
     def conditioning(self) -> dict | None:
-        """A text store's manifest section: the prompts encoded into the store (once; then read back)."""
+        """A text store's manifest section: the prompts encoded into the store (once; then read back, and kept)."""
         if self.prompts is None:
             return None
-        from ard.store.text import encode_prompts
+        if self.section is None:
+            from ard.store.text import encode_prompts
 
-        return encode_prompts(self.trainer.datamodule.path, self.prompts, self.encoder,
-                              null_prompt=self.hparams.null_prompt)
+            self.section = encode_prompts(self.trainer.datamodule.path, self.prompts, self.encoder,
+                                          null_prompt=self.hparams.null_prompt)
+        return self.section
 
     def store_identity(self) -> dict:
         """The manifest fields this module decides (see ard.store.format.new_manifest)."""

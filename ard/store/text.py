@@ -23,6 +23,7 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -33,21 +34,13 @@ from ard.atomic import atomic_file, write_atomic, write_npz_atomic, write_text_a
 from ard.backbones.text import TextCondition
 from ard.conditioning import Prompt
 from ard.store.format import CONDITIONING_FOLDER as FOLDER
+from ard.store.format import sha256_file
 from ard.store.schema import NUMPY_DTYPE
 from ard.text_encoders import TextEncoder
 
 PROMPTS, EMBEDDINGS, LENGTHS = "prompts.jsonl", "embeddings.npy", "lengths.npy"
 PARTIAL = "partial"
 DONE = "encoded.json"  # the finished encoding's settings and manifest section: a rerun returns it
-
-
-def file_entry(path: Path) -> dict:
-    """{sha256, bytes} of a written sidecar (streamed: the embeddings can be large)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return {"sha256": digest.hexdigest(), "bytes": path.stat().st_size}
 
 
 def to_numpy(x: torch.Tensor, dtype: str) -> np.ndarray:
@@ -121,7 +114,8 @@ def _finish(folder: Path, chunks: list[Path], lines: str, encoder: TextEncoder, 
             f.write(np.ascontiguousarray(np.load(c)["tokens"]).tobytes())
     write_atomic(folder / LENGTHS, lambda f: np.save(f, lengths))
     write_text_atomic(folder / PROMPTS, lines)
-    entry = lambda name: {"file": f"{FOLDER}/{name}", **file_entry(folder / name)}  # noqa: E731
+    entry = lambda name: {"file": f"{FOLDER}/{name}", "sha256": sha256_file(folder / name),  # noqa: E731
+                          "bytes": (folder / name).stat().st_size}
     return {"kind": "text",
             "encoder": {"name": encoder.name, "path": encoder.path, "weights_sha256": encoder.identity(),
                         "max_tokens": encoder.max_tokens, "dim": encoder.dim, "masked": encoder.masked},
@@ -170,3 +164,13 @@ def encoding_seconds(root: str | Path) -> float | None:
     """The text encoder's seconds per prompt when the store's prompts were encoded (None: not recorded)."""
     done = Path(root) / FOLDER / DONE
     return json.loads(done.read_text()).get("seconds_per_prompt") if done.exists() else None
+
+
+def store_conditioner(root: str | Path, manifest: dict) -> Callable[[torch.Tensor], TextCondition] | None:
+    """A text store's labels (B,) -> their prompts' stored encodings (with the null prompt), on the labels' device;
+    None for a store of class labels, whose labels are the condition itself."""
+    conditioning = manifest.get("conditioning") or {}
+    if conditioning.get("kind") != "text":
+        return None
+    sidecar = TextSidecar(root, conditioning)
+    return lambda labels: sidecar.condition(labels).to(labels.device)
