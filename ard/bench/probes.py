@@ -36,7 +36,6 @@ def exposure(student_dir: Path, store: Path, steps: int) -> dict[str, list[float
     fed the teacher's states ("fed") and on its own states ("own"): ard.student.exposure."""
     from ard.data.trajectories import TrajectoryDataModule
     from ard.store.format import read_manifest
-    from ard.store.text import store_conditioner
     from ard.student.export import load_exported
     from ard.student.exposure import exposure_errors
 
@@ -45,10 +44,8 @@ def exposure(student_dir: Path, store: Path, steps: int) -> dict[str, list[float
     index = dict(zip(saved["timesteps"], saved["indices"]))  # the store's saved timesteps -> their grid indices
     data = TrajectoryDataModule(str(store), steps, batch_size=512, boundaries=[index[t] for t in timesteps])
     data.setup()
-    batch = next(iter(data.val_dataloader()))
-    condition = store_conditioner(store, read_manifest(store))  # a text store's labels: their prompts' encodings
-    labels = batch["labels"] if condition is None else condition(batch["labels"])
-    fed, own = exposure_errors(student, batch["states"], batch["timesteps"], labels)  # (B, S) each
+    batch = data.on_after_batch_transfer(next(iter(data.val_dataloader())), 0)  # (a text store's: its prompts)
+    fed, own = exposure_errors(student, batch["states"], batch["timesteps"], batch["labels"])  # (B, S) each
     return {"fed": fed.mean(0).tolist(), "own": own.mean(0).tolist()}
 
 

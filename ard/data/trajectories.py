@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from ard.checks import AtLeastOne, Indices, NonNegativeInt, check_knobs
 from ard.diffusion import student_grid_indices
 from ard.store.format import MANIFEST, MAX_OPEN_SHARDS, StoreError, TrajectoryStore, to_float32
+from ard.store.text import store_conditioner
 
 
 def student_boundaries(store: TrajectoryStore, student_steps: int, boundaries: list[int] | None = None) -> list[int]:
@@ -153,6 +154,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         self.student_steps = student_steps
         self.store = TrajectoryStore(path, max_open_shards)
         self.manifest = self.store.manifest
+        self.prompt_condition = store_conditioner(path, self.manifest)  # a text store's labels -> their prompts
         self.boundaries = student_boundaries(self.store, student_steps, boundaries)  # grid indices tau_0..tau_S
         self.timesteps = [self.store.grid_timesteps[self.store.grid_indices.index(b)] for b in self.boundaries]
         if with_x0 and not self.store.has_x0:
@@ -161,6 +163,13 @@ class TrajectoryDataModule(L.LightningDataModule):
         if not 0 <= val_count < self.store.num_trajectories:
             raise StoreError(f"{self.store.root / MANIFEST}: field 'num_trajectories' is "
                              f"{self.store.num_trajectories}; val_count={val_count} must be smaller")
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """A text store's batch: its labels as their prompts' stored encodings (read once per batch, on the batch's
+        device); a class-label store's batch as it is."""
+        if self.prompt_condition is None:
+            return batch
+        return {**batch, "labels": self.prompt_condition(batch["labels"])}
 
     def check_compatible(self, state_shape: tuple, num_classes: int) -> None:
         """One-line ValueError naming the store and field when it was made for another shape or class count."""

@@ -45,7 +45,6 @@ from ard.student.model import CONFIG_NAME
 from ard.student.recipe import Recipe, student_inputs, substep_paths
 from ard.backbones import SERVED, TEXT, backbone_of
 from ard.backbones.dit import Numerics, num_classes
-from ard.store.text import store_conditioner
 from ard.teacher import DIGITS_TEACHER, check_teacher, load_teacher, teacher_identity
 from ard.viz import image_grid, log_image, save_png
 
@@ -200,7 +199,7 @@ class ARDDistillation(L.LightningModule):
                              f"(ard.data.trajectories.TrajectoryDataModule); got {type(datamodule).__name__}")
         if self.text:
             self.num_classes = datamodule.manifest["num_classes"]  # its prompts (the teacher identity is checked)
-            self.prompt_condition = store_conditioner(datamodule.path, datamodule.manifest)
+            self.prompt_condition = datamodule.prompt_condition  # (the data module converts the batches' labels)
         datamodule.check_compatible(self.state_shape, self.num_classes)
         manifest = str(Path(datamodule.path) / "manifest.json")
         # the student must start from the store's teacher: weights, config and numerics
@@ -229,10 +228,6 @@ class ARDDistillation(L.LightningModule):
         """The teacher's condition of store labels (B,): the class labels, or their encoded prompts (a text store's
         sidecar, with the null prompt for CFG)."""
         return self.prompt_condition(labels) if self.text else labels
-
-    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        """Every batch's labels as the teacher's conditions (a text store's prompts: read once per batch)."""
-        return {**batch, "labels": self.condition(batch["labels"])} if self.text else batch
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         check_finite_weights(checkpoint["state_dict"], f"step {self.global_step}: checkpoint (not written)")
