@@ -16,7 +16,7 @@ from ard.bench.probes import HEALTH, health
 from ard.bench.overview import recipe_grid
 from ard.bench.render import pilot_markdown, report_markdown
 from ard.bench.reports import EVAL_KEYS, build_report, load_report, merge_committed
-from ard.bench.runs import fit, stage_args
+from ard.bench.runs import ema_setting, fit, stage_args
 from ard.cli import main as ard_main
 
 TEACHER = {"model": "teacher (DDIM, w=2)", "steps": 24, "fid": 31.4, "is": 9.6, "precision": 0.85, "recall": 0.67}
@@ -104,16 +104,23 @@ def test_verdict_compares_a_second_stage_with_the_baselines_same_stage():
     assert checks["ard-continued"]["fid_vs_teacher"]["ratio"] == pytest.approx(0.4)
 
 
-def test_a_finished_run_of_another_length_is_refused(tmp_path):
-    """Run directories are named by variant, S and seed: a finished run trained for another number of iterations
-    must not be taken for this invocation's."""
+def test_a_finished_run_of_another_length_or_ema_is_refused(tmp_path):
+    """Run directories are named by variant, S and seed: a finished run trained for another number of iterations,
+    or averaged by another EMA (a run of before ard.ema records none: the plain EMA), must not be taken for this
+    invocation's."""
     run_dir = tmp_path / "runs" / "baseline-S2-seed0"
     (run_dir / "student_ema").mkdir(parents=True)
     (run_dir / "student_ema" / "ard_sampling.json").write_text("{}")
-    (run_dir / "train_seconds.json").write_text(json.dumps({"seconds": 1.0, "threads": 1, "iterations": 400}))
+    record = {"seconds": 1.0, "threads": 1, "iterations": 400, "ema": ema_setting()}
+    (run_dir / "train_seconds.json").write_text(json.dumps(record))
+    assert ema_setting() == "ard.ema.WarmupEMA(decay=0.999, warmup=10)"  # configs/digits/ard.yaml's
     assert fit(tmp_path, tmp_path / "store", "baseline", 2, 0, 400, 1) == run_dir / "student_ema"
     with pytest.raises(SystemExit, match="trained 400 iterations, not 1200"):
         fit(tmp_path, tmp_path / "store", "baseline", 2, 0, 1200, 1)
+    del record["ema"]
+    (run_dir / "train_seconds.json").write_text(json.dumps(record))
+    with pytest.raises(SystemExit, match="averaged by lightning.pytorch.callbacks.EMAWeightAveraging"):
+        fit(tmp_path, tmp_path / "store", "baseline", 2, 0, 400, 1)
 
 
 def test_stage_arguments():

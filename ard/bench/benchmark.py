@@ -11,7 +11,7 @@ from pathlib import Path
 from ard.bench.probes import exposure, health, history_gate
 from ard.bench.registry import GAN_PRESET, GAN_VARIANTS, GRIDS, NC, RENAMED_SINCE_PLAIN_DEFAULT
 from ard.bench.reports import load_report, merge_committed, report_stem, repo_relative, write_report
-from ard.bench.runs import fit, precompute, train_seconds
+from ard.bench.runs import ema_setting, fit, precompute, train_seconds
 
 Job = tuple[str, int, int]  # (variant, S, seed)
 
@@ -98,7 +98,7 @@ def benchmark(*, work: Path, results: str, name: str, steps: list[int], variants
         return
     rows, floors, evaluated = evaluate_all(work, store, students, num_samples, noise_correction, grid)
     settings = {**repo_relative(evaluated), "max_steps": max_steps, "num_trajectories": num_trajectories,
-                "seeds": seeds, "grid": grid, "invocation_seconds": time.time() - start}  # finished runs are reused
+                "seeds": seeds, "grid": grid, "ema": ema_setting(grid), "invocation_seconds": time.time() - start}  # finished runs are reused
     if gan_variants:
         settings |= {"gan_preset": GAN_PRESET, "gan_steps": gan_steps, "gan_args": gan_args}
     if merge:

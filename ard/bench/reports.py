@@ -16,7 +16,7 @@ from ard.bench.render import report_markdown
 
 # Evaluation settings that must be equal for rows of a committed report to be merged with new ones (--merge)
 EVAL_KEYS = ("teacher", "teacher_identity", "solver", "num_samples", "seed", "reference", "extractor", "max_steps",
-             "num_trajectories")
+             "num_trajectories", "ema")
 
 
 def report_stem(name: str) -> str:

@@ -9,12 +9,29 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from ard.atomic import write_text_atomic
 from ard.bench import ROOT
 from ard.bench.registry import GAN_PRESET, GAN_VARIANTS, GRIDS, VARIANTS
 
+# The EMA of the runs recorded before ard.ema (no "ema" in their train_seconds.json)
+PLAIN_EMA = "lightning.pytorch.callbacks.EMAWeightAveraging(decay=0.999)"
 # The GAN stage's CSV logger (the discriminator's health, ard.bench.probes.health), under <run>/csv/
 CSV_LOGGER = '{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "%s", "name": "csv"}}'
+
+
+def ema_setting(grid: str = "leading24") -> str:
+    """The students' EMA as configs/digits/ard.yaml (and the grid's overlay) configure it, e.g.
+    "ard.ema.WarmupEMA(decay=0.999, warmup=10)": recorded with every run and report, since students averaged
+    otherwise are not comparable (ard/ema.py)."""
+    callbacks = []
+    for preset in ("configs/digits/ard.yaml", GRIDS[grid].fit):
+        if preset:
+            callbacks = yaml.safe_load((ROOT / preset).read_text())["trainer"].get("callbacks", callbacks)
+    ema = next(c for c in callbacks if c["class_path"].split(".")[-1] in ("WarmupEMA", "EMAWeightAveraging"))
+    args = ", ".join(f"{k}={v}" for k, v in ema.get("init_args", {}).items() if k != "use_buffers")
+    return f"{ema['class_path']}({args})"
 
 
 def run(cmd: list[str], log: Path, threads: int) -> None:
@@ -68,10 +85,13 @@ def fit(work: Path, store: Path, variant: str, steps: int, seed: int, max_steps:
     for another number of iterations is refused: run directories are named by variant, S and seed only."""
     run_dir = work / "runs" / f"{variant}-S{steps}-seed{seed}"
     done = run_dir / "train_seconds.json"
-    trained = json.loads(done.read_text()).get("iterations", max_steps) if done.exists() else max_steps
-    if trained != max_steps:
-        raise SystemExit(f"{run_dir} was trained {trained} iterations, not {max_steps}: use another --work for "
-                         "another training length")
+    ema = ema_setting(grid)
+    record = json.loads(done.read_text()) if done.exists() else {"iterations": max_steps, "ema": ema}
+    if record.get("iterations", max_steps) != max_steps:
+        raise SystemExit(f"{run_dir} was trained {record['iterations']} iterations, not {max_steps}: use another "
+                         "--work for another training length")
+    if record.get("ema", PLAIN_EMA) != ema:
+        raise SystemExit(f"{run_dir} was averaged by {record.get('ema', PLAIN_EMA)}, not {ema}: use another --work")
     if not (run_dir / "student_ema" / "ard_sampling.json").exists():
         teacher = GRIDS[grid]
         data = [f"--data.init_args.boundaries={teacher.boundaries(steps)}"] if teacher.boundaries else []
@@ -85,7 +105,8 @@ def fit(work: Path, store: Path, variant: str, steps: int, seed: int, max_steps:
              "--trainer.enable_progress_bar=false", *data, *VARIANTS[GAN_VARIANTS.get(variant, (variant,))[0]]],
             run_dir.with_suffix(".log"), threads)
         seconds = time.time() - start
-        write_text_atomic(done, json.dumps({"seconds": seconds, "threads": threads, "iterations": max_steps}))
+        write_text_atomic(done, json.dumps({"seconds": seconds, "threads": threads, "iterations": max_steps,
+                                            "ema": ema}))
         print(f"trained {run_dir.name} in {seconds:.0f} s", flush=True)
     return run_dir / "student_ema"
 
