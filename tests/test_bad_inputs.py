@@ -693,6 +693,18 @@ def test_encoder_paths_missing_or_not_the_stores(tmp_path, store):
         check_encoder(tmp_path / "other", recorded, "manifest.json")
 
 
+def test_a_plain_text_prompt_file(tmp_path):
+    """*.txt: one prompt per line, its line number its id; the same checks as JSON Lines."""
+    from ard.conditioning import Prompt, read_prompts
+
+    path = tmp_path / "prompts.txt"
+    path.write_text("a handwritten seven\n\n  a slanted one  \n")
+    assert read_prompts(path) == [Prompt("1", "a handwritten seven"), Prompt("3", "a slanted one")]
+    path.write_text('{"id": "a", "text": "one two three four five"}\n')  # a JSON line in a .txt is a prompt
+    with pytest.raises(ValueError, match=r"prompts.txt: line 1: prompt '1' has 8 tokens, the encoder takes at most 4"):
+        read_prompts(path, max_tokens=4, count_tokens=lambda text: len(text.split()))
+
+
 @pytest.mark.parametrize("content, needle", [
     (b"", "holds no prompt"),
     (b"\n  \n", "holds no prompt"),
