@@ -63,8 +63,8 @@ class PrecomputeTrajectories(L.LightningModule):
             cfg_channels: "all" guides every epsilon channel; "dit" only the first 3, as facebookresearch/DiT's
                 sample.py (ard.diffusion.guided_eps). The autocast precision is the trainer's `precision`
                 (32-true, bf16-mixed or 16-mixed); both are recorded in the manifest's `solver` field.
-            prompts: text teachers only: the prompt file (JSON Lines {"id", "text"}, or .txt: one per line; ard.conditioning.read_prompts);
-                trajectory i's label indexes it.
+            prompts: text teachers only: the prompt file (JSON Lines {"id", "text"}, or .txt: one prompt per line;
+                ard.conditioning.read_prompts); trajectory i's label indexes it.
             text_encoder: text teachers only: the prompts' encoder (ard.text_encoders; "hash": the deterministic
                 stand-in, as wide as the teacher's caption_channels; "t5": from text_encoder_path).
             text_encoder_path: "t5": a local directory with its tokenizer and safetensors weights.
