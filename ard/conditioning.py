@@ -1,7 +1,7 @@
 """Text conditioning's inputs, checked before any encoder or teacher runs: prompt files and text encoders.
 
-A prompt file is UTF-8 JSON Lines, one prompt per line: {"id": "<unique id>", "text": "<the prompt>"} (blank lines
-are skipped). `read_prompts` refuses, with one line naming the file and line: a file that is missing, not UTF-8
+A prompt file is UTF-8 JSON Lines, one prompt per line: {"id": "<unique id>", "text": "<the prompt>"}, or, named
+*.txt, plain text with one prompt per line, whose id is its line number (blank lines are skipped in both). `read_prompts` refuses, with one line naming the file and line: a file that is missing, not UTF-8
 or holds no prompt; a line that is not such an object; an empty text; an id seen before (both lines named); a
 prompt longer than the encoder's maximum (never cut silently: a cut prompt is another prompt). A text store
 records its encoder's identity (`encoder_identity`: sha256 of its weights) in the manifest
@@ -29,8 +29,9 @@ class Prompt:
 
 def read_prompts(path: str | Path, max_tokens: int | None = None,
                  count_tokens: Callable[[str], int] | None = None) -> list[Prompt]:
-    """The prompts of a JSON Lines prompt file, in file order; with `max_tokens`, each prompt's token count
-    (`count_tokens`, the encoder's tokenizer) must not exceed it. One-line ValueError naming the file and line."""
+    """The prompts of a prompt file (JSON Lines, or plain text if it is named *.txt), in file order; with
+    `max_tokens`, each prompt's token count (`count_tokens`, the encoder's tokenizer) must not exceed it. One-line
+    ValueError naming the file and line."""
     path = Path(path)
     try:
         text = path.read_bytes().decode("utf-8")
@@ -47,11 +48,14 @@ def read_prompts(path: str | Path, max_tokens: int | None = None,
         if not line.strip():
             continue
         where = f"{path}: line {number}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not JSON ({e.msg} at column {e.colno}); expected "
-                             '{"id": "...", "text": "..."}') from None
+        if path.suffix == ".txt":
+            obj = {"id": str(number), "text": line.strip()}
+        else:
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not JSON ({e.msg} at column {e.colno}); expected "
+                                 '{"id": "...", "text": "..."} (or a *.txt file: one prompt per line)') from None
         if not (isinstance(obj, dict) and isinstance(obj.get("id"), str) and isinstance(obj.get("text"), str)):
             raise ValueError(f"{where}: expected an object with string fields 'id' and 'text', got {line[:60]!r}")
         if not obj["id"] or not obj["text"].strip():
@@ -64,7 +68,8 @@ def read_prompts(path: str | Path, max_tokens: int | None = None,
                              "(shorten it: prompts are never cut)")
         prompts.append(Prompt(obj["id"], obj["text"]))
     if not prompts:
-        raise ValueError(f"{path}: holds no prompt (one JSON object per line: {{\"id\": ..., \"text\": ...}})")
+        raise ValueError(f"{path}: holds no prompt (one per line: a JSON object {{\"id\": ..., \"text\": ...}}, or "
+                         "plain text in a *.txt file)")
     return prompts
 
 

@@ -179,6 +179,7 @@ class Conditions:
 
     @classmethod
     def of(cls, teacher, manifest: dict | None, store: str | None) -> "Conditions":
+        from ard.store.format import conditioning_files
         from ard.store.text import encoding_seconds, store_conditioner
 
         condition = store_conditioner(store, manifest) if manifest is not None else None
@@ -189,7 +190,7 @@ class Conditions:
         captions = [{"id": p.id, "text": p.text} for p in digit_captions()]
         classes = np.array([caption_digit(i) for i in range(len(captions))]) if stored == captions else None
         return cls(cond["prompts"]["count"], condition,
-                   {k: cond[k]["sha256"] for k in ("prompts", "embeddings", "lengths")}, classes,
+                   {name: entry["sha256"] for name, entry in conditioning_files(manifest).items()}, classes,
                    encoding_seconds(store), [p["text"] for p in stored])
 
 

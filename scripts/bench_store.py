@@ -306,7 +306,8 @@ def bench_text(work: Path) -> dict:
     digits = preset("configs/digits/trajectories.yaml", "configs/digits_t2i/trajectories.yaml")
     section = encode_prompts(work / "digits_t2i", digit_captions(), HashEncoder(dim=32))
     prompts = section["prompts"]["count"]
-    per_prompt = (section["embeddings"]["bytes"] + section["lengths"]["bytes"] + section["prompts"]["bytes"]) / prompts
+    embeddings = sum(shard["bytes"] for shard in section["embeddings"]["shards"])
+    per_prompt = (embeddings + section["lengths"]["bytes"] + section["prompts"]["bytes"]) / prompts
     alpha = preset("configs/imagenet256/trajectories.yaml", "configs/pixart/alpha512_trajectories.yaml")
     t5 = lambda tokens: tokens * 4096 * 2 + 8  # noqa: E731  fp16 tokens + the int64 length
     return {"digits_t2i": {"bytes_per_trajectory": trajectory_bytes(digits, (1, 8, 8), 24),

@@ -586,15 +586,19 @@ def text_store(out: Path, encoder: Path) -> Path:
 
     save_file({"embed.weight": torch.ones(16, 8)}, encoder.mkdir(parents=True) or encoder / "model.safetensors")
     (out / "conditioning").mkdir()
-    files = {"prompts": out / "conditioning/prompts.jsonl", "embeddings": out / "conditioning/embeddings.npy",
-             "lengths": out / "conditioning/lengths.npy"}
+    (out / "conditioning/embeddings").mkdir()
+    files = {"prompts": out / "conditioning/prompts.jsonl", "lengths": out / "conditioning/lengths.npy",
+             "shard0": out / "conditioning/embeddings/shard-000000.npy",
+             "shard1": out / "conditioning/embeddings/shard-000001.npy"}
     files["prompts"].write_text("".join(json.dumps({"id": str(i), "text": f"a digit {i}"}) + "\n" for i in range(10)))
-    np.save(files["embeddings"], np.zeros((33, 8), np.float32))  # 3 tokens of each prompt and of the null prompt
+    np.save(files["shard0"], np.zeros((18, 8), np.float32))  # 3 tokens of each prompt and of the null prompt:
+    np.save(files["shard1"], np.zeros((15, 8), np.float32))  # 6 prompts per shard
     np.save(files["lengths"], np.full(11, 3, np.int64))
     entries = {k: {"file": str(p.relative_to(out)), "sha256": fmt.sha256_file(p), "bytes": p.stat().st_size}
                for k, p in files.items()}
     entries["prompts"]["count"] = 10
-    entries["embeddings"].update(shape=[33, 8], dtype="float32")
+    entries["embeddings"] = {"shape": [33, 8], "dtype": "float32", "prompts_per_shard": 6,
+                             "shards": [entries.pop("shard0"), entries.pop("shard1")]}
     encoder_entry = {"name": "tiny", "weights_sha256": encoder_identity(encoder), "max_tokens": 8, "dim": 8,
                      "masked": True}
     version_2(out, lambda m: m.update(conditioning={"kind": "text", "encoder": encoder_entry, **entries}))
@@ -609,14 +613,15 @@ def test_a_text_store_is_read_and_verified(tmp_path, capsys, store):
 
 
 @pytest.mark.parametrize("damage, needle", [
-    ("truncate", "embeddings.npy: 80 bytes, manifest.json field 'conditioning.embeddings.bytes' says"),
+    ("truncate", "shard-000001.npy: 80 bytes, manifest.json field 'conditioning.embeddings.shards[1].bytes' says"),
     ("flip", "prompts.jsonl: sha256 does not match manifest.json field 'conditioning.prompts.sha256'"),
     ("missing", "lengths.npy: missing (the manifest's conditioning.lengths.file)"),
 ])
 def test_a_damaged_conditioning_sidecar_is_found(tmp_path, capsys, store, damage, needle):
     out = text_store(copy(store, tmp_path / "store"), tmp_path / "encoder")
     if damage == "truncate":
-        (out / "conditioning/embeddings.npy").write_bytes((out / "conditioning/embeddings.npy").read_bytes()[:80])
+        shard = out / "conditioning/embeddings/shard-000001.npy"
+        shard.write_bytes(shard.read_bytes()[:80])
     elif damage == "flip":
         (out / "conditioning/prompts.jsonl").write_text((out / "conditioning/prompts.jsonl").read_text().replace("7", "8"))
     else:
@@ -630,6 +635,8 @@ def test_a_damaged_conditioning_sidecar_is_found(tmp_path, capsys, store, damage
 @pytest.mark.parametrize("edit, needle", [
     (lambda c: c["embeddings"].update(shape=[33, 12]), "needs dim = encoder.dim=8"),
     (lambda c: c["embeddings"].update(shape=[89, 8]), "more tokens than 10 prompts and the null prompt of at most"),
+    (lambda c: c["embeddings"]["shards"].pop(), "embeddings.shards lists 1 files; 10 prompts and the null prompt at "
+                                                "prompts_per_shard=6 need 2"),
     (lambda c: c["prompts"].update(file="../elsewhere.jsonl"), "must be a relative path inside the store"),
     (lambda c: c["encoder"].update(max_tokens="77"), "field 'conditioning.encoder.max_tokens' is \"77\""),
     (lambda c: c.pop("encoder"), "field 'conditioning.encoder' missing"),
@@ -684,6 +691,18 @@ def test_encoder_paths_missing_or_not_the_stores(tmp_path, store):
     save_file({"embed.weight": torch.zeros(16, 8)}, (tmp_path / "other").mkdir() or tmp_path / "other/m.safetensors")
     with pytest.raises(ValueError, match="field 'conditioning.encoder.weights_sha256' .* not the encoder the store"):
         check_encoder(tmp_path / "other", recorded, "manifest.json")
+
+
+def test_a_plain_text_prompt_file(tmp_path):
+    """*.txt: one prompt per line, its line number its id; the same checks as JSON Lines."""
+    from ard.conditioning import Prompt, read_prompts
+
+    path = tmp_path / "prompts.txt"
+    path.write_text("a handwritten seven\n\n  a slanted one  \n")
+    assert read_prompts(path) == [Prompt("1", "a handwritten seven"), Prompt("3", "a slanted one")]
+    path.write_text('{"id": "a", "text": "one two three four five"}\n')  # a JSON line in a .txt is a prompt
+    with pytest.raises(ValueError, match=r"prompts.txt: line 1: prompt '1' has 8 tokens, the encoder takes at most 4"):
+        read_prompts(path, max_tokens=4, count_tokens=lambda text: len(text.split()))
 
 
 @pytest.mark.parametrize("content, needle", [

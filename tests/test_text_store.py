@@ -33,7 +33,9 @@ def test_encoded_prompts_read_back_as_encoded_valid_tokens_only(tmp_path, dtype)
     lengths = [encoder.count_tokens(p.text) for p in PROMPTS] + [1]  # the null prompt "" is its end token
     assert section["embeddings"]["shape"] == [sum(lengths), 8]
     itemsize = 4 if dtype == "float32" else 2
-    assert section["embeddings"]["bytes"] == 128 + sum(lengths) * 8 * itemsize  # the .npy header + valid tokens
+    shards = section["embeddings"]["shards"]
+    assert section["embeddings"]["prompts_per_shard"] == 3 and len(shards) == 4  # 10 prompts + the null prompt
+    assert [s["bytes"] for s in shards] == [128 + sum(lengths[j:j + 3]) * 8 * itemsize for j in range(0, 11, 3)]
     sidecar = TextSidecar(tmp_path, section)
     labels = torch.tensor([7, 0, 9, 10])  # 10: the null prompt
     got = sidecar.condition(labels)
@@ -47,8 +49,14 @@ def test_encoded_prompts_read_back_as_encoded_valid_tokens_only(tmp_path, dtype)
     assert not (tmp_path / FOLDER / PARTIAL).exists()
     with pytest.raises(ValueError, match=r"prompt label 11 out of range \[0, 10\] \(10: the null prompt\)"):
         sidecar.condition(torch.tensor([11]))
-    np.save(tmp_path / FOLDER / "lengths.npy", np.load(tmp_path / FOLDER / "lengths.npy")[:-1])
-    with pytest.raises(ValueError, match="lengths.npy: 10 token counts .* needs 11 \\(the prompts and the null"):
+    lengths_file = tmp_path / FOLDER / "lengths.npy"
+    np.save(lengths_file, np.array(lengths[:-1]))
+    with pytest.raises(ValueError, match="lengths.npy: 10 token counts; the manifest needs 11 \\(the prompts and"):
+        TextSidecar(tmp_path, section)
+    np.save(lengths_file, np.array(lengths[:-2] + [lengths[-2] + 1, lengths[-1]]))  # a count off its shard
+    stored = lengths[9] + lengths[10]  # the last shard: prompt 9 and the null prompt
+    with pytest.raises(ValueError, match=f"shard-000003.npy: {stored} tokens; lengths.npy gives its prompts 9..10 "
+                                         f"{stored + 1}"):
         TextSidecar(tmp_path, section)
 
 
@@ -72,7 +80,8 @@ def test_an_interrupted_encoding_resumes_to_the_same_bytes(tmp_path, monkeypatch
     resumed = encode_prompts(tmp_path / "resumed", PROMPTS, encoder, chunk_size=3)
     assert len(calls) == 2  # the two chunks missing, not the whole file again
     assert resumed == {**whole, "encoder": whole["encoder"]}
-    for name in ("prompts.jsonl", "embeddings.npy", "lengths.npy"):
+    names = ["prompts.jsonl", "lengths.npy"] + [f"embeddings/shard-{j:06d}.npy" for j in range(4)]
+    for name in names:
         assert (tmp_path / "whole" / FOLDER / name).read_bytes() == (tmp_path / "resumed" / FOLDER / name).read_bytes()
 
 

@@ -9,7 +9,7 @@ shard is always computed as the same micro-batches of `micro_batch_size` consecu
 number of processes; float results depend on batch composition, so this fixes them (on the same hardware
 and software) for any DDP world size and any sequence of interruptions.
 
-Text teachers (PixArt): the prompts (`prompts`, a JSON Lines file) are encoded once into the store's conditioning
+Text teachers (PixArt): the prompts (`prompts`, a JSON Lines file or a .txt of one prompt per line) are encoded once into the store's conditioning
 sidecar (ard/store/text.py; resumable) before the manifest exists, and trajectory i's label is the index of its
 prompt; the manifest (version 2) records the encoder, the prompts' and embeddings' sha256 and the null prompt.
 
@@ -63,8 +63,8 @@ class PrecomputeTrajectories(L.LightningModule):
             cfg_channels: "all" guides every epsilon channel; "dit" only the first 3, as facebookresearch/DiT's
                 sample.py (ard.diffusion.guided_eps). The autocast precision is the trainer's `precision`
                 (32-true, bf16-mixed or 16-mixed); both are recorded in the manifest's `solver` field.
-            prompts: text teachers only: the prompt file (JSON Lines {"id", "text"}, ard.conditioning.read_prompts);
-                trajectory i's label indexes it.
+            prompts: text teachers only: the prompt file (JSON Lines {"id", "text"}, or .txt: one prompt per line;
+                ard.conditioning.read_prompts); trajectory i's label indexes it.
             text_encoder: text teachers only: the prompts' encoder (ard.text_encoders; "hash": the deterministic
                 stand-in, as wide as the teacher's caption_channels; "t5": from text_encoder_path).
             text_encoder_path: "t5": a local directory with its tokenizer and safetensors weights.

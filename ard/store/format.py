@@ -402,10 +402,13 @@ def stored_bytes(sidecars: dict[int, dict] | list[dict]) -> int:
 
 # ---------------------------------------------------------------------------------------------- verify
 def conditioning_files(manifest: dict) -> dict[str, dict]:
-    """The conditioning sidecars of a text store ({"prompts" | "embeddings" | "lengths": their manifest entry:
-    file, sha256, bytes}); none for a class-conditional store."""
+    """The conditioning sidecars of a text store ({"prompts" | "lengths" | "embeddings.shards[j]": their manifest
+    entry: file, sha256, bytes}); none for a class-conditional store."""
     cond = manifest.get("conditioning") or {}
-    return {name: cond[name] for name in ("prompts", "embeddings", "lengths")} if cond.get("kind") == "text" else {}
+    if cond.get("kind") != "text":
+        return {}
+    shards = {f"embeddings.shards[{j}]": entry for j, entry in enumerate(cond["embeddings"]["shards"])}
+    return {"prompts": cond["prompts"], "lengths": cond["lengths"], **shards}
 
 
 def check_conditioning_file(root: str | Path, name: str, entry: dict, deep: bool) -> None:

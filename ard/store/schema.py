@@ -140,9 +140,11 @@ class Sidecar(Strict):
         return _relative_file(name)
 
 
-class Embeddings(Sidecar):
+class Embeddings(Strict):
     shape: Annotated[list[Count], Field(min_length=2, max_length=2)]  # [valid tokens of every prompt, dim]
     dtype: StoreDtype
+    prompts_per_shard: Count  # shard j holds prompts j * P .. (j + 1) * P - 1 (the null prompt last, in the last)
+    shards: Annotated[list[Sidecar], Field(min_length=1)]  # (tokens of the shard's prompts, dim) .npy each
 
 
 class Prompts(Sidecar):
@@ -166,13 +168,18 @@ class TextConditioning(Strict):
     kind: Literal["text"]
     encoder: Encoder
     prompts: Prompts
-    embeddings: Embeddings  # the prompts' tokens one after the other (ard/store/text.py)
+    embeddings: Embeddings  # the prompts' tokens one after the other, in shards (ard/store/text.py)
     lengths: Sidecar  # (prompts + 1,) int64 tokens of each prompt, the null prompt's last
     null_prompt: str = ""  # the null (negative) prompt of CFG, encoded after the prompts (label prompts.count)
 
     @model_validator(mode="after")
     def _fits(self):
         tokens, dim = self.embeddings.shape
+        shards = math.ceil((self.prompts.count + 1) / self.embeddings.prompts_per_shard)
+        if len(self.embeddings.shards) != shards:
+            raise ValueError(f"embeddings.shards lists {len(self.embeddings.shards)} files; {self.prompts.count} "
+                             f"prompts and the null prompt at prompts_per_shard={self.embeddings.prompts_per_shard} "
+                             f"need {shards}")
         if dim != self.encoder.dim:
             raise ValueError(f"embeddings.shape={self.embeddings.shape} needs dim = encoder.dim={self.encoder.dim}")
         if tokens > (self.prompts.count + 1) * self.encoder.max_tokens:

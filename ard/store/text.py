@@ -1,21 +1,24 @@
 """A text store's conditioning sidecars: each prompt encoded once (ard/text_encoders.py), its valid tokens only.
 
-    DIR/conditioning/prompts.jsonl    the prompts, {"id": ..., "text": ...} per line; a trajectory's label is its
-                                      prompt's line index
-    DIR/conditioning/embeddings.npy   (total tokens, D): prompt i's tokens are rows offsets[i]:offsets[i + 1]
-    DIR/conditioning/lengths.npy      (prompts + 1,) int64 valid tokens per prompt; the last is the null prompt's
+    DIR/conditioning/prompts.jsonl               the prompts, {"id": ..., "text": ...} per line; a trajectory's label
+                                                 is its prompt's line index
+    DIR/conditioning/embeddings/shard-J.npy      (tokens of prompts J*P .. (J+1)*P - 1, D): those prompts' tokens one
+                                                 after the other (P = `chunk_size`, the manifest's prompts_per_shard)
+    DIR/conditioning/lengths.npy                 (prompts + 1,) int64 valid tokens per prompt; the last is the null
+                                                 prompt's
 The null (negative) prompt of CFG is encoded after the prompts: label `count` is the null label, as a DiT's null
-class is `num_classes`. A masked encoder's valid tokens do not depend on padding, so only they are stored; an
-encoder without a mask (SD3's T5) stores every token up to its maximum.
+class is `num_classes`, and it is the last row of the last shard. A masked encoder's valid tokens do not depend on
+padding, so only they are stored; an encoder without a mask (SD3's T5) stores every token up to its maximum.
 
-Encoding is resumable: chunks of `chunk_size` prompts are encoded into DIR/conditioning/partial/ (each file written
-atomically, named by its first prompt; partial/settings.json pins the prompts' sha256, the encoder's identity, the
-dtype and the chunk size, and a rerun with other settings is refused), a rerun encodes only the chunks missing, then
-the chunks are streamed into embeddings.npy and lengths.npy (atomically) and partial/ is removed; encoded.json then
-records the settings and the manifest section, which a rerun with the same settings returns (other settings: refused),
-and the encoder's seconds per prompt (the evaluation reports it apart from the transformer's sampling time).
-`encode_prompts` returns the manifest's `conditioning` section (ard.store.schema.TextConditioning), whose sha256s
-`ard-store verify` checks (ard.store.format.check_conditioning_file).
+Encoding is resumable, shard by shard: each shard of `chunk_size` prompts is written atomically, then its token
+counts and seconds into DIR/conditioning/partial/ (the shard's marker: a shard without one is encoded again);
+partial/settings.json pins the prompts' sha256, the encoder's identity, the dtype and the chunk size, and a rerun with
+other settings is refused. When every shard is there, lengths.npy and prompts.jsonl are written (atomically) and
+partial/ is removed; encoded.json then records the settings and the manifest section, which a rerun with the same
+settings returns (other settings: refused), and the encoder's seconds per prompt (the evaluation reports it apart
+from the transformer's sampling time). The shards are never copied: a T5-XXL encoding of a large caption set is
+written once. `encode_prompts` returns the manifest's `conditioning` section (ard.store.schema.TextConditioning),
+whose sha256s `ard-store verify` checks (ard.store.format.check_conditioning_file).
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ard.atomic import atomic_file, write_atomic, write_npz_atomic, write_text_atomic
+from ard.atomic import write_atomic, write_npz_atomic, write_text_atomic
 from ard.backbones.text import TextCondition
 from ard.conditioning import Prompt
 from ard.store.format import CONDITIONING_FOLDER as FOLDER
@@ -38,7 +41,7 @@ from ard.store.format import sha256_file
 from ard.store.schema import NUMPY_DTYPE
 from ard.text_encoders import TextEncoder
 
-PROMPTS, EMBEDDINGS, LENGTHS = "prompts.jsonl", "embeddings.npy", "lengths.npy"
+PROMPTS, EMBEDDINGS, LENGTHS = "prompts.jsonl", "embeddings", "lengths.npy"  # EMBEDDINGS: the shards' folder
 PARTIAL = "partial"
 DONE = "encoded.json"  # the finished encoding's settings and manifest section: a rerun returns it
 
@@ -82,7 +85,7 @@ def encode_prompts(root: str | Path, prompts: list[Prompt], encoder: TextEncoder
     texts = [p.text for p in prompts] + [null_prompt]
     chunks = range(0, len(texts), chunk_size)
     for start in tqdm([c for c in chunks if not (partial / f"{c:09d}.npz").exists()], desc="encoding prompts",
-                      unit="chunk"):
+                      unit="shard"):
         tokens, lengths, clock = [], [], time.perf_counter()
         for first in range(start, min(start + chunk_size, len(texts)), batch_size):
             batch = texts[first:min(first + batch_size, start + chunk_size, len(texts))]
@@ -91,27 +94,28 @@ def encode_prompts(root: str | Path, prompts: list[Prompt], encoder: TextEncoder
             keep = mask if encoder.masked else torch.ones_like(mask)
             tokens += [emb[i][keep[i]] for i in range(len(batch))]  # (n_i, D) each
             lengths += [int(keep[i].sum()) for i in range(len(batch))]
-        write_npz_atomic(partial / f"{start:09d}.npz", tokens=to_numpy(torch.cat(tokens), dtype),
-                         lengths=np.array(lengths, dtype=np.int64), seconds=np.array(time.perf_counter() - clock))
-    files = [partial / f"{c:09d}.npz" for c in chunks]
-    seconds = sum(float(np.load(f)["seconds"]) for f in files)  # the encoder's time, whatever run encoded a chunk
-    section = _finish(folder, files, lines, encoder, dtype, len(prompts), null_prompt)
+        shard = to_numpy(torch.cat(tokens), dtype)  # (tokens of the shard's prompts, D)
+        write_atomic(folder / shard_file(start // chunk_size), lambda f: np.save(f, shard))
+        write_npz_atomic(partial / f"{start:09d}.npz", lengths=np.array(lengths, dtype=np.int64),
+                         seconds=np.array(time.perf_counter() - clock))  # the shard's marker, written after it
+    markers = [partial / f"{c:09d}.npz" for c in chunks]
+    seconds = sum(float(np.load(f)["seconds"]) for f in markers)  # the encoder's time, whatever run encoded a shard
+    lengths = np.concatenate([np.load(f)["lengths"] for f in markers])  # (prompts + 1,)
+    section = _finish(folder, len(chunks), chunk_size, lengths, lines, encoder, dtype, len(prompts), null_prompt)
     write_text_atomic(folder / DONE, json.dumps({"settings": settings, "section": section,
                                                  "seconds_per_prompt": seconds / len(texts)}, indent=1) + "\n")
     shutil.rmtree(partial)
     return section
 
 
-def _finish(folder: Path, chunks: list[Path], lines: str, encoder: TextEncoder, dtype: str, count: int,
-            null_prompt: str) -> dict:
-    """Stream the chunks into embeddings.npy and lengths.npy (each atomic), write prompts.jsonl, drop partial/."""
-    lengths = np.concatenate([np.load(c)["lengths"] for c in chunks])  # (prompts + 1,)
-    total = int(lengths.sum())
-    with atomic_file(folder / EMBEDDINGS) as f:
-        np.lib.format.write_array_header_1_0(f, {"descr": NUMPY_DTYPE[dtype], "fortran_order": False,
-                                                 "shape": (total, encoder.dim)})
-        for c in chunks:
-            f.write(np.ascontiguousarray(np.load(c)["tokens"]).tobytes())
+def shard_file(index: int) -> str:
+    """A shard's path inside the conditioning folder."""
+    return f"{EMBEDDINGS}/shard-{index:06d}.npy"
+
+
+def _finish(folder: Path, shards: int, chunk_size: int, lengths: np.ndarray, lines: str, encoder: TextEncoder,
+            dtype: str, count: int, null_prompt: str) -> dict:
+    """Write lengths.npy and prompts.jsonl (each atomic); the manifest's section over every sidecar."""
     write_atomic(folder / LENGTHS, lambda f: np.save(f, lengths))
     write_text_atomic(folder / PROMPTS, lines)
     entry = lambda name: {"file": f"{FOLDER}/{name}", "sha256": sha256_file(folder / name),  # noqa: E731
@@ -120,7 +124,8 @@ def _finish(folder: Path, chunks: list[Path], lines: str, encoder: TextEncoder, 
             "encoder": {"name": encoder.name, "path": encoder.path, "weights_sha256": encoder.identity(),
                         "max_tokens": encoder.max_tokens, "dim": encoder.dim, "masked": encoder.masked},
             "prompts": {**entry(PROMPTS), "count": count},
-            "embeddings": {**entry(EMBEDDINGS), "shape": [total, encoder.dim], "dtype": dtype},
+            "embeddings": {"shape": [int(lengths.sum()), encoder.dim], "dtype": dtype, "prompts_per_shard": chunk_size,
+                           "shards": [entry(shard_file(j)) for j in range(shards)]},
             "lengths": entry(LENGTHS), "null_prompt": null_prompt}
 
 
@@ -130,23 +135,35 @@ class TextSidecar:
 
     def __init__(self, root: str | Path, conditioning: dict):
         root = Path(root)
-        self.dtype = conditioning["embeddings"]["dtype"]
+        embeddings = conditioning["embeddings"]
+        self.dtype = embeddings["dtype"]
         self.count = conditioning["prompts"]["count"]  # label `count` is the null prompt
-        self.embeddings = np.load(root / conditioning["embeddings"]["file"], mmap_mode="r")  # (total, D)
+        self.per_shard = embeddings["prompts_per_shard"]
+        self.shards = [np.load(root / s["file"], mmap_mode="r") for s in embeddings["shards"]]  # (tokens_j, D) each
         self.lengths = np.load(root / conditioning["lengths"]["file"])  # (count + 1,)
-        if self.lengths.shape != (self.count + 1,) or int(self.lengths.sum()) != self.embeddings.shape[0]:
-            raise ValueError(f"{root / conditioning['lengths']['file']}: {self.lengths.shape[0]} token counts summing "
-                             f"to {int(self.lengths.sum())}; the manifest needs {self.count + 1} (the prompts and the "
-                             f"null prompt) summing to the embeddings' {self.embeddings.shape[0]} tokens")
+        if self.lengths.shape != (self.count + 1,):
+            raise ValueError(f"{root / conditioning['lengths']['file']}: {self.lengths.shape[0]} token counts; the "
+                             f"manifest needs {self.count + 1} (the prompts and the null prompt)")
         self.offsets = np.concatenate([[0], np.cumsum(self.lengths)])  # (count + 2,)
+        for j, (shard, entry) in enumerate(zip(self.shards, embeddings["shards"])):
+            first, end = j * self.per_shard, min((j + 1) * self.per_shard, self.count + 1)
+            if shard.shape[0] != self.offsets[end] - self.offsets[first]:
+                raise ValueError(f"{root / entry['file']}: {shard.shape[0]} tokens; lengths.npy gives its prompts "
+                                 f"{first}..{end - 1} {self.offsets[end] - self.offsets[first]}")
+
+    def tokens(self, i: int) -> np.ndarray:
+        """Prompt i's stored tokens (n_i, D), from its shard."""
+        j = i // self.per_shard
+        start = self.offsets[i] - self.offsets[j * self.per_shard]
+        return self.shards[j][start:start + self.lengths[i]]
 
     def rows(self, labels: list[int]) -> TextCondition:
         longest = int(max(self.lengths[i] for i in labels))
-        emb = torch.zeros(len(labels), longest, self.embeddings.shape[1])  # (B, T, D)
+        emb = torch.zeros(len(labels), longest, self.shards[0].shape[1])  # (B, T, D)
         mask = torch.zeros(len(labels), longest, dtype=torch.bool)  # (B, T)
         for row, i in enumerate(labels):
             n = int(self.lengths[i])
-            emb[row, :n] = from_numpy(self.embeddings[self.offsets[i]:self.offsets[i] + n], self.dtype)
+            emb[row, :n] = from_numpy(self.tokens(i), self.dtype)
             mask[row, :n] = True
         return TextCondition(emb, mask)
 
