@@ -59,7 +59,7 @@ class TeacherGrid:
 
 # "paper25": DiT's own 25-step respacing, as the paper's setting (configs/imagenet256/paper.yaml), with boundaries
 # uniform in t: T (S - s) / S, grid index 24 s / S (S = 4: 999 / 749 / 500 / 250), then the clean state; the students
-# train with configs/digits/paper.yaml (its warmed-up EMA; the variants state the parametrisation).
+# train with configs/digits/paper.yaml (the variants state the parametrisation).
 # "t2i": the text-to-image default (configs/digits_t2i/: the captioned PixArt teacher, K = 24 leading).
 GRIDS: dict[str, TeacherGrid] = {
     "leading24": TeacherGrid(),
