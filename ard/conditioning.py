@@ -1,12 +1,12 @@
 """Text conditioning's inputs, checked before any encoder or teacher runs: prompt files and text encoders.
 
-A prompt file is UTF-8 JSON Lines, one prompt per line: {"id": "<unique id>", "text": "<the prompt>"}, or, named
-*.txt, plain text with one prompt per line, whose id is its line number (blank lines are skipped in both). `read_prompts` refuses, with one line naming the file and line: a file that is missing, not UTF-8
-or holds no prompt; a line that is not such an object; an empty text; an id seen before (both lines named); a
-prompt longer than the encoder's maximum (never cut silently: a cut prompt is another prompt). A text store
-records its encoder's identity (`encoder_identity`: sha256 of its weights) in the manifest
-(`conditioning.encoder`, ard.store.schema), and `check_encoder` refuses an encoder directory that is missing or is
-not the one the store was made with.
+A prompt file is UTF-8 JSON Lines, one prompt per line: {"id": "<unique id>", "text": "<the prompt>"}, or, named *.txt,
+plain text with one prompt per line, whose id is its line number (blank lines are skipped in both). `read_prompts`
+refuses, with one line naming the file and line: a file that is missing, not UTF-8 or holds no prompt; a line that is
+not such an object; an empty text; an id seen before (both lines named); a prompt longer than the encoder's maximum
+(never cut silently: a cut prompt is another prompt). A text store records its encoder's identity (`encoder_identity`:
+sha256 of its weights) in the manifest (`conditioning.encoder`, ard.store.schema), and `check_encoder` refuses an
+encoder directory that is missing or is not the one the store was made with.
 """
 from __future__ import annotations
 

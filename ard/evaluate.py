@@ -611,6 +611,7 @@ def evaluate(
                 "spacing": solver["timestep_spacing"], "num_samples": num_samples, "seed": seed,
                 "reference": reference, "extractor": features.identity, "vae": vae, "precision": solver["precision"],
                 "device": str(dev), "students": students or {},
+                "conditioning": "class" if conditions.prompts is None else "text",
                 "text_encoder_sec_per_prompt": conditions.encoder_seconds}
     write_report(out_dir, {"rows": rows, "noise_floor": floors, "noise_floor_method": NOISE_FLOOR_METHOD,
                            "settings": settings}, grid, grid_samples, wandb)

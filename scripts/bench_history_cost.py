@@ -55,15 +55,8 @@ def sample_flops(teacher, steps: int, blocks: int, mask: str, window: int, text_
     return count(lambda: sample(student, noise, condition, timesteps))
 
 
-def sample_seconds(teacher, steps: int, blocks: int, mask: str, window: int, text_tokens: int) -> float:
-    """Wall seconds of one `steps`-step sample (real weights, CPU) of a student with history in `blocks` blocks."""
-    student = ARDStudent(teacher, steps, history_blocks=blocks, mask=mask, window=window).eval()
-    generator = torch.Generator().manual_seed(0)
-    side, channels = teacher.config.sample_size, teacher.config.in_channels
-    noise = torch.randn(1, channels, side, side, generator=generator)
-    condition = TextCondition(torch.randn(1, text_tokens, teacher.config.caption_channels, generator=generator),
-                              torch.ones(1, text_tokens, dtype=torch.bool))
-    timesteps = torch.tensor(ddim_grid(24)[:: 24 // steps])
+def sample_seconds(student, noise: torch.Tensor, condition: TextCondition, timesteps: torch.Tensor) -> float:
+    """Wall seconds of one sample of `student` (real weights, CPU)."""
     with torch.no_grad():
         start = time.perf_counter()
         sample(student, noise, condition, timesteps)
@@ -74,14 +67,21 @@ def wall_rows(depth: int, steps: int, text_tokens: int, reps: int, full: list[di
     """Per resolution and mask: the wall-time and counted-FLOPs overhead of history in all `depth` blocks of the
     cut model, and the full model's counted overhead (the rows `full`) scaled by their ratio, for each N there."""
     rows = []
+    timesteps = torch.tensor(ddim_grid(24)[:: 24 // steps])
     for px, side in RESOLUTIONS.items():
         teacher = PixArt().build("PixArt-XL/2-512", sample_size=side, num_layers=depth).eval()
+        generator = torch.Generator().manual_seed(0)
+        noise = torch.randn(1, teacher.config.in_channels, side, side, generator=generator)  # (1, C, h, w)
+        condition = TextCondition(torch.randn(1, text_tokens, teacher.config.caption_channels, generator=generator),
+                                  torch.ones(1, text_tokens, dtype=torch.bool))
         settings = [(0, "block_causal", 1)] + [(depth, mask, window) for mask, window in MASKS]
+        students = {(blocks, mask, window): ARDStudent(teacher, steps, history_blocks=blocks, mask=mask,
+                                                       window=window).eval() for blocks, mask, window in settings}
         timings = {setting: [] for setting in settings}
-        sample_seconds(teacher, steps, 0, "block_causal", 1, text_tokens)  # warm-up
+        sample_seconds(students[settings[0]], noise, condition, timesteps)  # warm-up
         for _ in range(reps):
             for setting in settings:
-                timings[setting].append(sample_seconds(teacher, steps, *setting, text_tokens))
+                timings[setting].append(sample_seconds(students[setting], noise, condition, timesteps))
         base = statistics.median(timings[settings[0]])
         with torch.device("meta"):
             cut = PixArt().build("PixArt-XL/2-512", sample_size=side, num_layers=depth)

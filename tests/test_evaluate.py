@@ -40,6 +40,7 @@ def test_evaluate_tiny_run_writes_full_report(tmp_path):
 
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert [r["model"] for r in report["rows"]] == ["teacher (DDIM, w=2)"] * 2 + ["ard"]
+    assert report["settings"]["conditioning"] == "class"
     for row in report["rows"]:
         assert set(REPORT_KEYS) <= set(row)
         assert row["num_samples"] == 40

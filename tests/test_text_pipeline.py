@@ -103,6 +103,7 @@ def test_a_student_distils_from_a_text_store(tmp_path, capsys, pixart_teacher, p
     assert rows[1]["mse_vs_teacher"] < 1e-8  # the undistilled teacher on the full grid: the teacher itself
     assert "prompt_adherence" not in rows[0]  # these captions name no digits
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["settings"]["conditioning"] == "text"
     assert report["settings"]["text_encoder_sec_per_prompt"] > 0 and all(r["decode_sec_per_image"] >= 0 for r in rows)
     assert "each prompt encoded once, into the store" in (tmp_path / "eval" / "report.md").read_text()
     script = runpy.run_path(str(ROOT / "scripts" / "sample_student.py"))["main"]

@@ -98,7 +98,8 @@ def benchmark(*, work: Path, results: str, name: str, steps: list[int], variants
         return
     rows, floors, evaluated = evaluate_all(work, store, students, num_samples, noise_correction, grid)
     settings = {**repo_relative(evaluated), "max_steps": max_steps, "num_trajectories": num_trajectories,
-                "seeds": seeds, "grid": grid, "ema": ema_setting(grid), "invocation_seconds": time.time() - start}  # finished runs are reused
+                "seeds": seeds, "grid": grid, "ema": ema_setting(grid),
+                "invocation_seconds": time.time() - start}  # finished runs are reused
     if gan_variants:
         settings |= {"gan_preset": GAN_PRESET, "gan_steps": gan_steps, "gan_args": gan_args}
     if merge:

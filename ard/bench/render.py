@@ -52,25 +52,27 @@ def report_markdown(report: dict) -> str:
 
 
 def _preamble(settings: dict, floors: dict) -> str:
+    ema = settings.get("ema", "Lightning's EMAWeightAveraging (decay 0.999, no warm-up)")  # absent: before ard.ema
+    plain = "WarmupEMA" not in ema  # a plain EMA keeps 0.999^n of a stage's start
     gan = (f" GAN stages (`-gan`) and their comparisons (`-continued`): {settings['gan_steps']} more iterations "
            f"from the regression student of the same S and seed, {settings['gan_preset']} "
-           f"{' '.join(settings['gan_args'])}; the EMA (decay 0.999) of each run, which in a stage this short "
-           f"keeps {0.999 ** settings['gan_steps']:.2f} of the weights it started from."
+           f"{' '.join(settings['gan_args'])}"
+           + (f"; the EMA (decay 0.999) of each run, which in a stage this short keeps "
+              f"{0.999 ** settings['gan_steps']:.2f} of the weights it started from." if plain else ".")
            if "gan_steps" in settings else "")
-    text = "text_encoder_sec_per_prompt" in settings  # a text store: conditions are prompts
+    text = settings.get("conditioning") == "text"  # evaluated on a text store (ard-eval): conditions are prompts
+    conditions = "prompts" if text else "labels"
     data = ("Caption digits (the PixArt teacher trained on the digits' captions; prompt adherence: the digit "
             "classifier's agreement with the caption's digit)" if text else "Digits")
-    ema = settings.get("ema", "Lightning's EMAWeightAveraging (decay 0.999, no warm-up)")
     return (f"{data}, teacher K = {settings['teacher_steps']} DDIM steps with CFG {settings['guidance_scale']}; "
-            f"{settings['num_samples']} samples per model on the same noises and "
-            f"{'prompts' if text else 'labels'}; students trained {settings['max_steps']} iterations on "
-            f"{settings['num_trajectories']} trajectories, each its EMA ({ema}); mean ± sd over "
-            "training seeds (the teacher rows: one run), and in brackets the bootstrap sd of one run's FID. "
-            "Same-noise MSE is per pixel in [-1, 1] units. Noise floors: FID vs teacher "
+            f"{settings['num_samples']} samples per model on the same noises and {conditions}; students trained "
+            f"{settings['max_steps']} iterations on {settings['num_trajectories']} trajectories, each its EMA "
+            f"({ema}); mean ± sd over training seeds (the teacher rows: one run), and in brackets the bootstrap sd "
+            "of one run's FID. Same-noise MSE is per pixel in [-1, 1] units. Noise floors: FID vs teacher "
             f"{floors['teacher']:.2f} (the teacher's {settings['num_samples']} samples against as many from "
-            f"independent noises and {'prompts' if text else 'labels'}, the rows' footing), FID vs real {floors['real']:.2f} (two random halves "
-            "of the real digits). The undistilled teacher at S steps samples at the students' boundary timesteps."
-            + gan)
+            f"independent noises and {conditions}, the rows' footing), FID vs real {floors['real']:.2f} (two random "
+            "halves of the real digits). The undistilled teacher at S steps samples at the students' boundary "
+            "timesteps." + gan)
 
 
 def _metrics_table(agg: list[dict], teacher_steps: int) -> list[str]:

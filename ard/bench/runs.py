@@ -86,12 +86,13 @@ def fit(work: Path, store: Path, variant: str, steps: int, seed: int, max_steps:
     run_dir = work / "runs" / f"{variant}-S{steps}-seed{seed}"
     done = run_dir / "train_seconds.json"
     ema = ema_setting(grid)
-    record = json.loads(done.read_text()) if done.exists() else {"iterations": max_steps, "ema": ema}
-    if record.get("iterations", max_steps) != max_steps:
-        raise SystemExit(f"{run_dir} was trained {record['iterations']} iterations, not {max_steps}: use another "
-                         "--work for another training length")
-    if record.get("ema", PLAIN_EMA) != ema:
-        raise SystemExit(f"{run_dir} was averaged by {record.get('ema', PLAIN_EMA)}, not {ema}: use another --work")
+    if done.exists():
+        record = json.loads(done.read_text())
+        if record.get("iterations", max_steps) != max_steps:
+            raise SystemExit(f"{run_dir} was trained {record['iterations']} iterations, not {max_steps}: use another "
+                             "--work for another training length")
+        if record.get("ema", PLAIN_EMA) != ema:
+            raise SystemExit(f"{run_dir} was averaged by {record.get('ema', PLAIN_EMA)}, not {ema}: use another --work")
     if not (run_dir / "student_ema" / "ard_sampling.json").exists():
         teacher = GRIDS[grid]
         data = [f"--data.init_args.boundaries={teacher.boundaries(steps)}"] if teacher.boundaries else []

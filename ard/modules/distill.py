@@ -13,12 +13,12 @@ MSE, and `train/<target>_step{s}`), the fraction of rollout inputs as `train/rol
 correction (docs/method.md, "Noise correction").
 
 Configured by the trainer, not here (see the YAML presets): EMA weights (`ard.ema.WarmupEMA`, Lightning's
-`EMAWeightAveraging` with its decay warmed up, which swaps them in for validation and copies them into the model
-when training ends), gradient clipping (`gradient_clip_val`), bf16-mixed precision on GPU, checkpointing and DDP. What the module adds for them:
-validation (per-step loss of the EMA student on held-out trajectories, fed the teacher's states as
+`EMAWeightAveraging` with its decay warmed up, which swaps them in for validation and copies them into the model when
+training ends), gradient clipping (`gradient_clip_val`), bf16-mixed precision on GPU, checkpointing and DDP. What the
+module adds for them: validation (per-step loss of the EMA student on held-out trajectories, fed the teacher's states as
 `val/loss_step{s}` and its own states as `val/rollout_mse_step{s}`: the error that exposure bias adds,
-ard.student.exposure) and the sample grid, both made with the EMA weights; the store's boundary timesteps,
-kept in every checkpoint so that a checkpoint can be sampled without the store; the standalone EMA student
+ard.student.exposure) and the sample grid, both made with the EMA weights; the store's boundary timesteps, kept in every
+checkpoint so that a checkpoint can be sampled without the store; the standalone EMA student
 (`<default_root_dir>/student_ema/`, ard.student.export) written when fitting ends.
 
 The GAN stage (docs/method.md, "The GAN stage") is a subclass with its own file: ard/modules/distill_gan.py.

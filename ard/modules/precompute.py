@@ -9,9 +9,10 @@ shard is always computed as the same micro-batches of `micro_batch_size` consecu
 number of processes; float results depend on batch composition, so this fixes them (on the same hardware
 and software) for any DDP world size and any sequence of interruptions.
 
-Text teachers (PixArt): the prompts (`prompts`, a JSON Lines file or a .txt of one prompt per line) are encoded once into the store's conditioning
-sidecar (ard/store/text.py; resumable) before the manifest exists, and trajectory i's label is the index of its
-prompt; the manifest (version 2) records the encoder, the prompts' and embeddings' sha256 and the null prompt.
+Text teachers (PixArt): the prompts (`prompts`, a JSON Lines file or a .txt of one prompt per line) are encoded once
+into the store's conditioning sidecar (ard/store/text.py; resumable) before the manifest exists, and trajectory i's
+label is the index of its prompt; the manifest (version 2) records the encoder, the prompts' and embeddings' sha256 and
+the null prompt.
 
 One writer per store: global rank 0 locks the store directory (`ard.runlock`) in `prepare_data`, before the
 writer's setup checks or creates the manifest, and a callback the module adds releases it when the run ends,
