@@ -2,7 +2,6 @@
 self-attention only, the KV cache = one pass and holding image tokens only, no leak from the future, N = 0 =
 the teacher, closed start = baseline, padded text ignored, the cross-attention silent, the 1024 models'
 size conditions passed through, save / load."""
-import logging
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ from ard.backbones.pixart import PixArt
 from ard.backbones.text import TextCondition
 from ard.diffusion import alpha_bar, ddim_jump, make_scheduler
 from ard.student import ARDStudent, sample
-from test_backbones import text_condition, tiny
+from test_backbones import diffusers_log, open_gates_and_vary_heads, text_condition, tiny
 
 B, S = 3, 4
 TIMESTEPS = torch.tensor([999, 749, 499, 249, -1]).expand(B, -1)
@@ -39,10 +38,7 @@ def cached(student, x, condition):
 def test_cached_steps_equal_one_pass_and_cache_only_image_tokens(teacher, heads, start):
     student = ARDStudent(teacher, S, history_blocks=2, heads=heads, history_start=start, output="next_state").eval()
     with torch.no_grad():
-        if student.history_gate is not None:
-            student.history_gate.uniform_(0.2, 2.0)
-        for head in student.heads or []:  # make the per-step heads differ, so a wrong head would show
-            head.proj_out.bias.add_(0.1 * torch.randn_like(head.proj_out.bias))
+        open_gates_and_vary_heads(student)
         x, condition = states(), text_condition(B)
         one_pass = student(x, TIMESTEPS, condition)
         steps, cache = cached(student, x, condition)
@@ -90,22 +86,14 @@ def test_padded_text_tokens_are_ignored(teacher):
 def test_the_text_cross_attention_takes_the_history_context_silently(teacher):
     """diffusers hands attn2 the same kwargs as attn1 and warns of a key its processor does not take: the
     student's pass-through processor takes it (without it, the warning is there)."""
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger = logging.getLogger("diffusers")
-    logger.addHandler(handler)
-    try:
+    with diffusers_log() as records, torch.no_grad():
         student = ARDStudent(teacher, S, history_blocks=2).eval()
-        with torch.no_grad():
-            student(states(), TIMESTEPS, text_condition(B))
-            assert not [r for r in records if "history" in r.getMessage()]
-            attn2 = student.transformer.transformer_blocks[0].attn2
-            attn2.set_processor(attn2.processor.processor)  # the cross-attention's own processor
-            student(states(), TIMESTEPS, text_condition(B))
-        assert [r for r in records if "history" in r.getMessage()]
-    finally:
-        logger.removeHandler(handler)
+        student(states(), TIMESTEPS, text_condition(B))
+        assert not [r for r in records if "history" in r.getMessage()]
+        attn2 = student.transformer.transformer_blocks[0].attn2
+        attn2.set_processor(attn2.processor.processor)  # the cross-attention's own processor
+        student(states(), TIMESTEPS, text_condition(B))
+    assert [r for r in records if "history" in r.getMessage()]
 
 
 def test_resolution_and_aspect_ratio_conditions_pass_through():

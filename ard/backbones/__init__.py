@@ -7,6 +7,9 @@ and its null condition for CFG. Nothing outside this package names a diffusers m
     dit_embedders.py  one timestep + label embedder for every DiT block, as the official DiT
     dit_official.py   facebookresearch/DiT checkpoints <-> diffusers' DiT layout
     pixart.py         PixArt-alpha / Sigma (PixArtTransformer2DModel): text-conditioned, history on attn1 only
+    sd3.py            Stable Diffusion 3 / 3.5 (SD3Transformer2DModel): MMDiT, history on the joint image-text
+                      attention (image keys only from earlier steps), a flow model (the adapter only: its schedule
+                      is not served yet)
     text.py           the condition of text-to-image families: encoded prompts (TextCondition)
     files.py          diffusers model directories: config.json, weights, the family a config names
 """
@@ -19,12 +22,14 @@ import torch.nn as nn
 from ard.backbones.base import Backbone
 from ard.backbones.dit import DiT
 from ard.backbones.pixart import PixArt
+from ard.backbones.sd3 import SD3
 
-BACKBONES: dict[str, Backbone] = {adapter.family: adapter for adapter in (DiT(), PixArt())}
+BACKBONES: dict[str, Backbone] = {adapter.family: adapter for adapter in (DiT(), PixArt(), SD3())}
 # The families that the store, distillation and evaluation serve end to end (load_teacher's default); the text
-# families are served by precompute and distillation so far (their evaluation is still to come).
+# families are served by precompute and distillation so far (their evaluation is still to come), PixArt's: SD3's
+# flow schedule is not served by any stage yet (its adapter and the student are).
 SERVED = ("dit",)
-TEXT = ("pixart",)  # families conditioned on text: stores of encoded prompts (ard/store/text.py)
+TEXT = ("pixart", "sd3")  # families conditioned on text: stores of encoded prompts (ard/store/text.py)
 Family = Literal["dit", "pixart"]  # the families a teacher can be trained in (ard.modules.teacher_training)
 
 

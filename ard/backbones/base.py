@@ -12,7 +12,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn as nn
@@ -22,7 +22,8 @@ from einops import rearrange
 @dataclass
 class Prepared:
     """What one forward computes once from the rows' timesteps and conditions, before the blocks; a family's
-    adapter may return a subclass with more (e.g. projected text tokens and their mask)."""
+    adapter may return a subclass with more (e.g. projected text tokens and their mask, or SD3's text stream, which
+    its blocks advance)."""
     t: torch.Tensor  # (R,) timesteps
     condition: Any  # the rows' conditions
     conditioning: torch.Tensor  # (R, D): the vector the output head (and the GAN's heads) modulate with
@@ -32,6 +33,10 @@ class Backbone(ABC):
     family: ClassVar[str]  # the manifest's `teacher.family` ("dit", ...)
     model_class: ClassVar[type[nn.Module]]  # the diffusers class it adapts
     sizes: ClassVar[dict[str, dict]]  # named sizes: name -> config fields
+    # What `history_attention` is, which picks the student's history processor (ard.student.attention,
+    # HISTORY_PROCESSORS): "self", over the image tokens (diffusers' AttnProcessor2_0 layout), or "joint", over a
+    # step's image and text tokens together (JointAttnProcessor2_0's: SD3's MMDiT blocks).
+    history_kind: ClassVar[Literal["self", "joint"]] = "self"
 
     # ------------------------------------------------------------------ building, loading, identity
     @abstractmethod
@@ -63,7 +68,8 @@ class Backbone(ABC):
 
     @abstractmethod
     def history_attention(self, block: nn.Module) -> nn.Module:
-        """The block's attention over image tokens, whose processor history attention replaces."""
+        """The block's attention over image tokens (with its text tokens: `history_kind` "joint"), whose processor
+        history attention replaces."""
 
     @abstractmethod
     def passthrough_attentions(self, block: nn.Module) -> list[nn.Module]:
@@ -85,8 +91,9 @@ class Backbone(ABC):
     @abstractmethod
     def run_block(self, model: nn.Module, block: nn.Module, hidden: torch.Tensor, prepared: Prepared,
                   attention_kwargs: dict | None) -> torch.Tensor:
-        """One block on tokens (R, L, D); `attention_kwargs` go to its attention processors (None: their own).
-        Returns (R, L, D)."""
+        """One block on image tokens (R, L, D); `attention_kwargs` go to its attention processors (None: their
+        own). Returns (R, L, D). A family whose blocks carry a second stream (SD3's text tokens) keeps it in its
+        Prepared and advances it here: one Prepared serves one pass over the blocks, lowest first."""
 
     @abstractmethod
     def head_layers(self, model: nn.Module) -> dict[str, nn.Module]:

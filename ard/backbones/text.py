@@ -21,7 +21,8 @@ class TextCondition:
     mask: torch.Tensor  # (R, T) bool: the valid tokens (all True for an encoder run without a mask)
     resolution: torch.Tensor | None = None  # (R, 2) image height and width in pixels (PixArt 1024 models)
     aspect_ratio: torch.Tensor | None = None  # (R, 1) height / width (PixArt 1024 models)
-    null: TextCondition | None = None  # one row: the null prompt's embeddings and mask (its sizes unused)
+    pooled: torch.Tensor | None = None  # (R, P) pooled prompt embeddings (SD3: CLIP-L and CLIP-G's, P = 2048)
+    null: TextCondition | None = None  # one row: the null prompt's embeddings, mask and pooled (its sizes unused)
 
     def __len__(self) -> int:
         return self.embeddings.shape[0]
@@ -43,18 +44,23 @@ class TextCondition:
         return replace(moved, null=None if self.null is None else self.null.to(device))
 
     def null_rows(self) -> TextCondition:
-        """The null prompt for each of the R rows, with the rows' own size conditions."""
+        """The null prompt for each of the R rows (its tokens, mask and pooled embedding), with the rows' own size
+        conditions."""
         if self.null is None:
             raise ValueError("a text condition without its null prompt's encoding cannot be guided (CFG): encode "
                              "the null prompt with the prompts")
+        if (self.pooled is None) != (self.null.pooled is None):
+            raise ValueError("a text condition and its null prompt disagree on pooled embeddings (one of them has "
+                             "none): encode both with the same encoder")
         rows = len(self)
+        pooled = None if self.pooled is None else self.null.pooled.expand(rows, -1)  # (R, P)
         return replace(self, embeddings=self.null.embeddings.expand(rows, -1, -1),
-                       mask=self.null.mask.expand(rows, -1), null=self.null)
+                       mask=self.null.mask.expand(rows, -1), pooled=pooled, null=self.null)
 
     @staticmethod
     def cat(conditions: list[TextCondition]) -> TextCondition:
-        """The rows of several conditions, in order, padded to the longest's token count (masked: padding is
-        ignored); they must have the same fields."""
+        """The rows of several conditions, in order, padded to the longest's token count (masked: families that
+        read the mask ignore the padding; SD3, which reads none, refuses it); they must have the same fields."""
         tokens = max(c.embeddings.shape[1] for c in conditions)
         padded = [replace(c, embeddings=F.pad(c.embeddings, (0, 0, 0, tokens - c.embeddings.shape[1])),
                           mask=F.pad(c.mask, (0, tokens - c.mask.shape[1]))) for c in conditions]

@@ -33,6 +33,11 @@ that besides out_plain it returns the own step's share 1 - pi = Z_cur / (Z_cur +
     out = out_cur + g / ((1 - pi) + g pi) * (out_plain - out_cur)                             (G2)
 
 Inference adds log g to the history logits of one attention (the same cost as plain history).
+
+Joint attention (SD3's MMDiT blocks: one softmax over a step's image and text tokens), `JointHistoryAttnProcessor`:
+the image and text queries of step s attend to step s's image and text keys and to the image keys of the earlier
+steps the mask shows it; text keys are seen by their own step only, so the cache holds image tokens only. The
+masks, layouts and gate above are the same, with the text keys appended to each step's visible keys.
 """
 from __future__ import annotations
 
@@ -65,11 +70,30 @@ def visible_steps(mask: MaskKind, s: int, window: int = 1) -> list[int]:
     return [s]  # block_diagonal
 
 
-def _step_blocks(x: torch.Tensor, steps: list[int], tokens: int) -> torch.Tensor:
-    """Tokens of the given steps from x (B, H, n*L, d) laid out step after step: a view when contiguous."""
+def _step_blocks(x: torch.Tensor | None, steps: list[int], tokens: int) -> torch.Tensor | None:
+    """Tokens of the given steps from x (B, H, n*L, d) laid out step after step: a view when contiguous (None:
+    None)."""
+    if x is None:
+        return None
     if steps == list(range(steps[0], steps[-1] + 1)):
         return x[:, :, steps[0] * tokens:(steps[-1] + 1) * tokens]  # (B, H, len(steps)*L, d)
     return torch.cat([x[:, :, j * tokens:(j + 1) * tokens] for j in steps], dim=2)  # (B, H, len(steps)*L, d)
+
+
+def _joined(x: torch.Tensor, own: torch.Tensor | None) -> torch.Tensor:
+    """Keys or values x (B, H, n, d) followed by own-step ones (B, H, T, d) when there are any."""
+    return x if own is None else torch.cat([x, own], dim=2)  # (B, H, n [+ T], d)
+
+
+def _step_onehot(num_steps: int, tokens: int, width: int, device) -> torch.Tensor:
+    """The one-hot (S*L, width) of each token's step, for S steps of L tokens laid out step after step."""
+    return F.one_hot(torch.arange(num_steps, device=device).repeat_interleave(tokens), width)  # (S*L, width)
+
+
+def _mark_steps(x: torch.Tensor, num_steps: int, width: int) -> torch.Tensor:
+    """Values x (B, H, S*L, d), laid out step after step, followed by `width` channels: each token's step one-hot."""
+    onehot = _step_onehot(num_steps, x.shape[2] // num_steps, width, x.device)  # (S*L, width)
+    return torch.cat([x, onehot.to(x.dtype).expand(*x.shape[:2], -1, -1)], dim=-1)  # (B, H, S*L, d + width)
 
 
 @lru_cache(maxsize=1)
@@ -169,45 +193,56 @@ class HistoryAttnProcessor:
         q = attn.to_q(hidden_states).view(rows, tokens, heads, -1).transpose(1, 2)  # (R, H, L, d)
         k = attn.to_k(hidden_states).view(rows, tokens, heads, -1).transpose(1, 2)  # (R, H, L, d)
         v = attn.to_v(hidden_states).view(rows, tokens, heads, -1).transpose(1, 2)  # (R, H, L, d)
-        gate = None if history is None or history.gate is None else gate_values(history.gate[self.layer])  # (H,)
-        if history is None:
-            out = attention(q, k, v)  # (R, H, L, d)
-        elif history.cache is None:
-            out = self._one_pass(q, k, v, history.num_steps, gate)  # (B*S, H, L, d)
-        else:
-            out = self._cached_step(q, k, v, history.step, history.cache, gate)  # (B, H, L, d)
+        out = self._attend(q, k, v, history)  # (R, H, L, d)
         out = out.transpose(1, 2).reshape(rows, tokens, -1).to(q.dtype)  # (R, L, D)
         return attn.to_out[1](attn.to_out[0](out))  # (R, L, D)
 
-    def _one_pass(self, q, k, v, num_steps: int, gate: torch.Tensor | None) -> torch.Tensor:
-        """All steps at once (teacher-forced history); q, k, v (B*S, H, L, d) with rows ordered (b, s)."""
-        tokens, d = q.shape[2], q.shape[3]
-        fold = lambda x: rearrange(x, "(b s) h l d -> b h (s l) d", s=num_steps)  # noqa: E731
-        qf, kf, vf = fold(q), fold(k), fold(v)  # (B, H, S*L, d) each
+    def _attend(self, q, k, v, history: HistoryContext | None, own_k=None, own_v=None) -> torch.Tensor:
+        """The attention of queries q (R, H, Lq, d) to keys and values k, v (R, H, L, d), which later steps see
+        (image tokens), and own_k, own_v (R, H, T, d) or None, which only their own step sees (SD3's text tokens),
+        by the history context: per row (None), one pass over all steps, or one cached step. Returns (R, H, Lq, d)."""
+        gate = None if history is None or history.gate is None else gate_values(history.gate[self.layer])  # (H,)
+        if history is None:
+            return attention(q, _joined(k, own_k), _joined(v, own_v))  # (R, H, Lq, d)
+        if history.cache is None:
+            return self._one_pass(q, k, v, history.num_steps, gate, own_k, own_v)  # (B*S, H, Lq, d)
+        return self._cached_step(q, k, v, history.step, history.cache, gate, own_k, own_v)  # (B, H, Lq, d)
+
+    def _one_pass(self, q, k, v, num_steps: int, gate: torch.Tensor | None, own_k=None, own_v=None) -> torch.Tensor:
+        """All steps at once (teacher-forced history); q (B*S, H, Lq, d), k, v (B*S, H, L, d), own_k, own_v
+        (B*S, H, T, d) or None (see `_attend`), rows ordered (b, s)."""
+        q_tokens, tokens, d = q.shape[2], k.shape[2], q.shape[3]
+        own_tokens = 0 if own_k is None else own_k.shape[2]
+        fold = lambda x: None if x is None else rearrange(x, "(b s) h l d -> b h (s l) d", s=num_steps)  # noqa: E731
+        qf, kf, vf, of_k, of_v = fold(q), fold(k), fold(v), fold(own_k), fold(own_v)  # (B, H, S*L', d) each
         if gate is not None:  # closed start (G2)
-            local = fold(attention(q, k, v))  # (B, H, S*L, d) per-step attention: the baseline's own call
+            local = fold(attention(q, _joined(k, own_k), _joined(v, own_v)))  # (B, H, S*Lq, d): the baseline's call
             # Extra value channels: one-hot of each key's step, so that the output also holds each step's
             # share of the softmax mass; q and k get zeros there (logits unchanged); width a multiple of 8.
             extra = num_steps + (-(d + num_steps)) % 8
-            onehot = F.one_hot(torch.arange(num_steps, device=q.device).repeat_interleave(tokens), extra)  # (S*L, E)
-            qf, kf = F.pad(qf, (0, extra)), F.pad(kf, (0, extra))  # (B, H, S*L, d + E)
-            vf = torch.cat([vf, onehot.to(vf.dtype).expand(*vf.shape[:2], -1, -1)], dim=-1)  # (B, H, S*L, d + E)
-        out = torch.cat([attention(_step_blocks(qf, q_steps, tokens), _step_blocks(kf, k_steps, tokens),
-                                   _step_blocks(vf, k_steps, tokens), mask, scale=1 / math.sqrt(d))
-                         for q_steps, k_steps, mask in self._groups(num_steps, tokens, gate is not None, q.device)],
-                        dim=2)  # (B, H, n*L, d [+ E]): the last n steps' queries
+            qf, kf, of_k = (None if x is None else F.pad(x, (0, extra)) for x in (qf, kf, of_k))  # (B, H, S*L', d+E)
+            vf, of_v = (None if x is None else _mark_steps(x, num_steps, extra) for x in (vf, of_v))  # (.., d+E)
+        out = torch.cat([attention(_step_blocks(qf, q_steps, q_tokens),
+                                   _joined(_step_blocks(kf, k_steps, tokens), _step_blocks(of_k, q_steps, own_tokens)),
+                                   _joined(_step_blocks(vf, k_steps, tokens), _step_blocks(of_v, q_steps, own_tokens)),
+                                   mask, scale=1 / math.sqrt(d))
+                         for q_steps, k_steps, mask in self._groups(num_steps, q_tokens, tokens, own_tokens,
+                                                                    gate is not None, q.device)],
+                        dim=2)  # (B, H, n*Lq, d [+ E]): the last n steps' queries
         if gate is not None:
             first = local.shape[2] - out.shape[2]  # tokens of the leading steps left out (no history)
-            plain = out[..., :d].float()  # (B, H, n*L, d) plain softmax attention over the visible steps
-            own = (out[..., d:].float() * onehot[first:]).sum(-1, keepdim=True)  # (B, H, n*L, 1) = 1 - pi
+            plain = out[..., :d].float()  # (B, H, n*Lq, d) plain softmax attention over the visible steps
+            onehot = _step_onehot(num_steps, q_tokens, extra, q.device)[first:]  # (n*Lq, E) each query's step
+            own = (out[..., d:].float() * onehot).sum(-1, keepdim=True)  # (B, H, n*Lq, 1) = 1 - pi
             g = gate.float().view(1, -1, 1, 1)  # (1, H, 1, 1)
-            weight = g / (own + g * (1 - own)).clamp_min(torch.finfo(torch.float32).tiny)  # (B, H, n*L, 1)
+            weight = g / (own + g * (1 - own)).clamp_min(torch.finfo(torch.float32).tiny)  # (B, H, n*Lq, 1)
             merged = torch.lerp(local[:, :, first:].float(), plain, weight).to(q.dtype)  # (G2); = local at g = 0
-            out = torch.cat([local[:, :, :first], merged], dim=2)  # (B, H, S*L, d)
-        return rearrange(out, "b h (s l) d -> (b s) h l d", s=num_steps)  # (B*S, H, L, d)
+            out = torch.cat([local[:, :, :first], merged], dim=2)  # (B, H, S*Lq, d)
+        return rearrange(out, "b h (s l) d -> (b s) h l d", s=num_steps)  # (B*S, H, Lq, d)
 
-    def _groups(self, num_steps: int, tokens: int, skip_first: bool, device) -> list:
-        """(query steps, key steps, boolean mask or None) of each attention call of a one-pass forward.
+    def _groups(self, num_steps: int, q_tokens: int, tokens: int, own_tokens: int, skip_first: bool, device) -> list:
+        """(query steps, key steps, boolean mask or None) of each attention call of a one-pass forward; each call
+        also sees the own-step keys (`_attend`'s own_k: own_tokens a step) of its query steps, after the others.
 
         Below `one_mask_below_tokens` tokens a step: one call over all S*L keys with the step mask (per-call
         overhead dominates); else one call per query step over its visible keys only (no compute on masked
@@ -218,32 +253,76 @@ class HistoryAttnProcessor:
             seen = torch.zeros(num_steps, num_steps, dtype=torch.bool, device=device)  # (S, S)
             for s in range(num_steps):
                 seen[s, visible_steps(self.mask, s, self.window)] = True
-            mask = seen.repeat_interleave(tokens, 0).repeat_interleave(tokens, 1)  # (S*L, S*L)
+            own = torch.eye(num_steps, dtype=torch.bool, device=device)  # (S, S) a step's own-step keys
+            columns = torch.tensor([tokens] * num_steps + [own_tokens] * num_steps, device=device)  # (2S,)
+            mask = torch.cat([seen, own], dim=1).repeat_interleave(q_tokens, 0).repeat_interleave(
+                columns, 1)  # (S*Lq, S*L + S*T)
             return [(list(range(num_steps)), list(range(num_steps)), mask)]
         return [([s], visible_steps(self.mask, s, self.window), None) for s in range(int(skip_first), num_steps)]
 
-    def _cached_step(self, q, k, v, s: int, cache: KVCache, gate: torch.Tensor | None) -> torch.Tensor:
-        """One step s; q, k, v (B, H, L, d). Writes k, v into the cache, attends to the visible steps."""
-        tokens = q.shape[2]
+    def _cached_step(self, q, k, v, s: int, cache: KVCache, gate: torch.Tensor | None, own_k=None,
+                     own_v=None) -> torch.Tensor:
+        """One step s; q (B, H, Lq, d), k, v (B, H, L, d), own_k, own_v (B, H, T, d) or None (see `_attend`).
+        Writes k, v (not own_k, own_v) into the cache, attends to the visible steps."""
+        tokens = k.shape[2]
         steps = visible_steps(self.mask, s, self.window)
         if len(steps) == 1:
             if self.mask != "block_diagonal":  # later steps may read this one
                 cache.write(self.layer, s, k, v)
-            return attention(q, k, v)  # (B, H, L, d)
+            return attention(q, _joined(k, own_k), _joined(v, own_v))  # (B, H, Lq, d)
         keys, values = cache.write(self.layer, s, k, v)  # (B, H, S*L, d) each
-        k_s, v_s = _step_blocks(keys, steps, tokens), _step_blocks(values, steps, tokens)  # (B, H, n*L, d)
+        k_s = _joined(_step_blocks(keys, steps, tokens), own_k)  # (B, H, n*L [+ T], d)
+        v_s = _joined(_step_blocks(values, steps, tokens), own_v)  # (B, H, n*L [+ T], d)
         bias = None
         if gate is not None:  # (G1) as one attention: log g added to the logits of history keys
+            earlier = (len(steps) - 1) * tokens  # the earlier steps' keys come first
             log_g = gate.detach().log().to(q.dtype).view(1, -1, 1, 1)  # (1, H, 1, 1)
-            bias = F.pad(log_g.expand(-1, -1, -1, k_s.shape[2] - tokens), (0, tokens))  # (1, H, 1, n*L)
-        return attention(q, k_s, v_s, bias)  # (B, H, L, d)
+            bias = F.pad(log_g.expand(-1, -1, -1, earlier), (0, k_s.shape[2] - earlier))  # (1, H, 1, n*L [+ T])
+        return attention(q, k_s, v_s, bias)  # (B, H, Lq, d)
+
+
+class JointHistoryAttnProcessor(HistoryAttnProcessor):
+    """History attention on a joint image-text attention (SD3's MMDiT blocks; diffusers' JointAttnProcessor2_0):
+    one softmax over [image; text] tokens, with separate projections of the text stream (`add_q_proj`, ...,
+    `to_add_out`). In history blocks the image and text queries of step s attend to step s's own image and text
+    keys and to the image keys of the earlier steps that the mask shows it (the same masks, window and gate as
+    HistoryAttnProcessor): a step's text stays its own, and the KV cache holds image keys and values only.
+
+    Without a HistoryContext it is JointAttnProcessor2_0. Returns the image and the text outputs, as it does (in
+    the last block, `context_pre_only`, the text output is left unprojected: the block discards it).
+    """
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None,
+                 history: HistoryContext | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, tokens, _ = hidden_states.shape
+        heads = attn.heads
+        split = lambda x: x.view(rows, x.shape[1], heads, -1).transpose(1, 2)  # noqa: E731 (R, L', D) -> (R, H, L', d)
+        q, k, v = (split(f(hidden_states)) for f in (attn.to_q, attn.to_k, attn.to_v))  # (R, H, L, d) each
+        text_q, text_k, text_v = (split(f(encoder_hidden_states)) for f in (
+            attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))  # (R, H, T, d) each
+        if attn.norm_q is not None:  # qk-norm (SD3.5), as diffusers applies it
+            q, k = attn.norm_q(q), attn.norm_k(k)  # (R, H, L, d) each
+        if attn.norm_added_q is not None:
+            text_q, text_k = attn.norm_added_q(text_q), attn.norm_added_k(text_k)  # (R, H, T, d) each
+        out = self._attend(torch.cat([q, text_q], dim=2), k, v, history, text_k, text_v)  # (R, H, L+T, d)
+        out = out.transpose(1, 2).reshape(rows, out.shape[2], -1).to(q.dtype)  # (R, L+T, D)
+        image, text = out[:, :tokens], out[:, tokens:]  # (R, L, D), (R, T, D)
+        if not attn.context_pre_only:
+            text = attn.to_add_out(text)  # (R, T, D)
+        return attn.to_out[1](attn.to_out[0](image)), text  # (R, L, D), (R, T, D)
+
+
+# The processor of each kind of history attention (`Backbone.history_kind`): an attention over the image tokens
+# (DiT, PixArt) or over the image and text tokens together (SD3).
+HISTORY_PROCESSORS: dict[str, type[HistoryAttnProcessor]] = dict(self=HistoryAttnProcessor,
+                                                                  joint=JointHistoryAttnProcessor)
 
 
 class IgnoreHistory:
     """The processor of an attention that the history blocks hand the history context to but that does not take
-    part in history (a PixArt block's text cross-attention: diffusers passes both attentions of a block the same
-    kwargs, and warns on every call about a key the processor does not accept): it runs the attention's own
-    processor without it."""
+    part in history (a PixArt block's text cross-attention, an SD3.5 dual block's image-only `attn2`: diffusers
+    passes the attentions of a block the same kwargs, and warns on every call about a key the processor does not
+    accept): it runs the attention's own processor without it."""
 
     def __init__(self, processor):
         self.processor = processor

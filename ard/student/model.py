@@ -3,7 +3,8 @@
 Step layout: the S states of a trajectory are folded into the batch (rows ordered (b, s)), so every
 block runs the teacher's own code on tokens (B*S, L, D) and each row gets the time embedding of its
 own timestep (token-wise time embedding, ARD sec. 3.2). Only the image self-attention of the lowest N blocks
-is replaced (`HistoryAttnProcessor`); blocks above N attend within their own row, i.e. their own step. What
+is replaced (`HistoryAttnProcessor`; SD3's joint image-text attention: `JointHistoryAttnProcessor`, its text
+tokens each step's own); blocks above N attend within their own row, i.e. their own step. What
 is family-specific (the blocks, the head, the condition) goes through the teacher's adapter (ard/backbones/).
 
 Output (ARD sec. 3.3; docs/method.md, "Output parametrisation"): the head's output, first C channels (learned-sigma teachers
@@ -28,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from ard.atomic import atomic_directory
 from ard.diffusion import alpha_bar, ddim_jump, make_scheduler, predict_x0
 from ard.checks import check_choice
-from ard.student.attention import HistoryAttnProcessor, HistoryContext, IgnoreHistory, KVCache, MaskKind
+from ard.student.attention import HISTORY_PROCESSORS, HistoryContext, IgnoreHistory, KVCache, MaskKind
 from ard.backbones import backbone, backbone_of
 from ard.backbones.files import teacher_family
 
@@ -97,8 +98,9 @@ class ARDStudent(nn.Module):
 
         self.transformer = self.backbone.disable_condition_dropout(copy.deepcopy(teacher))
         blocks = self.backbone.blocks(self.transformer)
+        processor = HISTORY_PROCESSORS[self.backbone.history_kind]  # self- or joint image-text attention
         for i in range(history_blocks):
-            self.backbone.history_attention(blocks[i]).set_processor(HistoryAttnProcessor(i, mask, window))
+            self.backbone.history_attention(blocks[i]).set_processor(processor(i, mask, window))
             for other in self.backbone.passthrough_attentions(blocks[i]):
                 other.set_processor(IgnoreHistory(other.processor))
         # Per-step heads: S copies of the teacher's output head's layers. The transformer's own head is then
