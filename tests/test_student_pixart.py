@@ -10,7 +10,7 @@ import torch
 
 from ard.backbones.pixart import PixArt
 from ard.backbones.text import TextCondition
-from ard.diffusion import alpha_bar, ddim_jump, make_scheduler
+from ard.schedules import alpha_bar, ddim_jump, make_scheduler
 from ard.student import ARDStudent, sample
 from test_backbones import text_condition, tiny
 
