@@ -132,14 +132,18 @@ def check_step_counts(name: str, steps: Iterable[int] | None) -> None:
             raise ValueError(f"{name}: step count {s!r} must be an integer in [1, {NUM_TRAIN_TIMESTEPS}]")
 
 
-def check_timesteps(timesteps: list, where: str) -> list[int]:
-    """Boundary timesteps tau_0 > ... > tau_S: integers in [0, 1000), strictly decreasing, the last CLEAN (-1)."""
-    accepted = (f"expected strictly decreasing integers in [0, {NUM_TRAIN_TIMESTEPS}) ending with {CLEAN} (clean), "
-                "e.g. [943, 451, -1]")
+def check_timesteps(timesteps: list, where: str, kind: str = "vp") -> list:
+    """Boundary time labels tau_0 > ... > tau_S (ard.schedules), strictly decreasing, the last CLEAN (-1): integers
+    in [0, 1000) on a variance-preserving schedule (kind "vp"), numbers 1000 sigma in (0, 1000] on a flow one."""
+    flow = kind == "flow"
+    accepted = ("expected strictly decreasing " + (f"numbers 1000 sigma in (0, {NUM_TRAIN_TIMESTEPS}]" if flow else
+                f"integers in [0, {NUM_TRAIN_TIMESTEPS})") + f" ending with {CLEAN} (clean), e.g. "
+                + ("[1000.0, 500.0, -1]" if flow else "[943, 451, -1]"))
+    number = (int, float) if flow else int
     if (not isinstance(timesteps, list) or len(timesteps) < 2
-            or not all(isinstance(t, int) and not isinstance(t, bool) for t in timesteps)):
+            or not all(isinstance(t, number) and not isinstance(t, bool) for t in timesteps)):
         raise ValueError(f"{where}: timesteps {timesteps!r}: {accepted}")
-    bad = [t for t in timesteps[:-1] if not 0 <= t < NUM_TRAIN_TIMESTEPS]
+    bad = [t for t in timesteps[:-1] if not (0 < t <= NUM_TRAIN_TIMESTEPS if flow else 0 <= t < NUM_TRAIN_TIMESTEPS)]
     if bad or timesteps[-1] != CLEAN:
         raise ValueError(f"{where}: timestep {bad[0] if bad else timesteps[-1]} in {timesteps}: {accepted}")
     if any(a <= b for a, b in zip(timesteps, timesteps[1:])):

@@ -1,8 +1,9 @@
-"""Noise schedule helpers and the teacher's DDIM + CFG trajectory sampler (no network inside).
+"""The teacher's solvers with CFG (no network inside): DDIM for variance-preserving teachers, Euler for flow ones.
 
-The schedule is DiT's: linear betas 1e-4..0.02 over 1000 training steps, epsilon prediction.
-The solver is diffusers' `DDIMScheduler` with eta = 0 (Song et al. 2021, eq. 12 with sigma = 0: a
-discretised probability-flow ODE).
+The variance-preserving schedule is DiT's: linear betas 1e-4..0.02 over 1000 training steps, epsilon prediction;
+its solver is diffusers' `DDIMScheduler` with eta = 0 (Song et al. 2021, eq. 12 with sigma = 0: a discretised
+probability-flow ODE). A flow teacher predicts the velocity and is stepped by Euler on an explicit sigma grid
+(`flow_sample`). The schedules' maths (coefficients, the jump between two times) is in ard/schedules.py.
 
 Grid convention (used by the store and the student): a K-step trajectory has K + 1 states,
 x_0 .. x_K, where state i < K is the input of teacher step i and is sitting at timestep
@@ -27,12 +28,12 @@ from typing import Literal, Sequence, get_args
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler
 
-from ard.checks import CLEAN  # noqa: F401 (re-exported: the timestep label of the clean state)
 from ard.backbones import backbone_of
+from ard.checks import CLEAN  # noqa: F401 (re-exported: the timestep label of the clean state)
+from ard.schedules import (FlowSchedule, Schedule, TimestepSpacing, alpha_bar, ddim_jump, make_scheduler,
+                           predict_x0)
 
-TimestepSpacing = Literal["leading", "trailing", "linspace"]
 # Which epsilon channels CFG guides: "all" (ard's default) or "dit", facebookresearch/DiT's forward_with_cfg,
 # which guides only the first 3 channels and keeps the conditional epsilon elsewhere (4-channel latents: the
 # fourth channel is unguided).
@@ -45,16 +46,6 @@ AUTOCAST_DTYPE: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfl
 TRAINER_PRECISION: dict[str, str] = {"32-true": "fp32", "32": "fp32", "bf16-mixed": "bf16", "16-mixed": "fp16"}
 
 
-def make_scheduler(spacing: TimestepSpacing = "leading", clip_sample: bool = False,
-                   num_train_timesteps: int = 1000, beta_start: float = 1e-4,
-                   beta_end: float = 0.02) -> DDIMScheduler:
-    """DiT's linear-beta schedule as a diffusers DDIMScheduler (eta = 0 is passed at step time)."""
-    if spacing not in get_args(TimestepSpacing):
-        raise ValueError(f"timestep_spacing must be one of {get_args(TimestepSpacing)}, got {spacing!r}")
-    return DDIMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="linear",
-                         beta_start=beta_start, beta_end=beta_end, timestep_spacing=spacing,
-                         clip_sample=clip_sample, clip_sample_range=1.0, set_alpha_to_one=True,
-                         steps_offset=0, prediction_type="epsilon")
 
 
 def ddim_grid(num_steps: int, spacing: TimestepSpacing = "leading", num_train_timesteps: int = 1000) -> list[int]:
@@ -80,47 +71,21 @@ def student_grid_indices(num_steps: int, student_steps: int) -> list[int]:
     return [s * num_steps // student_steps for s in range(student_steps + 1)]
 
 
-def alpha_bar(scheduler: DDIMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
-    """alpha_bar(t) for integer timesteps, with CLEAN (-1) mapped to 1."""
-    table = torch.cat([torch.ones(1, dtype=torch.float64), scheduler.alphas_cumprod.double()])
-    return table.to(timesteps.device)[timesteps.long() + 1]
 
 
-def q_sample(x0: torch.Tensor, ab: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """x_t = sqrt(ab) x0 + sqrt(1 - ab) noise: a draw of q(x_t | x0) (Ho et al. 2020, eq. 4); ab = alpha_bar_t
-    broadcastable to x0 (e.g. (B, 1, 1, 1)) and of its dtype."""
-    return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
 
 
-def predict_x0(x: torch.Tensor, eps: torch.Tensor, ab: torch.Tensor, clip_x0: bool = False) -> torch.Tensor:
-    """x0 implied by an epsilon prediction (Ho et al. 2020, eq. 15): (x - sqrt(1 - a) eps) / sqrt(a).
-
-    x, eps: (B, C, H, W); ab: (B,) alpha_bar of x's timestep. clip_x0 clamps to [-1, 1] (pixel space).
-    """
-    a = ab.to(x.dtype).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-    x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()  # (B, C, H, W)
-    return x0.clamp(-1, 1) if clip_x0 else x0
 
 
-def ddim_jump(x: torch.Tensor, eps: torch.Tensor, ab_from: torch.Tensor, ab_to: torch.Tensor,
-              clip_x0: bool = False, direction: torch.Tensor | None = None) -> torch.Tensor:
-    """One deterministic DDIM step of any size (Song et al. 2021, eq. 12, sigma = 0).
-
-    x, eps: (B, C, H, W); ab_from, ab_to: (B,) alpha_bar of the source and target timesteps.
-    `direction` replaces eps in the direction term sqrt(1 - a_to) eps only (noise correction, see
-    `ard.student.model.ARDStudent.step`); x0 is always the one `eps` implies.
-    """
-    b = ab_to.to(x.dtype).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-    x0 = predict_x0(x, eps, ab_from, clip_x0)  # (B, C, H, W) as DDIMScheduler(clip_sample): eps kept for the direction
-    return b.sqrt() * x0 + (1 - b).sqrt() * (eps if direction is None else direction)  # (B, C, H, W)
 
 
-def guided_eps(model, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, guidance_scale: float,
-               cfg_channels: CfgChannels = "all") -> torch.Tensor:
-    """Classifier-free guided epsilon (Ho & Salimans 2022, eq. 6): eps_u + w (eps_c - eps_u), on every channel
-    ("all") or, like facebookresearch/DiT ("dit"), on the first 3 channels only, eps_c on the others.
+def guided_prediction(model, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, guidance_scale: float,
+                      cfg_channels: CfgChannels = "all") -> torch.Tensor:
+    """Classifier-free guided prediction (Ho & Salimans 2022, eq. 6): p_u + w (p_c - p_u) of the teacher's epsilon
+    (or a flow teacher's velocity), on every channel ("all") or, like facebookresearch/DiT ("dit"), on the first 3
+    channels only, p_c on the others.
 
-    x: (B, C, H, W); t: (B,) ints; labels: (B,). One batched forward over [cond, uncond].
+    x: (B, C, H, W); t: (B,) time labels; labels: (B,). One batched forward over [cond, uncond].
     """
     family = backbone_of(model)
     if guidance_scale == 1.0:
@@ -169,41 +134,55 @@ def solver_identity(num_steps: int, timestep_spacing: TimestepSpacing, guidance_
             "beta_end": scheduler.beta_end, "precision": precision}
 
 
+def flow_solver_identity(num_steps: int, shift: float, guidance_scale: float, clip_sample: bool,
+                         precision: Precision) -> dict:
+    """A flow teacher's sampling settings as the store's manifest records them (`solver`, name "flow_euler"): Euler
+    on the grid sigma_k = shift(1 - k / K) (ard.schedules.FlowSchedule), velocity prediction, CFG on every channel."""
+    if precision not in AUTOCAST_DTYPE:
+        raise ValueError(f"precision must be one of {get_args(Precision)}, got {precision!r}")
+    FlowSchedule(shift)  # refuses a shift <= 0
+    return {"name": "flow_euler", "num_steps": int(num_steps), "shift": float(shift),
+            "guidance_scale": float(guidance_scale), "clip_sample": bool(clip_sample), "prediction_type": "flow",
+            "precision": precision}
+
+
 def recorded_solver(solver: dict, where: str) -> dict:
     """A manifest's `solver` field in today's terms: manifests written before cfg_channels was recorded guided
-    all channels, and recorded Lightning's precision string."""
+    all channels, and recorded Lightning's precision string; a flow solver guides every channel and clips
+    nothing unless it says so."""
     precision = solver.get("precision", "fp32")
     if precision not in AUTOCAST_DTYPE:
         precision = precision_of_trainer(precision, f"{where}: field 'solver.precision'")
-    return {**solver, "cfg_channels": solver.get("cfg_channels", "all"), "precision": precision}
+    return {**solver, "cfg_channels": solver.get("cfg_channels", "all"),
+            "clip_sample": solver.get("clip_sample", False), "precision": precision}
 
 
 @torch.no_grad()
-def ddim_path(model, x: torch.Tensor, labels: torch.Tensor, timesteps: torch.Tensor, guidance_scale: float,
-              clip_sample: bool = False, cfg_channels: CfgChannels = "all",
-              noise_correction: bool = False) -> torch.Tensor:
-    """The teacher's guided DDIM (eta = 0) from x along `timesteps` (B, m+1) (any decreasing timesteps, the
-    last may be CLEAN): m jumps x_{t_0} -> x_{t_1} -> ... -> x_{t_m}; returns x_{t_m} (B, C, H, W).
+def teacher_path(model, schedule: Schedule, x: torch.Tensor, labels: torch.Tensor, timesteps: torch.Tensor,
+                 guidance_scale: float, clip_sample: bool = False, cfg_channels: CfgChannels = "all",
+                 noise_correction: bool = False) -> torch.Tensor:
+    """The teacher's guided deterministic solver from x along `timesteps` (B, m+1) (any decreasing labels, the
+    last may be CLEAN): m jumps x_{t_0} -> x_{t_1} -> ... -> x_{t_m} of the schedule (DDIM, Song et al. 2021,
+    eq. 12, for variance preserving; Euler for flow); returns x_{t_m} (B, C, H, W).
 
-    Along the teacher's own grid this is `ddim_sample`'s step (Song et al. 2021, eq. 12): Imagine Flash's
-    backward distillation runs it from the student's own state to the student's next boundary.
+    Along the teacher's own grid this is the teacher's step: Imagine Flash's backward distillation runs it from
+    the student's own state to the student's next boundary.
     noise_correction (Imagine Flash, sec. 3.4; x must then be the pure noise x_T): the first jump's direction
     term uses x itself instead of the guided epsilon, as `ard.student.model.ARDStudent.step` does.
     """
-    scheduler = make_scheduler()
     for i in range(timesteps.shape[1] - 1):
-        eps = guided_eps(model, x, timesteps[:, i], labels, guidance_scale, cfg_channels)  # (B, C, H, W)
-        x = ddim_jump(x, eps, alpha_bar(scheduler, timesteps[:, i]), alpha_bar(scheduler, timesteps[:, i + 1]),
-                      clip_x0=clip_sample, direction=x if noise_correction and i == 0 else None)  # (B, C, H, W)
+        pred = guided_prediction(model, x, timesteps[:, i], labels, guidance_scale, cfg_channels)  # (B, C, H, W)
+        x = schedule.jump(x, pred, timesteps[:, i], timesteps[:, i + 1], schedule.teacher_output, clip_sample,
+                          direction=x if noise_correction and i == 0 else None)[0]  # (B, C, H, W)
     return x
 
 
 @torch.no_grad()
-def guided_x0(model, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, guidance_scale: float,
-              clip_sample: bool = False, cfg_channels: CfgChannels = "all") -> torch.Tensor:
-    """The teacher's guided x0-estimate of x (B, C, H, W) at timesteps t (B,) (Imagine Flash's SRL target)."""
-    eps = guided_eps(model, x, t, labels, guidance_scale, cfg_channels)  # (B, C, H, W)
-    return predict_x0(x, eps, alpha_bar(make_scheduler(), t), clip_sample)  # (B, C, H, W)
+def guided_x0(model, schedule: Schedule, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
+              guidance_scale: float, clip_sample: bool = False, cfg_channels: CfgChannels = "all") -> torch.Tensor:
+    """The teacher's guided x0-estimate of x (B, C, H, W) at labels t (B,) (Imagine Flash's SRL target)."""
+    pred = guided_prediction(model, x, t, labels, guidance_scale, cfg_channels)  # (B, C, H, W)
+    return schedule.read(x, pred, t, schedule.teacher_output, clip_sample)[0]  # (B, C, H, W)
 
 
 @dataclass
@@ -212,6 +191,14 @@ class Trajectory:
     grid_indices: list[int]  # saved indices into the K + 1 grid states
     timesteps: list[int]  # timestep of each saved state (CLEAN for the final sample)
     x0: torch.Tensor | None  # (B, len(save_indices), C, H, W) teacher's x0-prediction at each saved state
+
+
+def _save_indices(num_steps: int, save_indices: Sequence[int] | None) -> list[int]:
+    """The saved grid indices, sorted (default: all K + 1); refuses indices outside [0, K]."""
+    save = list(range(num_steps + 1)) if save_indices is None else sorted(set(int(i) for i in save_indices))
+    if not save or save[0] < 0 or save[-1] > num_steps:
+        raise ValueError(f"save_indices must lie in [0, {num_steps}], got {list(save_indices)}")
+    return save
 
 
 @torch.no_grad()
@@ -227,9 +214,7 @@ def ddim_sample(model, noise: torch.Tensor, labels: torch.Tensor, num_steps: int
     """
     backbone_of(model).check_condition(model, labels)
     grid = ddim_grid(num_steps, spacing)
-    save = list(range(num_steps + 1)) if save_indices is None else sorted(set(int(i) for i in save_indices))
-    if not save or save[0] < 0 or save[-1] > num_steps:
-        raise ValueError(f"save_indices must lie in [0, {num_steps}], got {list(save_indices)}")
+    save = _save_indices(num_steps, save_indices)
     scheduler = make_scheduler(spacing, clip_sample=clip_sample)
     scheduler.set_timesteps(num_steps)
     ab = alpha_bar(scheduler, torch.tensor(grid, device=noise.device)) if spacing == "linspace" else None  # (K+1,)
@@ -244,7 +229,7 @@ def ddim_sample(model, noise: torch.Tensor, labels: torch.Tensor, num_steps: int
         if i in save:
             states[i] = x
         t = torch.full((x.shape[0],), grid[i], device=x.device, dtype=torch.long)  # (B,)
-        eps = guided_eps(model, x, t, labels, guidance_scale, cfg_channels)  # (B, C, H, W)
+        eps = guided_prediction(model, x, t, labels, guidance_scale, cfg_channels)  # (B, C, H, W)
         if spacing == "linspace":  # uneven steps: the DDIM equation between this grid timestep and the next
             x0, x = predict_x0(x, eps, ab[i].expand(x.shape[0]), clip_sample), ddim_jump(
                 x, eps, ab[i].expand(x.shape[0]), ab[i + 1].expand(x.shape[0]), clip_sample)  # (B, C, H, W) each
@@ -263,19 +248,76 @@ def ddim_sample(model, noise: torch.Tensor, labels: torch.Tensor, num_steps: int
 
 
 @torch.no_grad()
-def ddim_sample_at(model, noise: torch.Tensor, labels: torch.Tensor, timesteps: Sequence[int],
-                   guidance_scale: float = 1.5, clip_sample: bool = False,
-                   cfg_channels: CfgChannels = "all", noise_correction: bool = False) -> torch.Tensor:
-    """The teacher's DDIM (eta = 0) + CFG over given boundary timesteps tau_0 > ... > tau_S = CLEAN (e.g. an
-    S-step student's, a subset of the K-step grid), one `ddim_jump` per step: the undistilled teacher at S
-    steps on exactly the students' footing. noise: (B, C, H, W); returns the final sample (B, C, H, W).
-    On the full K-step grid it equals `ddim_sample` to float rounding. noise_correction: see `ddim_path`."""
-    timesteps = [int(t) for t in timesteps]
+def flow_sample(model, noise: torch.Tensor, labels: torch.Tensor, num_steps: int = 24, guidance_scale: float = 1.5,
+                shift: float = 1.0, save_indices: Sequence[int] | None = None, return_x0: bool = False,
+                clip_sample: bool = False, progress: bool = False) -> Trajectory:
+    """Run a flow teacher's K-step Euler solver with CFG on the explicit grid sigma_k = shift(1 - k / K)
+    (ard.schedules.FlowSchedule) from `noise`, saving a subset of grid states; as `ddim_sample` otherwise.
+    Each step is x + (sigma_{k+1} - sigma_k) v, diffusers' FlowMatchEulerDiscreteScheduler.step (with x0
+    clamped to [-1, 1] first under clip_sample)."""
+    backbone_of(model).check_condition(model, labels)
+    schedule = FlowSchedule(shift)
+    grid = schedule.labels(schedule.grid_sigmas(num_steps))  # K + 1 labels, the last CLEAN
+    save = _save_indices(num_steps, save_indices)
+    x = noise  # (B, C, H, W)
+    states, x0s = {}, {}
+    steps = range(num_steps)
+    if progress:
+        from tqdm import tqdm
+
+        steps = tqdm(steps, desc="Euler", leave=False)
+    for i in steps:
+        if i in save:
+            states[i] = x
+        t = torch.full((x.shape[0],), grid[i], device=x.device, dtype=torch.float64)  # (B,)
+        v = guided_prediction(model, x, t, labels, guidance_scale)  # (B, C, H, W)
+        x, x0 = schedule.jump(x, v, t, torch.full_like(t, grid[i + 1]), "velocity", clip_sample)  # (B, C, H, W) each
+        if i in save:
+            x0s[i] = x0
+    states[num_steps] = x0s[num_steps] = x
+    return Trajectory(
+        states=torch.stack([states[i] for i in save], dim=1),  # (B, n, C, H, W)
+        grid_indices=save,
+        timesteps=[grid[i] for i in save],
+        x0=torch.stack([x0s[i] for i in save], dim=1) if return_x0 else None,
+    )
+
+
+def solve(model, solver: dict, noise: torch.Tensor, labels: torch.Tensor, save_indices: Sequence[int] | None = None,
+          return_x0: bool = False, progress: bool = False) -> Trajectory:
+    """The teacher's K-step trajectory with a store's solver settings (its manifest's `solver` field, in today's
+    terms: `recorded_solver`): DDIM (`ddim_sample`) or flow Euler (`flow_sample`)."""
+    if solver["name"] == "flow_euler":
+        return flow_sample(model, noise, labels, solver["num_steps"], solver["guidance_scale"], solver["shift"],
+                           save_indices, return_x0, solver["clip_sample"], progress)
+    return ddim_sample(model, noise, labels, solver["num_steps"], solver["guidance_scale"],
+                       solver["timestep_spacing"], save_indices, return_x0, solver["clip_sample"], progress,
+                       solver["cfg_channels"])
+
+
+def solver_grid(solver: dict) -> list:
+    """The K + 1 time labels of a solver's grid (the last CLEAN): DDIM timesteps, or 1000 sigma for flow."""
+    if solver["name"] == "flow_euler":
+        schedule = FlowSchedule(solver["shift"])
+        return schedule.labels(schedule.grid_sigmas(solver["num_steps"]))
+    return ddim_grid(solver["num_steps"], solver["timestep_spacing"])
+
+
+@torch.no_grad()
+def sample_at(model, schedule: Schedule, noise: torch.Tensor, labels: torch.Tensor, timesteps: Sequence,
+              guidance_scale: float = 1.5, clip_sample: bool = False, cfg_channels: CfgChannels = "all",
+              noise_correction: bool = False) -> torch.Tensor:
+    """The teacher's solver + CFG over given boundary labels tau_0 > ... > tau_S = CLEAN (e.g. an S-step
+    student's, a subset of the K-step grid), one jump per step: the undistilled teacher at S steps on exactly the
+    students' footing. noise: (B, C, H, W); returns the final sample (B, C, H, W). On the full K-step grid it
+    equals the teacher's K-step sample to float rounding. noise_correction: see `teacher_path`."""
+    timesteps = list(timesteps)
     if len(timesteps) < 2 or timesteps[-1] != CLEAN or any(a <= b for a, b in zip(timesteps[:-1], timesteps[1:])):
         raise ValueError(f"timesteps must decrease and end at {CLEAN} (clean), got {timesteps}")
     backbone_of(model).check_condition(model, labels)
-    path = torch.tensor(timesteps, device=noise.device).expand(noise.shape[0], -1)  # (B, S+1)
-    return ddim_path(model, noise, labels, path, guidance_scale, clip_sample, cfg_channels, noise_correction)
+    path = schedule.label_tensor(timesteps, noise.device).expand(noise.shape[0], -1)  # (B, S+1)
+    return teacher_path(model, schedule, noise, labels, path, guidance_scale, clip_sample, cfg_channels,
+                        noise_correction)
 
 
 def trajectory_seed(seed: int, index: int) -> int:

@@ -61,9 +61,10 @@ from ard.checks import (NUM_TRAIN_TIMESTEPS, AtLeastOne, AtLeastTwo, NonNegative
                         check_finite_samples, check_knobs, check_writable)
 from ard.cli import one_line
 from ard.data.digits import to_uint8
-from ard.diffusion import (CfgChannels, Precision, TimestepSpacing, autocast, ddim_grid, ddim_sample,
-                           ddim_sample_at, recorded_solver, solver_identity, student_grid_indices, trajectory_inputs)
+from ard.diffusion import (CfgChannels, Precision, autocast, flow_solver_identity, recorded_solver, sample_at, solve,
+                           solver_grid, solver_identity, student_grid_indices, trajectory_inputs)
 from ard.latents import LATENT_SCALE, decode_latents, load_vae
+from ard.schedules import TimestepSpacing, schedule_of
 from ard.metrics import (DigitFeatures, FeatureExtractor, FeatureStats, InceptionFeatures, Reference, adm_npz_writer,
                          bootstrap_fid, digits_images, fid_from_features, fid_noise_floor, metrics_of_features,
                          reference_from_adm_npz, reference_from_images)
@@ -114,15 +115,14 @@ def gflops_per_image(sampler: Sampler, noise: torch.Tensor, labels: torch.Tensor
 def teacher_sampler(teacher, solver: dict) -> Sampler:
     """The teacher's K-step DDIM + CFG with the store's settings (as the trajectories were made)."""
     k = solver["num_steps"]
-    return lambda n, y: ddim_sample(teacher, n, y, k, solver["guidance_scale"], solver["timestep_spacing"],
-                                    save_indices=[k], clip_sample=solver["clip_sample"],
-                                    cfg_channels=solver["cfg_channels"]).states[:, -1]
+    return lambda n, y: solve(teacher, solver, n, y, save_indices=[k]).states[:, -1]
 
 
 def undistilled_sampler(teacher, solver: dict, timesteps: list[int], noise_correction: bool = False) -> Sampler:
     """The teacher's DDIM + CFG at given boundary timesteps (the students'), otherwise as `teacher_sampler`."""
-    return lambda n, y: ddim_sample_at(teacher, n, y, timesteps, solver["guidance_scale"], solver["clip_sample"],
-                                       solver["cfg_channels"], noise_correction)
+    schedule = schedule_of(solver)
+    return lambda n, y: sample_at(teacher, schedule, n, y, timesteps, solver["guidance_scale"], solver["clip_sample"],
+                                  solver.get("cfg_channels", "all"), noise_correction)
 
 
 def student_sampler(directory: str, device: torch.device = torch.device("cpu"),
@@ -132,7 +132,7 @@ def student_sampler(directory: str, device: torch.device = torch.device("cpu"),
     student, boundaries = load_exported(directory)
     student = student.to(device)
     corrected = noise_correction or exported_noise_correction(directory)
-    timesteps = torch.tensor(boundaries, device=device)  # (S+1,)
+    timesteps = student.schedule.label_tensor(boundaries, device)  # (S+1,)
     return (lambda n, y: sample(student, n, y, timesteps, corrected)[:, -1]), boundaries
 
 
@@ -146,7 +146,7 @@ def undistilled_timesteps(steps: int, students: dict[str, list[int]], solver: di
                          f"({', '.join(f'{n}: {ts}' for n, ts in same.items())})")
     if same:
         return list(next(iter(same.values())))
-    grid = ddim_grid(solver["num_steps"], solver["timestep_spacing"])
+    grid = solver_grid(solver)
     try:
         return [grid[i] for i in student_grid_indices(solver["num_steps"], steps)]
     except ValueError as e:
@@ -224,7 +224,14 @@ def resolve_teacher(teacher: str, teacher_size: str | None, store: str | None, n
     recorded = recorded_solver(manifest["solver"], where) if manifest else {}
     settings = {k: given[k] if given.get(k) is not None else recorded.get(k, default)
                 for k, default in SOLVER_DEFAULTS.items()}
-    solver = solver_identity(**settings)
+    if recorded.get("name") == "flow_euler":  # Euler on the store's sigma grid: no DDIM spacing, every channel guided
+        for key in ("timestep_spacing", "cfg_channels"):
+            if given.get(key) is not None:
+                raise ValueError(f"{where}: a flow teacher's store (Euler): {key}={given[key]!r} does not apply")
+        solver = flow_solver_identity(settings["num_steps"], recorded["shift"], settings["guidance_scale"],
+                                      settings["clip_sample"], settings["precision"])
+    else:
+        solver = solver_identity(**settings)
     if numerics is None and manifest is not None:
         numerics = manifest["teacher"].get("numerics")  # None (an older store): the checkpoint's own
     text = manifest is not None and (manifest.get("conditioning") or {}).get("kind") == "text"
@@ -341,11 +348,11 @@ def build_rows(teacher, solver: dict, students: dict[str, str], undistilled_step
     `undistilled_steps` (at the students' boundaries), the students; every sampler fed through `conditions`."""
     k, w = solver["num_steps"], solver["guidance_scale"]
     cfg_passes = 1 if w == 1.0 else 2
-    name = f"teacher (DDIM, w={w:g})"
+    name = f"teacher ({'Euler' if solver['name'] == 'flow_euler' else 'DDIM'}, w={w:g})"
     loaded = {row: student_sampler(directory, device, noise_correction) for row, directory in students.items()}
     boundaries = {row: timesteps for row, (_, timesteps) in loaded.items()}
     rows = [RowSpec(name, k * cfg_passes, conditioned(teacher_sampler(teacher, solver), conditions),
-                    ddim_grid(k, solver["timestep_spacing"]), reference=True)]
+                    solver_grid(solver), reference=True)]
     for s in undistilled_steps or []:
         timesteps = undistilled_timesteps(s, boundaries, solver)
         sampler = conditioned(undistilled_sampler(teacher, solver, timesteps, noise_correction), conditions)
@@ -608,7 +615,7 @@ def evaluate(
 
     settings = {"teacher": teacher, "teacher_identity": identity, "store": store, "solver": solver,
                 "teacher_steps": solver["num_steps"], "guidance_scale": solver["guidance_scale"],
-                "spacing": solver["timestep_spacing"], "num_samples": num_samples, "seed": seed,
+                "spacing": solver.get("timestep_spacing"), "num_samples": num_samples, "seed": seed,
                 "reference": reference, "extractor": features.identity, "vae": vae, "precision": solver["precision"],
                 "device": str(dev), "students": students or {},
                 "conditioning": "class" if conditions.prompts is None else "text",

@@ -23,7 +23,8 @@ import torch
 import yaml
 
 from ard.data.digits import load_digits_split
-from ard.diffusion import alpha_bar, ddim_grid, make_scheduler, student_grid_indices
+from ard.diffusion import ddim_grid, student_grid_indices
+from ard.schedules import alpha_bar, make_scheduler
 from ard.student.srl import retention, retention_timesteps, snr_weights
 from ard.teacher import DIGITS_TEACHER, load_teacher
 

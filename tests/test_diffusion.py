@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from ard.diffusion import (CLEAN, alpha_bar, ddim_grid, ddim_jump, ddim_sample, ddim_sample_at, guided_eps,
-                           make_scheduler, precision_of_trainer, recorded_solver, solver_identity, trajectory_inputs)
+from ard.diffusion import (CLEAN, ddim_grid, ddim_sample, guided_prediction, precision_of_trainer, recorded_solver,
+                           sample_at, solver_identity, trajectory_inputs)
+from ard.schedules import VPSchedule, alpha_bar, ddim_jump, make_scheduler
 from ard.backbones.dit import build_dit
 
 
@@ -96,11 +97,11 @@ def test_label_out_of_range_is_refused(teacher):
 def test_sampling_at_given_timesteps_on_the_full_grid_is_the_ddim_sampler(teacher, clip):
     x, labels = torch.randn(6, 1, 8, 8), torch.arange(6) % 10
     grid = ddim_grid(8)
-    at = ddim_sample_at(teacher, x, labels, grid, 2.0, clip)
+    at = sample_at(teacher, VPSchedule(), x, labels, grid, 2.0, clip)
     torch.testing.assert_close(at, ddim_sample(teacher, x, labels, 8, 2.0, clip_sample=clip).states[:, -1],
                                atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="must decrease and end at -1"):
-        ddim_sample_at(teacher, x, labels, [451, 943, CLEAN])
+        sample_at(teacher, VPSchedule(), x, labels, [451, 943, CLEAN])
 
 
 def test_dit_cfg_guides_only_the_first_three_channels():
@@ -113,8 +114,8 @@ def test_dit_cfg_guides_only_the_first_three_channels():
     with torch.no_grad():
         eps_c = model(x, t, y).sample[:, :4]
         eps_u = model(x, t, torch.full_like(y, 10)).sample[:, :4]
-        every = guided_eps(model, x, t, y, 4.0, "all")
-        dit = guided_eps(model, x, t, y, 4.0, "dit")
+        every = guided_prediction(model, x, t, y, 4.0, "all")
+        dit = guided_prediction(model, x, t, y, 4.0, "dit")
     guided = eps_u + 4.0 * (eps_c - eps_u)
     torch.testing.assert_close(every, guided, atol=1e-5, rtol=0)
     torch.testing.assert_close(dit[:, :3], guided[:, :3], atol=1e-5, rtol=0)

@@ -9,7 +9,8 @@ import pytest
 from diffusers import AutoencoderKL
 
 from ard.data.digits import to_uint8
-from ard.diffusion import ddim_grid, ddim_sample_at
+from ard.diffusion import ddim_grid, sample_at
+from ard.schedules import VPSchedule
 from ard.evaluate import REPORT_KEYS, evaluate, gflops_per_image, make_decoder, student_sampler, undistilled_timesteps
 from ard.metrics import (DigitFeatures, compute_metrics, digits_images, extract, fid_from_features, load_npz_images,
                          reference_from_images)
@@ -72,7 +73,7 @@ def test_evaluate_tiny_run_writes_full_report(tmp_path):
     # 2-step DDIM grid (500, 0): its samples are the teacher's DDIM jumps over those timesteps.
     assert two_step["timesteps"] == student["timesteps"] == [943, 451, -1]
     assert teacher_row["timesteps"] == ddim_grid(4)
-    expected = ddim_sample_at(teacher, torch.from_numpy(noise), torch.from_numpy(labels), [943, 451, -1], 2.0, True)
+    expected = sample_at(teacher, VPSchedule(), torch.from_numpy(noise), torch.from_numpy(labels), [943, 451, -1], 2.0, True)
     assert torch.equal(npz["teacher_DDIM_w_2-2steps.npz"], to_uint8(expected))
     assert "samples at the students' boundary timesteps 943, 451" in table
 
@@ -159,6 +160,7 @@ def test_flops_count_the_history_attention(tmp_path):
 def store_manifest(path, teacher_model, **solver):
     """A store's manifest (no shards needed: the evaluation reads only the teacher and solver fields)."""
     from ard.diffusion import solver_identity
+    from ard.schedules import VPSchedule
     from ard.store import format as fmt
     from ard.teacher import teacher_identity
 
@@ -222,7 +224,8 @@ def test_noise_correction_rows(tmp_path):
 
 
 def test_undistilled_noise_correction_replaces_the_first_direction_only():
-    from ard.diffusion import alpha_bar, ddim_path, guided_eps, make_scheduler
+    from ard.diffusion import guided_prediction, teacher_path
+    from ard.schedules import VPSchedule, alpha_bar, make_scheduler
 
     torch.manual_seed(0)
     teacher = build_dit("digits", num_layers=2).eval()
@@ -231,9 +234,9 @@ def test_undistilled_noise_correction_replaces_the_first_direction_only():
     noise, labels = torch.randn(3, 1, 8, 8), torch.tensor([1, 2, 3])
     with torch.no_grad():
         path = torch.tensor([943, 451]).expand(3, -1)
-        plain = ddim_path(teacher, noise, labels, path, 2.0)
-        corrected = ddim_path(teacher, noise, labels, path, 2.0, noise_correction=True)
-        eps = guided_eps(teacher, noise, path[:, 0], labels, 2.0)
+        plain = teacher_path(teacher, VPSchedule(), noise, labels, path, 2.0)
+        corrected = teacher_path(teacher, VPSchedule(), noise, labels, path, 2.0, noise_correction=True)
+        eps = guided_prediction(teacher, noise, path[:, 0], labels, 2.0)
     b = alpha_bar(make_scheduler(), torch.tensor([451])).float()
     torch.testing.assert_close(corrected - plain, (1 - b).sqrt() * (noise - eps), atol=1e-5, rtol=1e-5)
 

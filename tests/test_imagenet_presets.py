@@ -11,7 +11,8 @@ import torch
 import yaml
 
 from ard.cli import main as ard_main
-from ard.diffusion import ddim_grid, ddim_path
+from ard.diffusion import ddim_grid, teacher_path
+from ard.schedules import VPSchedule
 from ard.evaluate import main as eval_main
 from ard.modules.distill import ARDDistillation
 from ard.store import format as fmt
@@ -180,7 +181,7 @@ def test_paper_preset_trains_on_its_grid_whose_states_the_teacher_reproduces(tmp
     model = load_teacher(str(teacher), numerics="dit")
     for s, (a, b) in enumerate(zip(store.grid_indices, store.grid_indices[1:])):
         path = torch.tensor(grid[a:b + 1]).expand(4, -1)  # (4, b - a + 1) the teacher's own grid steps
-        x = ddim_path(model, states[:, s], labels, path, 1.5, False, "dit")  # (4, C, H, W)
+        x = teacher_path(model, VPSchedule(), states[:, s], labels, path, 1.5, False, "dit")  # (4, C, H, W)
         torch.testing.assert_close(x, states[:, s + 1], rtol=1e-4, atol=1e-5)
     logger = '{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "%s"}}' % tmp_path
     ard_main(["fit", "-c", str(PRESETS / "ard.yaml"), "-c", str(PRESETS / "paper.yaml"),

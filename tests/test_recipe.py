@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from ard.diffusion import alpha_bar, ddim_grid, ddim_sample, make_scheduler
+from ard.diffusion import ddim_grid, ddim_sample
+from ard.schedules import VPSchedule, alpha_bar, make_scheduler
 from ard.student.exposure import exposure_errors
 from ard.modules.distill import ARDDistillation, load_exported
 from ard.student import ARDStudent, HistoryContext, StepMSELoss, sample
@@ -69,9 +70,9 @@ def test_teacher_from_state_on_the_teachers_states_reproduces_the_trajectory(tea
     states, timesteps, labels, boundaries = trajectory(teacher, steps)
     paths = torch.tensor(substep_paths(ddim_grid(K), boundaries, K // steps))  # (S, K/S + 1)
     assert paths[:, 0].tolist() == timesteps[0, :-1].tolist() and paths[:, -1].tolist() == timesteps[0, 1:].tolist()
-    target = teacher_from_state(teacher, states[:, :-1], paths, labels, 2.0, True)  # (B, S, C, H, W)
+    target = teacher_from_state(teacher, VPSchedule(), states[:, :-1], paths, labels, 2.0, True)  # (B, S, C, H, W)
     torch.testing.assert_close(target, states[:, 1:], atol=2e-5, rtol=0)
-    coarse = teacher_from_state(teacher, states[:, :-1], torch.tensor(substep_paths(ddim_grid(K), boundaries, 1)),
+    coarse = teacher_from_state(teacher, VPSchedule(), states[:, :-1], torch.tensor(substep_paths(ddim_grid(K), boundaries, 1)),
                                 labels, 2.0, True)  # one DDIM jump per student step: not the K-step teacher
     assert (coarse - states[:, 1:]).abs().max() > 1e-3
     with pytest.raises(ValueError, match="target_substeps=3 must divide"):
@@ -103,7 +104,7 @@ def test_noise_correction_replaces_exactly_the_first_steps_epsilon(teacher):
         # step 0 by hand: x0 from the model's eps, direction sqrt(1 - b) x_T instead of sqrt(1 - b) eps
         history = HistoryContext(num_steps=S, step=0, cache=student.new_cache(3))
         eps = DiT().prediction(teacher, student._transformer(noise, timesteps[:, 0], labels, history, step=0))
-        a, b = (alpha_bar(student.scheduler, timesteps[:, i]).float().view(-1, 1, 1, 1) for i in (0, 1))
+        a, b = (alpha_bar(student.schedule.scheduler, timesteps[:, i]).float().view(-1, 1, 1, 1) for i in (0, 1))
         torch.testing.assert_close(corrected[:, 1] - plain[:, 1], (1 - b).sqrt() * (noise - eps), atol=1e-5, rtol=0)
         # later steps: the same function of the same inputs (the cache holds the corrected states' keys)
         cache = student.new_cache(3)

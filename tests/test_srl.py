@@ -10,7 +10,8 @@ import torch
 
 from ard.backbones import BACKBONES
 from ard.backbones.dit import DiT
-from ard.diffusion import alpha_bar, ddim_grid, ddim_path, ddim_sample, guided_x0, make_scheduler, predict_x0
+from ard.diffusion import ddim_grid, ddim_sample, guided_x0, teacher_path
+from ard.schedules import VPSchedule, alpha_bar, make_scheduler, predict_x0
 from ard.student import ARDStudent, StepMSELoss, sample
 from ard.student.export import SAMPLING_CONFIG, export_student, exported_noise_correction
 from ard.student.loss import mse, unclipped
@@ -227,17 +228,17 @@ def test_noise_correction_of_backward_distillation_targets_is_step0s_only(teache
     states = traj.states  # (B, 3, 1, 8, 8)
     for substeps in (4, 1):
         paths = torch.tensor(substep_paths(ddim_grid(8), [0, 4, 8], substeps))  # (S, m+1)
-        plain = teacher_from_state(teacher, states[:, :-1], paths, labels, 2.0, True)
-        corrected = teacher_from_state(teacher, states[:, :-1], paths, labels, 2.0, True, noise_correction=True)
+        plain = teacher_from_state(teacher, VPSchedule(), states[:, :-1], paths, labels, 2.0, True)
+        corrected = teacher_from_state(teacher, VPSchedule(), states[:, :-1], paths, labels, 2.0, True, noise_correction=True)
         torch.testing.assert_close(corrected[:, 1:], plain[:, 1:], atol=1e-5, rtol=1e-5)  # step 1 unchanged
         x_t = states[:, 0]
-        torch.testing.assert_close(corrected[:, 0], ddim_path(teacher, x_t, labels, paths[:1].expand(3, -1), 2.0,
+        torch.testing.assert_close(corrected[:, 0], teacher_path(teacher, VPSchedule(), x_t, labels, paths[:1].expand(3, -1), 2.0,
                                                               True, noise_correction=True), atol=1e-5, rtol=1e-5)
         assert (corrected[:, 0] - plain[:, 0]).abs().max() > 1e-3
     # one jump: sqrt(b) x0_teacher(x_T) + sqrt(1 - b) x_T
     t0 = torch.full((3,), int(paths[0, 0]))
     b = alpha_bar(make_scheduler(), paths[0, 1:]).float().view(1, 1, 1, 1)
-    torch.testing.assert_close(corrected[:, 0], b.sqrt() * guided_x0(teacher, x_t, t0, labels, 2.0, True)
+    torch.testing.assert_close(corrected[:, 0], b.sqrt() * guided_x0(teacher, VPSchedule(), x_t, t0, labels, 2.0, True)
                                + (1 - b).sqrt() * x_t, atol=1e-5, rtol=0)
     # the loss regresses the corrected step 0 on the corrected target
     student = ARDStudent(teacher, 2, history_blocks=1)

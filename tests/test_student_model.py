@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from ard.diffusion import alpha_bar, ddim_jump, make_scheduler
+from ard.schedules import alpha_bar, ddim_jump, make_scheduler
 from ard.student import ARDStudent, StepMSELoss, sample
 from ard.backbones.dit import DiT, build_dit
 

@@ -9,7 +9,7 @@ import torch
 
 from ard.backbones.pixart import PixArt
 from ard.backbones.text import TextCondition
-from ard.diffusion import alpha_bar, ddim_jump, make_scheduler
+from ard.schedules import alpha_bar, ddim_jump, make_scheduler
 from ard.student import ARDStudent, sample
 from test_backbones import diffusers_log, open_gates_and_vary_heads, text_condition, tiny
 

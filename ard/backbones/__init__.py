@@ -29,7 +29,9 @@ BACKBONES: dict[str, Backbone] = {adapter.family: adapter for adapter in (DiT(),
 # families are served by precompute and distillation so far (their evaluation is still to come), PixArt's: SD3's
 # flow schedule is not served by any stage yet (its adapter and the student are).
 SERVED = ("dit",)
-TEXT = ("pixart", "sd3")  # families conditioned on text: stores of encoded prompts (ard/store/text.py)
+TEXT = ("pixart",)  # families conditioned on text: stores of encoded prompts (ard/store/text.py)
+# SD3 ("sd3") is served by the student (joint history attention) only so far: its stores need the pooled text
+# embeddings in the sidecar and its dense T5 tokens, so precompute, distillation and evaluation refuse it (one line).
 Family = Literal["dit", "pixart"]  # the families a teacher can be trained in (ard.modules.teacher_training)
 
 

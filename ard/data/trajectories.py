@@ -3,7 +3,8 @@
 A batch is a dict:
     "states":    (B, S+1, C, H, W) float32  the teacher's states at the student's boundaries tau_0..tau_S
                                             (index 0 the noise x_T, index S the final sample)
-    "timesteps": (B, S+1) int64             their grid timesteps (the last is CLEAN = -1)
+    "timesteps": (B, S+1)                   their time labels (ard.schedules; the last is CLEAN = -1): the grid
+                                            timesteps (int64), or 1000 sigma of a flow store (float64)
     "labels":    (B,) int64
     "index":     (B,) int64                 trajectory indices
     "x0":        (B, S+1, C, H, W) float32  the teacher's x0-predictions (only with with_x0=True)
@@ -56,7 +57,7 @@ class StudentBatches(Dataset):
     def __init__(self, store: TrajectoryStore, boundaries: list[int], with_x0: bool, check_finite: bool):
         self.store, self.with_x0, self.check_finite = store, with_x0, check_finite
         self.positions = [store.grid_indices.index(b) for b in boundaries]  # positions in the saved grid
-        self.timesteps = torch.tensor([store.grid_timesteps[p] for p in self.positions])  # (S+1,)
+        self.timesteps = torch.tensor([store.grid_labels[p] for p in self.positions])  # (S+1,) int64 or float64
 
     def __len__(self) -> int:
         return self.store.num_trajectories
@@ -156,7 +157,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         self.manifest = self.store.manifest
         self.prompt_condition = store_conditioner(path, self.manifest)  # a text store's labels -> their prompts
         self.boundaries = student_boundaries(self.store, student_steps, boundaries)  # grid indices tau_0..tau_S
-        self.timesteps = [self.store.grid_timesteps[self.store.grid_indices.index(b)] for b in self.boundaries]
+        self.timesteps = [self.store.grid_labels[self.store.grid_indices.index(b)] for b in self.boundaries]
         if with_x0 and not self.store.has_x0:
             raise StoreError(f"{self.store.root / MANIFEST}: field 'state.x0' is false; with_x0=True needs a store "
                              "made with with_x0: true")

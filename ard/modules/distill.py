@@ -36,7 +36,8 @@ import torch
 
 from ard.checks import (AtLeastOne, Beta, Indices, NonNegative, NonNegativeInt, Positive, Weights, check_fields,
                         check_finite_weights, check_knobs, stop_on_non_finite)
-from ard.diffusion import ddim_grid, recorded_solver
+from ard.diffusion import recorded_solver, solver_grid
+from ard.schedules import schedule_of
 from ard.student import ARDStudent, HeadKind, HistoryStart, MaskKind, OutputKind, StepMSELoss, sample
 from ard.student.exposure import exposure_errors
 from ard.student.export import export_student, load_exported
@@ -208,12 +209,20 @@ class ARDDistillation(L.LightningModule):
         if datamodule.student_steps != self.hparams.num_steps:
             raise ValueError(f"data.student_steps={datamodule.student_steps} but model.num_steps="
                              f"{self.hparams.num_steps}: set both to the same S")
-        self.timesteps = [int(t) for t in datamodule.timesteps]
+        self.timesteps = list(datamodule.timesteps)  # DDIM timesteps (int) or 1000 sigma (float) of a flow store
         if self._init_timesteps is not None and self._init_timesteps != self.timesteps:
             raise ValueError(f"{self.hparams.init_student}: boundary timesteps {self._init_timesteps} differ from "
                              f"the store's {self.timesteps}")
         solver = recorded_solver(datamodule.manifest["solver"], manifest)
-        grid = ddim_grid(solver["num_steps"], solver["timestep_spacing"])  # the teacher's K + 1 grid timesteps
+        schedule = schedule_of(solver)  # the teacher's: the student's head is read on it
+        if schedule.kind != "vp" and self.recipe.uses_srl:
+            raise ValueError(f"{manifest}: a flow teacher's store ('solver.name' {solver['name']!r}); recipe SRL "
+                             "(targets 'shifted_reconstruction', srl_weight > 0) is defined on DiT's timesteps only")
+        try:
+            self.student.use_schedule(schedule, schedule.label_tensor(self.timesteps[:1]))
+        except ValueError as e:
+            raise ValueError(f"{manifest}: model.{e}") from None
+        grid = solver_grid(solver)  # the teacher's K + 1 grid labels
         substeps = self.recipe.target_substeps
         substeps = solver["num_steps"] // self.hparams.num_steps if substeps is None else substeps
         paths = (substep_paths(grid, datamodule.boundaries, substeps)
@@ -222,7 +231,7 @@ class ARDDistillation(L.LightningModule):
         self.loss_fn = StepMSELoss(recipe.targets, solver["guidance_scale"], solver["clip_sample"],
                                    None if paths is None else torch.tensor(paths), recipe.srl_shift,
                                    solver["cfg_channels"], recipe.srl_timesteps, recipe.srl_weights,
-                                   recipe.srl_weight, self.noise_correction)
+                                   recipe.srl_weight, self.noise_correction, schedule)
 
     def condition(self, labels: torch.Tensor):
         """The teacher's condition of store labels (B,): the class labels, or their encoded prompts (a text store's
@@ -232,6 +241,7 @@ class ARDDistillation(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         check_finite_weights(checkpoint["state_dict"], f"step {self.global_step}: checkpoint (not written)")
         checkpoint["boundary_timesteps"] = self.timesteps
+        checkpoint["schedule"] = self.student.schedule.settings()  # what the labels mean (ard.schedules)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("boundary_timesteps")
@@ -365,7 +375,7 @@ class ARDDistillation(L.LightningModule):
         """Final S-step samples from noise (n, C, H, W) as images in [-1, 1] (VAE-decoded for latents)."""
         if self.timesteps is None:
             raise ValueError("the boundary timesteps are unknown: fit on a store first, or load a checkpoint")
-        timesteps = torch.tensor(self.timesteps, device=self.device)  # (S+1,)
+        timesteps = self.student.schedule.label_tensor(self.timesteps, self.device)  # (S+1,)
         x = sample(self.student, noise, labels, timesteps, self.noise_correction)[:, -1]  # (n, C, H, W)
         if self.samples.vae is None:
             return x

@@ -84,6 +84,7 @@ class ARDGANDistillation(ARDDistillation):
     def setup(self, stage: str) -> None:
         """The regression module's store checks, then the real samples (one-line errors)."""
         super().setup(stage)
+        self.discriminator.schedule = self.student.schedule  # re-noising on the store's teacher's schedule
         for part, source in (("train", self.gan.real), ("holdout", self.gan.holdout)):
             if source is None:
                 continue

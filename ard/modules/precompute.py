@@ -23,9 +23,10 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from ard.checks import AtLeastOne, Indices, NonNegative, NonNegativeInt, check_knobs
-from ard.diffusion import (CfgChannels, TimestepSpacing, ddim_grid, ddim_sample, precision_of_trainer,
-                           solver_identity, trajectory_inputs)
+from ard.checks import CLEAN, AtLeastOne, Indices, NonNegative, NonNegativeInt, Positive, check_choice, check_knobs
+from ard.diffusion import (CfgChannels, ddim_grid, flow_solver_identity, precision_of_trainer, solve, solver_identity,
+                           trajectory_inputs)
+from ard.schedules import FlowSchedule, ScheduleKind, TimestepSpacing
 from ard.backbones import SERVED, TEXT, backbone_of
 from ard.backbones.dit import Numerics, num_classes
 from ard.conditioning import read_prompts
@@ -36,14 +37,16 @@ from ard.text_encoders import TextEncoderKind, load_text_encoder
 
 
 class PrecomputeTrajectories(L.LightningModule):
-    """Samples the teacher's DDIM (eta = 0) + CFG trajectories of one store shard per predict batch."""
+    """Samples the teacher's deterministic solver (DDIM, eta = 0, or flow Euler) + CFG trajectories of one store
+    shard per predict batch."""
 
     def __init__(self, teacher: str = str(DIGITS_TEACHER), teacher_size: str | None = None, num_steps: AtLeastOne = 24,
                  timestep_spacing: TimestepSpacing = "leading", guidance_scale: NonNegative = 2.0,
                  clip_sample: bool = False, save_indices: Indices | None = None, with_x0: bool = False,
                  seed: NonNegativeInt = 0, micro_batch_size: AtLeastOne = 256, numerics: Numerics | None = None,
                  cfg_channels: CfgChannels = "all", prompts: str | None = None, text_encoder: TextEncoderKind = "hash",
-                 text_encoder_path: str | None = None, text_max_tokens: AtLeastOne = 120, null_prompt: str = ""):
+                 text_encoder_path: str | None = None, text_max_tokens: AtLeastOne = 120, null_prompt: str = "",
+                 schedule: ScheduleKind = "vp", shift: Positive = 1.0):
         """
         Args:
             teacher: the teacher DiT (a diffusers directory or an official DiT checkpoint, see
@@ -62,7 +65,7 @@ class PrecomputeTrajectories(L.LightningModule):
             numerics: compute like the official DiT ("dit") or diffusers' port ("diffusers"); None: the
                 checkpoint's own (ard.teacher.load_teacher). Recorded in the manifest's `teacher` field.
             cfg_channels: "all" guides every epsilon channel; "dit" only the first 3, as facebookresearch/DiT's
-                sample.py (ard.diffusion.guided_eps). The autocast precision is the trainer's `precision`
+                sample.py (ard.diffusion.guided_prediction). The autocast precision is the trainer's `precision`
                 (32-true, bf16-mixed or 16-mixed); both are recorded in the manifest's `solver` field.
             prompts: text teachers only: the prompt file (JSON Lines {"id", "text"}, or .txt: one prompt per line;
                 ard.conditioning.read_prompts); trajectory i's label indexes it.
@@ -72,11 +75,21 @@ class PrecomputeTrajectories(L.LightningModule):
             text_max_tokens: the encoder's maximum prompt length (longer prompts are refused, never cut;
                 PixArt-alpha: 120, Sigma: 300).
             null_prompt: text teachers only: the null (negative) prompt of CFG.
+            schedule: the teacher's training schedule (ard/schedules.py): "vp" (epsilon prediction, DDIM on
+                DiT's linear betas) or "flow" (velocity prediction, rectified flow: Euler on the grid
+                sigma_k = shift(1 - k / K), recorded in the manifest's grid.sigmas).
+            shift: "flow" only: the grid's time shift (1: uniform in sigma; SD3: 3.0).
         """
         check_knobs(PrecomputeTrajectories.__init__, {k: v for k, v in locals().items() if k != "self"}, "model.")
         super().__init__()
         self.save_hyperparameters()
-        self.grid = ddim_grid(num_steps, timestep_spacing)  # K + 1 timesteps, last = CLEAN; refuses bad spacings
+        self.schedule = check_choice("model.schedule", schedule, ScheduleKind)
+        if schedule == "flow" and cfg_channels != "all":
+            raise ValueError(f"model.cfg_channels={cfg_channels!r}: a flow teacher's CFG guides every channel ('all')")
+        self.sigmas = FlowSchedule(shift).grid_sigmas(num_steps) if schedule == "flow" else None  # (K+1,) flow grid
+        # K + 1 timesteps, last = CLEAN (DDIM: refuses bad spacings; flow: round(1000 sigma), the manifest's record)
+        self.grid = (ddim_grid(num_steps, timestep_spacing) if self.sigmas is None
+                     else [round(1000 * s) for s in self.sigmas[:-1]] + [CLEAN])
         self.save_indices = list(range(num_steps + 1)) if save_indices is None else sorted(set(save_indices))
         if self.save_indices[0] != 0 or self.save_indices[-1] != num_steps:
             raise ValueError(f"save_indices must lie in [0, {num_steps}] and include 0 (the noise) and {num_steps} "
@@ -109,16 +122,24 @@ class PrecomputeTrajectories(L.LightningModule):
                                           null_prompt=self.hparams.null_prompt)
         return self.section
 
+    def solver(self) -> dict:
+        """The teacher's sampling settings (the manifest's `solver`): DDIM, or flow Euler."""
+        hp, precision = self.hparams, precision_of_trainer(self.trainer.precision)
+        if self.sigmas is None:
+            return solver_identity(hp.num_steps, hp.timestep_spacing, hp.guidance_scale, hp.clip_sample,
+                                   hp.cfg_channels, precision)
+        return flow_solver_identity(hp.num_steps, hp.shift, hp.guidance_scale, hp.clip_sample, precision)
+
     def store_identity(self) -> dict:
         """The manifest fields this module decides (see ard.store.format.new_manifest)."""
         hp = self.hparams
         conditioning = self.conditioning()
         return dict(
             teacher={"path": hp.teacher, **self.identity},
-            solver=solver_identity(hp.num_steps, hp.timestep_spacing, hp.guidance_scale, hp.clip_sample,
-                                   hp.cfg_channels, precision_of_trainer(self.trainer.precision)),
+            solver=self.solver(),
             grid_indices=self.save_indices,
             grid_timesteps=[self.grid[i] for i in self.save_indices],
+            grid_sigmas=None if self.sigmas is None else [self.sigmas[i] for i in self.save_indices],
             state_shape=self.state_shape,
             with_x0=hp.with_x0,
             num_classes=num_classes(self.teacher) if conditioning is None else len(self.prompts),
@@ -183,12 +204,12 @@ class PrecomputeTrajectories(L.LightningModule):
         hp = self.hparams
         start, stop = int(batch["start"]), int(batch["start"]) + int(batch["count"])
         states, x0s, labels = [], [], []
+        solver = self.solver()
         for a in range(start, stop, hp.micro_batch_size):  # the fixed micro-batch layout of the shard
             idx = range(a, min(a + hp.micro_batch_size, stop))
             noise, y = trajectory_inputs(hp.seed, idx, self.state_shape, self.num_labels())  # (m, C, H, W), (m,)
-            traj = ddim_sample(self.teacher, noise.to(self.device), self.condition(y), hp.num_steps,
-                               hp.guidance_scale, hp.timestep_spacing, self.save_indices, return_x0=hp.with_x0,
-                               clip_sample=hp.clip_sample, cfg_channels=hp.cfg_channels)
+            traj = solve(self.teacher, solver, noise.to(self.device), self.condition(y), self.save_indices,
+                         return_x0=hp.with_x0)
             states.append(traj.states.float().cpu())  # (m, G, C, H, W)
             if hp.with_x0:
                 x0s.append(traj.x0.float().cpu())  # (m, G, C, H, W)

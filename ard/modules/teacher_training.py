@@ -1,4 +1,5 @@
-"""Train a diffusion teacher on the digits (epsilon prediction, DiT's schedule, CFG condition dropout).
+"""Train a diffusion teacher on the digits (CFG condition dropout), with epsilon prediction on DiT's schedule or
+with rectified flow (velocity prediction, Liu et al. 2023; ard/schedules.py).
 
 A class-conditional DiT (the embedded default: `ard fit -c configs/digits/teacher.yaml`) or a text-conditioned
 PixArt on the digits' captions (the text-to-image default: `ard fit -c configs/digits_t2i/teacher.yaml`; each image
@@ -21,32 +22,44 @@ from ard.backbones import TEXT, Family, backbone, backbone_of
 from ard.checks import (AtLeastOne, AtLeastTwo, NonNegative, NonNegativeInt, Positive, Probability, check_choice,
                         check_knobs)
 from ard.data.captions import NAMES, CaptionConditions
-from ard.diffusion import ddim_sample, make_scheduler, q_sample
+from ard.diffusion import flow_solver_identity, solve, solver_identity
+from ard.schedules import FLOW_TIME_SCALE, FlowSchedule, Schedule, ScheduleKind, VPSchedule
 from ard.text_encoders import TextEncoderKind, load_text_encoder
 from ard.viz import image_grid, log_image, save_png
 
 
-def diffusion_loss(model, x0: torch.Tensor, labels: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                   alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """Unreduced epsilon-prediction loss (Ho et al. 2020, eq. 14), shape (B,).
+def diffusion_loss(model, schedule: Schedule, x0: torch.Tensor, labels, t: torch.Tensor,
+                   noise: torch.Tensor) -> torch.Tensor:
+    """Unreduced denoising loss, shape (B,): the MSE of the model's epsilon to the noise (Ho et al. 2020, eq. 14) on a
+    variance-preserving schedule, of its velocity to eps - x0 on a flow one (Liu et al. 2023, eq. 1; Esser et al.
+    2024, eq. 3 with uniform sigma).
 
-    x0: (B, C, H, W) clean images; t: (B,) timesteps; noise: (B, C, H, W); labels: the (B,) rows' conditions
-    (class labels or a TextCondition; the null condition where dropped).
+    x0: (B, C, H, W) clean images; t: (B,) time labels of `schedule`; noise: (B, C, H, W); labels: the (B,) rows'
+    conditions (class labels or a TextCondition; the null condition where dropped).
     """
-    ab = alphas_cumprod[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-    x_t = q_sample(x0, ab, noise)  # (B, C, H, W)
-    eps = backbone_of(model).predict(model, x_t, t, labels)  # (B, C, H, W)
-    return F.mse_loss(eps, noise, reduction="none").mean(dim=(1, 2, 3))  # (B,)
+    x_t = schedule.q_sample(x0, t, noise)  # (B, C, H, W)
+    pred = backbone_of(model).predict(model, x_t, t, labels)  # (B, C, H, W)
+    target = noise if schedule.kind == "vp" else noise - x0  # (B, C, H, W)
+    return F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))  # (B,)
+
+
+def draw_times(schedule: Schedule, n: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
+    """n training time labels (n,): uniform integer timesteps in [0, T) (variance preserving), or 1000 sigma with
+    sigma uniform in (0, 1] (flow)."""
+    if schedule.kind == "vp":
+        return torch.randint(0, schedule.num_train_timesteps, (n,), generator=generator, device=device)
+    u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)  # [0, 1)
+    return FLOW_TIME_SCALE * (1 - u)  # (n,) in (0, 1000]
 
 
 class TeacherTraining(L.LightningModule):
-    """A teacher trained from scratch with epsilon prediction and 10% condition dropout for CFG."""
+    """A teacher trained from scratch with epsilon prediction (or rectified flow) and 10% condition dropout for CFG."""
 
     def __init__(self, family: Family = "dit", size: str = "digits", lr: Positive = 1e-3, weight_decay: NonNegative = 0.0,
                  warmup_steps: NonNegativeInt = 500, label_dropout: Probability = 0.1,
                  num_train_timesteps: AtLeastTwo = 1000, sample_guidance_scale: NonNegative = 2.0,
                  sample_steps: AtLeastOne = 24, clip_sample: bool = True, samples_per_class: NonNegativeInt = 8,
-                 seed: NonNegativeInt = 0, text_encoder: TextEncoderKind = "hash"):
+                 seed: NonNegativeInt = 0, text_encoder: TextEncoderKind = "hash", schedule: ScheduleKind = "vp"):
         """
         Args:
             family: "dit" (class labels) or "pixart" (the digits' captions).
@@ -57,11 +70,13 @@ class TeacherTraining(L.LightningModule):
             label_dropout: probability of replacing a condition by the null class or prompt (CFG training).
             num_train_timesteps: T of the linear-beta schedule (1e-4..0.02).
             sample_guidance_scale: CFG scale of the sample grids made at validation.
-            sample_steps: DDIM steps of those grids.
+            sample_steps: solver steps of those grids (DDIM, or Euler for flow).
             clip_sample: clip the x0-prediction to [-1, 1] when sampling (pixel-space data).
             samples_per_class: columns of the validation sample grid (one row per class).
             seed: seed of the validation noise (same noise every time, so grids are comparable).
             text_encoder: a text family's encoder of the captions (ard.text_encoders).
+            schedule: "vp" (epsilon prediction on the linear-beta schedule, DDIM grids) or "flow" (rectified flow:
+                velocity prediction, sigma uniform in (0, 1], Euler grids; num_train_timesteps then unused).
         """
         check_knobs(TeacherTraining.__init__, {k: v for k, v in locals().items() if k != "self"}, "model.")
         super().__init__()
@@ -70,8 +85,8 @@ class TeacherTraining(L.LightningModule):
         self.text = family in TEXT
         self.captions = (CaptionConditions(load_text_encoder(text_encoder, self.model.config.caption_channels))
                          if self.text else None)  # every caption and the null prompt, encoded once
-        self.register_buffer("alphas_cumprod", make_scheduler(num_train_timesteps=num_train_timesteps)
-                             .alphas_cumprod.float(), persistent=False)
+        self.schedule = (VPSchedule(num_train_timesteps) if check_choice("schedule", schedule, ScheduleKind) == "vp"
+                         else FlowSchedule())
 
     def condition(self, digits: torch.Tensor, drop: torch.Tensor | None = None,
                   templates: torch.Tensor | None = None):
@@ -84,20 +99,20 @@ class TeacherTraining(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x0, labels = batch  # (B, C, H, W), (B,)
-        t = torch.randint(0, self.hparams.num_train_timesteps, (x0.shape[0],), device=self.device)  # (B,)
+        t = draw_times(self.schedule, x0.shape[0], self.device)  # (B,)
         drop = torch.rand(x0.shape[0], device=self.device) < self.hparams.label_dropout  # (B,)
         condition = self.condition(labels, drop)
-        loss = diffusion_loss(self.model, x0, condition, t, torch.randn_like(x0), self.alphas_cumprod).mean()
+        loss = diffusion_loss(self.model, self.schedule, x0, condition, t, torch.randn_like(x0)).mean()
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def validation_step(self, batch, batch_idx):
         x0, labels = batch  # (B, C, H, W), (B,)
         g = torch.Generator(device=self.device).manual_seed(batch_idx)  # fixed t and noise: comparable numbers
-        t = torch.randint(0, self.hparams.num_train_timesteps, (x0.shape[0],), generator=g, device=self.device)
+        t = draw_times(self.schedule, x0.shape[0], self.device, g)  # (B,)
         noise = torch.randn(x0.shape, generator=g, device=self.device)
         condition = self.condition(labels, templates=torch.zeros_like(labels))  # each digit's first caption
-        loss = diffusion_loss(self.model, x0, condition, t, noise, self.alphas_cumprod).mean()
+        loss = diffusion_loss(self.model, self.schedule, x0, condition, t, noise).mean()
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
 
     def on_validation_epoch_start(self):
@@ -117,8 +132,10 @@ class TeacherTraining(L.LightningModule):
                             generator=g).to(self.device)  # (10 * k, C, H, W)
         labels = torch.arange(n_cls, device=self.device).repeat_interleave(hp.samples_per_class)  # (10 * k,)
         condition = self.condition(labels, templates=torch.zeros_like(labels))
-        traj = ddim_sample(self.model, noise, condition, hp.sample_steps, hp.sample_guidance_scale,
-                           save_indices=[hp.sample_steps], clip_sample=hp.clip_sample)
+        solver = (solver_identity(hp.sample_steps, "leading", hp.sample_guidance_scale, hp.clip_sample, "all", "fp32")
+                  if self.schedule.kind == "vp" else
+                  flow_solver_identity(hp.sample_steps, 1.0, hp.sample_guidance_scale, hp.clip_sample, "fp32"))
+        traj = solve(self.model, solver, noise, condition, save_indices=[hp.sample_steps])
         return image_grid(traj.states[:, -1], nrow=hp.samples_per_class)
 
     def configure_optimizers(self):

@@ -31,11 +31,12 @@ import torch
 
 from ard.atomic import write_text_atomic
 from ard.checks import can_write
+from ard.schedules import FlowSchedule
 from ard.store.mapping import MappedFiles
 from ard.store.schema import FORMAT, NUMPY_DTYPE, VERSIONS, StoreDtype, check_manifest
 
 VERSION = 1  # what this writer writes for class-conditional DDIM stores (ard.store.schema: the versions read)
-TEXT_VERSION = 2  # ... and for text stores (a `conditioning` section, the teacher's family)
+TEXT_VERSION = 2  # ... and for text stores (a `conditioning` section, the teacher's family) and flow stores
 CONDITIONING_FOLDER = "conditioning"  # a text store's encoded prompts (ard/store/text.py), written before the manifest
 MANIFEST = "manifest.json"
 SIDECAR = "shard.json"
@@ -127,9 +128,11 @@ def _first_difference(a: Any, b: Any, prefix: str = "") -> tuple[str, Any, Any] 
 def new_manifest(*, teacher: dict, solver: dict, grid_indices: Sequence[int], grid_timesteps: Sequence[int],
                  state_shape: Sequence[int], dtype: StoreDtype, with_x0: bool, num_classes: int,
                  num_trajectories: int, shard_size: int, seed: int, micro_batch_size: int,
-                 created: dict | None = None, config: dict | None = None, conditioning: dict | None = None) -> dict:
-    """A fresh manifest (no shards yet); with `conditioning` (a text store's section, ard/store/text.py) of
-    version 2. Raises StoreError for values no store can have."""
+                 created: dict | None = None, config: dict | None = None, conditioning: dict | None = None,
+                 grid_sigmas: Sequence[float] | None = None) -> dict:
+    """A fresh manifest (no shards yet); with `conditioning` (a text store's section, ard/store/text.py) or
+    `grid_sigmas` (a flow teacher's grid: the sigma of each saved state) of version 2. Raises StoreError for values
+    no store can have."""
     if dtype not in get_args(StoreDtype):
         raise StoreError(f"dtype must be one of {get_args(StoreDtype)}, got {dtype!r}")
     for name, value in (("num_trajectories", num_trajectories), ("shard_size", shard_size),
@@ -138,7 +141,7 @@ def new_manifest(*, teacher: dict, solver: dict, grid_indices: Sequence[int], gr
             raise StoreError(f"{name} must be at least 1, got {value}")
     manifest = {
         "format": FORMAT,
-        "version": VERSION if conditioning is None else TEXT_VERSION,
+        "version": VERSION if conditioning is None and grid_sigmas is None else TEXT_VERSION,
         "teacher": dict(teacher),
         "solver": dict(solver),
         "grid": {"indices": [int(i) for i in grid_indices], "timesteps": [int(t) for t in grid_timesteps]},
@@ -155,8 +158,10 @@ def new_manifest(*, teacher: dict, solver: dict, grid_indices: Sequence[int], gr
         "shards": [],
         "complete": False,
     }
-    if conditioning is not None:
-        manifest["conditioning"] = conditioning
+    if conditioning is not None or grid_sigmas is not None:
+        manifest["conditioning"] = conditioning or {"kind": "class"}  # version 2 names its conditioning
+    if grid_sigmas is not None:
+        manifest["grid"]["sigmas"] = [float(s) for s in grid_sigmas]
     manifest["store_id"] = store_id(manifest)
     try:
         check_manifest(manifest, "the new store's manifest")
@@ -521,6 +526,10 @@ class TrajectoryStore:
         self.shard_size = m["shard_size"]
         self.grid_indices: list[int] = m["grid"]["indices"]
         self.grid_timesteps: list[int] = m["grid"]["timesteps"]
+        self.grid_sigmas: list[float] | None = m["grid"].get("sigmas")  # flow stores
+        # the saved states' time labels (ard.schedules): DDIM timesteps, or 1000 sigma of a flow store; CLEAN last
+        self.grid_labels: list = (self.grid_timesteps if self.grid_sigmas is None
+                                  else FlowSchedule.labels(self.grid_sigmas))
         self.state_shape = tuple(m["state"]["shape"])
         self._maps: dict[str, MappedFiles] = {}  # field -> its shard files, mapped on demand
         self._checked_positions: dict[tuple | None, np.ndarray] = {}

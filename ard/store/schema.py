@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from ard.checks import CLEAN, AtLeastOne, NonNegative, NonNegativeInt, Positive
 from ard.diffusion import AUTOCAST_DTYPE, TRAINER_PRECISION
+from ard.schedules import FlowSchedule
 
 FORMAT = "ard-trajectory-store"
 VERSIONS = (1, 2)  # 1: class labels, DDIM; 2: adds conditioning, flow solvers, teacher families
@@ -82,6 +83,7 @@ class FlowSolver(Strict):
     num_steps: Annotated[int, Field(ge=1, le=MAX_TRAIN_TIMESTEPS)]
     shift: Positive  # the time shift of the sigma grid (SD3: 3.0)
     guidance_scale: NonNegative
+    clip_sample: bool = False  # x0 clamped to [-1, 1] in every step (pixel-space teachers)
     prediction_type: Literal["flow"]  # velocity v = eps - x0
     precision: Literal[PRECISIONS] = "fp32"
 
@@ -256,6 +258,12 @@ def _check_grid(grid: Grid, solver: DDIMSolver | FlowSolver) -> None:
             raise ValueError(f"a flow store needs grid.sigmas, one per saved state ({len(t)})")
         if not s[0] <= 1 or s[-1] != 0 or any(a <= b for a, b in zip(s, s[1:])):
             raise ValueError(f"grid.sigmas {s} must decrease strictly from at most 1 and end at 0 (the clean state)")
+        full = FlowSchedule(solver.shift).grid_sigmas(k)
+        if any(not math.isclose(s[j], full[i], rel_tol=1e-9, abs_tol=1e-12) for j, i in enumerate(grid.indices)):
+            raise ValueError(f"grid.sigmas {s} are not the solver's grid shift(1 - k / K) (shift={solver.shift}, "
+                             f"K={k}) at grid.indices")
+        if any(round(1000 * sigma) != (x if sigma > 0 else 0) for sigma, x in zip(s, t[:-1] + [0])):
+            raise ValueError(f"grid.timesteps {t} must be round(1000 sigma) of grid.sigmas (CLEAN for the last)")
     elif grid.sigmas is not None:
         raise ValueError("grid.sigmas belongs to flow stores (solver.name 'flow_euler'), not to a DDIM store")
 

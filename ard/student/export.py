@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 from ard.atomic import atomic_directory
 from ard.checks import check_finite_weights, check_timesteps
+from ard.schedules import schedule_from_settings
 from ard.student.model import SETTING_TYPES, ARDStudent
 
 SAMPLING_CONFIG = "ard_sampling.json"  # beside an exported student: its boundary timesteps and training recipe
@@ -59,9 +60,9 @@ def load_exported(directory: str | Path, tie_embedders: bool | None = None) -> t
     except (json.JSONDecodeError, KeyError, TypeError):
         raise ValueError(f"{path}: expected JSON with a list field 'timesteps'") from None
     if not isinstance(timesteps, list) or len(timesteps) != student.num_steps + 1:
-        raise ValueError(f"{path}: 'timesteps' must list {student.num_steps + 1} integers for a "
+        raise ValueError(f"{path}: 'timesteps' must list {student.num_steps + 1} time labels for a "
                          f"{student.num_steps}-step student")
-    return student, check_timesteps(timesteps, f"{path}: field 'timesteps'")
+    return student, check_timesteps(timesteps, f"{path}: field 'timesteps'", student.schedule.kind)
 
 
 def exported_noise_correction(directory: str | Path) -> bool:
@@ -115,12 +116,13 @@ def load_checkpoint_student(path: str | Path) -> CheckpointStudent:
         tie = False  # distilled with one embedder per block: loaded so
     try:
         teacher = load_teacher(hparams["teacher"], hparams.get("teacher_size"), hparams.get("numerics"), tie)
-        student = ARDStudent(teacher, **settings)
+        student = ARDStudent(teacher, **settings, schedule=schedule_from_settings(checkpoint.get("schedule")))
         try:
             student.load_state_dict(weights)
         except ValueError as e:  # a tied student, weights with one embedder per block (tie_embedders=True)
             raise ValueError(f"{path}: {e}") from None
     except (TypeError, RuntimeError) as e:
         raise ValueError(f"{path}: does not fit an ARD student ({str(e).strip().splitlines()[0][:200]})") from None
-    return CheckpointStudent(student.eval(), check_timesteps(list(timesteps), f"{path}: field 'boundary_timesteps'"),
+    return CheckpointStudent(student.eval(), check_timesteps(list(timesteps), f"{path}: field 'boundary_timesteps'",
+                                                             student.schedule.kind),
                              dict(recipe), hparams.get("noise_correction", False) is True)

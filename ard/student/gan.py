@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
 from ard.backbones import backbone_of
-from ard.diffusion import alpha_bar, make_scheduler, q_sample
+from ard.schedules import Schedule, VPSchedule
 
 GanLossKind = Literal["hinge", "non_saturating"]
 FakeKind = Literal["teacher_forced", "rollout"]  # the final state of the one-pass forward, or of the S-step sampler
@@ -103,7 +103,7 @@ class TeacherDiscriminator(nn.Module):
         self.heads = nn.ModuleList(DiscriminatorHead(width) for _ in blocks)
         self.loss = GAN_LOSSES[loss]()
         self.renoise, self.noise_levels, self.augment = renoise, noise_levels, augment
-        self.scheduler = make_scheduler()  # the teacher's schedule: alpha_bar of the re-noising timesteps
+        self.schedule: Schedule = VPSchedule()  # the teacher's: where the re-noising labels sit (distillation sets it)
 
     def forward(self, features: list[torch.Tensor], conditioning: torch.Tensor) -> torch.Tensor:
         return torch.cat([head(f, conditioning) for head, f in zip(self.heads, features)], dim=1)  # (B, n*L)
@@ -121,7 +121,7 @@ class TeacherDiscriminator(nn.Module):
         if self.augment == "translation_cutout":
             x = diff_augment(x, g)  # (B, C, H, W)
         if self.renoise != "none":
-            x = renoise(x, t, self.scheduler, g)  # (B, C, H, W)
+            x = renoise(x, t, self.schedule, g)  # (B, C, H, W)
         with torch.set_grad_enabled(grad_features and torch.is_grad_enabled()):
             features, conditioning = teacher_features(teacher, x, t.to(x.device), labels, self.blocks)
         return self(features, conditioning)  # (B, n*L)
@@ -213,11 +213,11 @@ def draw_timesteps(levels: NoiseLevels, n: int, generator: torch.Generator) -> t
     return (999 * torch.sigmoid(1 + torch.randn(n, generator=generator))).round().long()
 
 
-def renoise(x: torch.Tensor, t: torch.Tensor, scheduler, generator: torch.Generator) -> torch.Tensor:
-    """x_t = sqrt(a_t) x + sqrt(1 - a_t) eps for x (B, C, H, W) and t (B,), eps drawn from `generator`."""
-    a = alpha_bar(scheduler, t.to(x.device)).to(x.dtype).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+def renoise(x: torch.Tensor, t: torch.Tensor, schedule: Schedule, generator: torch.Generator) -> torch.Tensor:
+    """x_t = a_t x + b_t eps for x (B, C, H, W) and labels t (B,) of `schedule` (a re-noising timestep in [0, 1000)
+    is sigma = t / 1000 on a flow schedule), eps drawn from `generator`."""
     noise = torch.randn(x.shape, generator=generator).to(device=x.device, dtype=x.dtype)  # (B, C, H, W)
-    return q_sample(x, a, noise)  # (B, C, H, W)
+    return schedule.q_sample(x, t.to(x.device), noise)  # (B, C, H, W)
 
 
 def diff_augment(x: torch.Tensor, generator: torch.Generator, translation: float = 0.125,

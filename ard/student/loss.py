@@ -11,7 +11,8 @@ from typing import NamedTuple
 
 import torch
 
-from ard.diffusion import CfgChannels, alpha_bar, make_scheduler
+from ard.diffusion import CfgChannels
+from ard.schedules import Schedule, VPSchedule
 from ard.student.model import ARDStudent
 from ard.student.recipe import TargetKind, shifted_reconstruction, teacher_from_state
 from ard.student.srl import SRLWeights, snr_weights
@@ -41,18 +42,23 @@ def unclipped(student: ARDStudent):
         student.clip_x0 = clip
 
 
-def clipped_states(inputs: torch.Tensor, x0: torch.Tensor, timesteps: torch.Tensor,
+def clipped_states(schedule: Schedule, inputs: torch.Tensor, x0: torch.Tensor, timesteps: torch.Tensor,
                    noise_correction: bool = False) -> torch.Tensor:
     """The next states (B, S, C, H, W) of a clip_x0 student from its unclipped x0-predictions x0 (B, S, C, H, W) at
-    inputs (B, S, C, H, W), timesteps (B, S+1): the epsilon that x0 implies, then the DDIM jump with x0 clamped to
-    [-1, 1] (ARDStudent's clip_x0), step 0's direction term x_T under noise correction."""
-    scheduler = make_scheduler()
-    a = alpha_bar(scheduler, timesteps[:, :-1]).to(x0.dtype)[..., None, None, None]  # (B, S, 1, 1, 1)
-    b = alpha_bar(scheduler, timesteps[:, 1:]).to(x0.dtype)[..., None, None, None]  # (B, S, 1, 1, 1)
+    inputs (B, S, C, H, W), timesteps (B, S+1): the epsilon that x0 implies, then the schedule's jump with x0
+    clamped to [-1, 1] (ARDStudent's clip_x0), step 0's direction term x_T under noise correction."""
     x = inputs.to(x0.dtype)  # (B, S, C, H, W)
-    eps = (x - a.sqrt() * x0) / (1 - a).sqrt()  # (B, S, C, H, W)
+    if schedule.kind == "vp":  # as DDIM: sqrt of alpha_bar in the states' dtype
+        a = schedule.alpha_bar(timesteps[:, :-1]).to(x0.dtype)[..., None, None, None]  # (B, S, 1, 1, 1)
+        b = schedule.alpha_bar(timesteps[:, 1:]).to(x0.dtype)[..., None, None, None]  # (B, S, 1, 1, 1)
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()  # (B, S, C, H, W)
+        a_to, b_to = b.sqrt(), (1 - b).sqrt()  # (B, S, 1, 1, 1) each
+    else:
+        a, b = (c.to(x0.dtype)[..., None, None, None] for c in schedule.coefficients(timesteps[:, :-1]))
+        eps = (x - a * x0) / b  # (B, S, C, H, W)
+        a_to, b_to = (c.to(x0.dtype)[..., None, None, None] for c in schedule.coefficients(timesteps[:, 1:]))
     direction = torch.cat([x[:, :1], eps[:, 1:]], dim=1) if noise_correction else eps  # (B, S, C, H, W)
-    return b.sqrt() * x0.clamp(-1, 1) + (1 - b).sqrt() * direction  # (B, S, C, H, W)
+    return a_to * x0.clamp(-1, 1) + b_to * direction  # (B, S, C, H, W)
 
 
 class StepMSELoss:
@@ -76,7 +82,7 @@ class StepMSELoss:
     def __init__(self, targets: TargetKind = "trajectory", guidance_scale: float = 1.0, clip_sample: bool = False,
                  substep_paths: torch.Tensor | None = None, srl_shift: float = 1.0, cfg_channels: CfgChannels = "all",
                  srl_timesteps: Sequence[int] | None = None, srl_weights: SRLWeights = "uniform",
-                 srl_weight: float = 0.0, noise_correction: bool = False):
+                 srl_weight: float = 0.0, noise_correction: bool = False, schedule: Schedule | None = None):
         self.targets = targets  # a TargetKind, checked by the caller
         self.guidance_scale = guidance_scale  # the teacher's CFG scale (the store's)
         self.clip_sample = clip_sample  # the teacher's x0 clipping (the store's)
@@ -87,6 +93,7 @@ class StepMSELoss:
         self.srl_weights = srl_weights  # SRL's per-step weights: "uniform" or "snr"
         self.srl_weight = srl_weight  # weight of SRL added to the other targets (0: none)
         self.noise_correction = noise_correction  # step 0's direction term is x_T (student and teacher_from_state)
+        self.schedule = schedule or VPSchedule()  # the store's teacher's (teacher_from_state, clipped states)
 
     @property
     def uses_srl(self) -> bool:
@@ -110,14 +117,14 @@ class StepMSELoss:
                 states, x0 = student(inputs, timesteps, labels, return_x0=True,
                                      noise_correction=nc)  # (B, S, C, H, W) each
             if student.clip_x0:
-                states = clipped_states(inputs, x0, timesteps, nc)  # (B, S, C, H, W) as the student's own
+                states = clipped_states(self.schedule, inputs, x0, timesteps, nc)  # (B, S, C, H, W): the student's
         else:
             states = student(inputs, timesteps, labels, noise_correction=nc)  # (B, S, C, H, W) next states
         target = None
         if self.targets != "shifted_reconstruction":
             goal = trajectory[:, 1:] if self.targets == "trajectory" else teacher_from_state(
-                teacher, inputs.float(), self.substep_paths, labels, self.guidance_scale, self.clip_sample,
-                self.cfg_channels, nc)  # (B, S, C, H, W)
+                teacher, self.schedule, inputs.float(), self.substep_paths, labels, self.guidance_scale,
+                self.clip_sample, self.cfg_channels, nc)  # (B, S, C, H, W)
             target = mse(states, goal)  # (B, S)
         if x0 is None:
             return StepLosses(target, states, target, None)

@@ -9,10 +9,13 @@ is family-specific (the blocks, the head, the condition) goes through the teache
 
 Output (ARD sec. 3.3; docs/method.md, "Output parametrisation"): the head's output, first C channels (learned-sigma teachers
 predict 2C), is read as
-    eps        -> x0 = (x - sqrt(1 - a_s) eps) / sqrt(a_s), then one DDIM jump to tau_{s+1} (Song et al.
-                  2021, eq. 12, sigma = 0): the untrained student is the teacher run with S big steps;
-    x0         -> the same DDIM jump from the predicted x0;
+    eps        -> x0 = (x - b_s eps) / a_s, then the schedule's jump to tau_{s+1} (ard/schedules.py: DDIM, Song et
+                  al. 2021, eq. 12, sigma = 0, for variance-preserving teachers): with the teacher's own output
+                  (eps, or velocity for a flow teacher) the untrained student is the teacher run with S big steps;
+    x0         -> the same jump from the predicted x0;
+    velocity   -> a flow teacher's v = eps - x0: x0 = x - sigma v, then the jump (Euler: x + (sigma' - sigma) v);
     next_state -> x_{tau_{s+1}} directly (the authors' re-implementation).
+The schedule is the store's teacher's (`use_schedule`; variance preserving until told otherwise).
 """
 from __future__ import annotations
 
@@ -27,14 +30,13 @@ from einops import rearrange
 from safetensors.torch import load_file, save_file
 
 from ard.atomic import atomic_directory
-from ard.diffusion import alpha_bar, ddim_jump, make_scheduler, predict_x0
 from ard.checks import check_choice
+from ard.schedules import OutputKind, Schedule, VPSchedule, schedule_from_settings
 from ard.student.attention import HISTORY_PROCESSORS, HistoryContext, IgnoreHistory, KVCache, MaskKind
 from ard.backbones import backbone, backbone_of
 from ard.backbones.files import teacher_family
 
 HeadKind = Literal["shared", "per_step"]
-OutputKind = Literal["eps", "x0", "next_state"]
 HistoryStart = Literal["plain", "closed"]
 
 CONFIG_NAME = "ard_student.json"  # the ARD settings beside the diffusers config.json
@@ -61,10 +63,12 @@ class ARDStudent(nn.Module):
         mask:           which earlier steps a step sees in those blocks; block_causal (M4) as in the paper.
         window:         M2 only: previous steps visible to each step (M2 in the paper: 1).
         heads:          "shared" (the teacher's final layer) or "per_step" (S copies of it).
-        output:         eps / x0 (+ DDIM jump to the next boundary) or next_state (direct).
+        output:         eps / x0 / velocity (+ the schedule's jump to the next boundary) or next_state (direct).
         history_start:  "closed": per block and head a history gate g = 0 (the untrained student equals
                         the baseline exactly); "plain": full history from the start (the paper).
         clip_x0:        clamp the x0 implied by eps / x0 outputs to [-1, 1] (pixel-space teachers).
+        schedule:       the teacher's (ard/schedules.py), checked against `output`; None: variance preserving,
+                        unchecked until the first forward or `use_schedule` (distillation sets the store's).
     Defaults of heads / output / history_start (docs/results/digits_benchmark*.md): eps + DDIM jump beat
     direct next-state regression (its 400-iteration EMA student, which the EMA's start dominated: see docs/method.md,
     "Output parametrisation", under review); history_start is "plain" (the
@@ -76,7 +80,8 @@ class ARDStudent(nn.Module):
 
     def __init__(self, teacher: nn.Module, num_steps: int, history_blocks: int = 6,
                  mask: MaskKind = "block_causal", window: int = 1, heads: HeadKind = "shared",
-                 output: OutputKind = "eps", history_start: HistoryStart = "plain", clip_x0: bool = False):
+                 output: OutputKind = "eps", history_start: HistoryStart = "plain", clip_x0: bool = False,
+                 schedule: Schedule | None = None):
         super().__init__()
         self.backbone = backbone_of(teacher)  # the family's adapter (stateless)
         num_layers = len(self.backbone.blocks(teacher))
@@ -94,7 +99,9 @@ class ARDStudent(nn.Module):
         self.output = check_choice("output", output, OutputKind)
         self.history_start = check_choice("history_start", history_start, HistoryStart)
         self.clip_x0 = clip_x0
-        self.scheduler = make_scheduler()  # DiT's linear-beta schedule: alpha_bar of the boundaries
+        self.schedule = VPSchedule()  # the teacher's schedule: where the boundaries sit (distillation: the store's)
+        if schedule is not None:
+            self.use_schedule(schedule)
 
         self.transformer = self.backbone.disable_condition_dropout(copy.deepcopy(teacher))
         blocks = self.backbone.blocks(self.transformer)
@@ -119,11 +126,17 @@ class ARDStudent(nn.Module):
             self.history_gate = nn.Parameter(torch.zeros(history_blocks, heads_per_block, device=device))
 
     # ------------------------------------------------------------------ settings
+    def use_schedule(self, schedule: Schedule, top: torch.Tensor | None = None) -> None:
+        """Read the head on `schedule` (the store's teacher's, ard.schedules.schedule_of); one line when the output
+        cannot be read on it (at the first boundary's label `top`, given)."""
+        schedule.check_output(self.output, top)
+        self.schedule = schedule
+
     def settings(self) -> dict:
-        """The ARD knobs, as written to ard_student.json."""
+        """The ARD knobs and the schedule, as written to ard_student.json."""
         return dict(num_steps=self.num_steps, history_blocks=self.history_blocks, mask=self.mask,
                     window=self.window, heads=self.heads_kind, output=self.output,
-                    history_start=self.history_start, clip_x0=self.clip_x0)
+                    history_start=self.history_start, clip_x0=self.clip_x0, schedule=self.schedule.settings())
 
     # ------------------------------------------------------------------ core
     def _transformer(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, history: HistoryContext,
@@ -164,22 +177,21 @@ class ARDStudent(nn.Module):
         """Read the raw output as eps / x0 / next state; x (R, C, H, W), t_from, t_to (R,).
 
         Returns the next state (R, C, H, W) and the implied x0-prediction (R, C, H, W) (None for
-        next_state outputs). `corrected` (R,) bool: rows whose DDIM direction term uses their input x (the noise
+        next_state outputs). `corrected` (R,) bool: rows whose direction term b' eps uses their input x (the noise
         x_T) instead of eps (noise correction, `step`).
         """
         if corrected is not None and self.output == "next_state":
-            raise ValueError("noise_correction needs an epsilon-parametrised student (output 'eps' or 'x0'); "
-                             "this one has output='next_state'")
+            raise ValueError("noise_correction needs an epsilon-parametrised student (output 'eps', 'x0' or "
+                             "'velocity'); this one has output='next_state'")
         pred = self.backbone.prediction(self.transformer, raw)  # (R, C, H, W)
         if self.output == "next_state":
             return pred, None
-        a, b = alpha_bar(self.scheduler, t_from), alpha_bar(self.scheduler, t_to)  # (R,) float64
-        if self.output == "x0":
-            a_ = a.to(x.dtype).view(-1, 1, 1, 1)  # (R, 1, 1, 1)
-            pred = (x - a_.sqrt() * pred) / (1 - a_).sqrt()  # (R, C, H, W) eps implied by x0
-        x0 = predict_x0(x, pred, a, clip_x0=self.clip_x0)  # (R, C, H, W)
-        direction = None if corrected is None else torch.where(corrected.view(-1, 1, 1, 1), x, pred)  # (R, C, H, W)
-        return ddim_jump(x, pred, a, b, clip_x0=self.clip_x0, direction=direction), x0  # (R, C, H, W) each
+        self.schedule.check_output(self.output, t_from)
+        direction = None
+        if corrected is not None:
+            eps = self.schedule.read(x, pred, t_from, self.output)[1]  # (R, C, H, W)
+            direction = torch.where(corrected.view(-1, 1, 1, 1), x, eps)  # (R, C, H, W)
+        return self.schedule.jump(x, pred, t_from, t_to, self.output, self.clip_x0, direction)  # (R, C, H, W) each
 
     def forward(self, states: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor, return_x0: bool = False,
                 noise_correction: bool = False):
@@ -267,6 +279,7 @@ class ARDStudent(nn.Module):
             raise ValueError(f"{config_path}: not valid JSON ({e.msg}, line {e.lineno})") from None
         if config.pop("format_version", None) != FORMAT_VERSION:
             raise ValueError(f"{config_path}: format_version must be {FORMAT_VERSION}")
+        schedule = config.pop("schedule", None)  # absent in students of before: variance preserving
         unknown = sorted(set(config) - set(SETTING_TYPES))
         missing = sorted(set(SETTING_TYPES) - set(config))
         if unknown or missing:
@@ -276,7 +289,7 @@ class ARDStudent(nn.Module):
                 raise ValueError(f"{config_path}: field {key!r} must be {kind.__name__}, got {config[key]!r}")
         transformer = backbone(teacher_family(directory)).load_saved(directory, tie_embedders)
         try:
-            student = cls(transformer, **config)
+            student = cls(transformer, **config, schedule=schedule_from_settings(schedule))
         except ValueError as e:
             raise ValueError(f"{config_path}: {e}") from None
         del transformer
@@ -291,6 +304,6 @@ class ARDStudent(nn.Module):
         return student.eval()
 
 
-# Types of the fields of ard_student.json (besides format_version): the __init__ knobs.
+# Types of the fields of ard_student.json (besides format_version and the schedule's settings): the __init__ knobs.
 SETTING_TYPES = dict(num_steps=int, history_blocks=int, mask=str, window=int, heads=str, output=str,
                       history_start=str, clip_x0=bool)

@@ -37,7 +37,8 @@ from pydantic import Field
 
 from ard.checks import (NUM_TRAIN_TIMESTEPS, AtLeastOne, NonNegative, NonNegativeInt, Positive, Probability,
                         check_choice, check_fields)
-from ard.diffusion import CfgChannels, alpha_bar, ddim_path, guided_x0, make_scheduler, q_sample
+from ard.diffusion import CfgChannels, guided_x0, teacher_path
+from ard.schedules import Schedule, VPSchedule
 from ard.student.model import ARDStudent
 from ard.student.sampling import sample
 from ard.student.srl import SRLWeights
@@ -119,8 +120,8 @@ def student_inputs(student: ARDStudent, trajectory: torch.Tensor, timesteps: tor
 
 
 def substep_paths(grid_timesteps: list[int], boundaries: list[int], substeps: int) -> list[list[int]]:
-    """Timesteps of the teacher's m = `substeps` DDIM sub-steps inside each student step: for step s, m + 1
-    timesteps from tau_s to tau_{s+1} on the teacher's K-step grid (grid_timesteps has K + 1 entries, the last
+    """Time labels of the teacher's m = `substeps` solver sub-steps inside each student step: for step s, m + 1
+    labels from tau_s to tau_{s+1} on the teacher's K-step grid (grid_timesteps has K + 1 entries, the last
     CLEAN; boundaries are S + 1 grid indices). m must divide every step's K / S grid steps."""
     paths = []
     for a, b in zip(boundaries[:-1], boundaries[1:]):
@@ -132,29 +133,30 @@ def substep_paths(grid_timesteps: list[int], boundaries: list[int], substeps: in
 
 
 @torch.no_grad()
-def teacher_from_state(teacher, inputs: torch.Tensor, paths: torch.Tensor, labels: torch.Tensor,
+def teacher_from_state(teacher, schedule: Schedule, inputs: torch.Tensor, paths: torch.Tensor, labels: torch.Tensor,
                        guidance_scale: float, clip_sample: bool, cfg_channels: CfgChannels = "all",
                        noise_correction: bool = False) -> torch.Tensor:
-    """Backward-distillation targets: the teacher's guided DDIM from each input state along its step's path.
+    """Backward-distillation targets: the teacher's guided solver (`schedule`'s: DDIM or flow Euler) from each input
+    state along its step's path.
 
     inputs (B, S, C, H, W); paths (S, m+1) timesteps of each student step's sub-steps; labels (B,).
     Returns (B, S, C, H, W): the teacher's state at tau_{s+1} reached from the input state at tau_s.
     noise_correction: step 0's path (from the noise x_T) takes its first jump with x_T as the direction term
-    (`ddim_path`), as the noise-corrected student's step 0 does; the other steps' paths are unchanged.
+    (`teacher_path`), as the noise-corrected student's step 0 does; the other steps' paths are unchanged.
     """
     batch, steps = inputs.shape[:2]
     if noise_correction:
-        first = ddim_path(teacher, inputs[:, 0], labels, paths[:1].to(inputs.device).expand(batch, -1),
-                          guidance_scale, clip_sample, cfg_channels, noise_correction=True)  # (B, C, H, W)
+        first = teacher_path(teacher, schedule, inputs[:, 0], labels, paths[:1].to(inputs.device).expand(batch, -1),
+                             guidance_scale, clip_sample, cfg_channels, noise_correction=True)  # (B, C, H, W)
         if steps == 1:
             return first[:, None]  # (B, 1, C, H, W)
-        rest = teacher_from_state(teacher, inputs[:, 1:], paths[1:], labels, guidance_scale, clip_sample,
+        rest = teacher_from_state(teacher, schedule, inputs[:, 1:], paths[1:], labels, guidance_scale, clip_sample,
                                   cfg_channels)  # (B, S-1, C, H, W)
         return torch.cat([first[:, None], rest], dim=1)  # (B, S, C, H, W)
     x = rearrange(inputs, "b s c h w -> (b s) c h w")  # (B*S, C, H, W)
     t = paths.to(inputs.device).repeat(batch, 1)  # (B*S, m+1) rows ordered (b, s)
     y = labels.repeat_interleave(steps)  # (B*S,)
-    out = ddim_path(teacher, x, y, t, guidance_scale, clip_sample, cfg_channels)  # (B*S, C, H, W)
+    out = teacher_path(teacher, schedule, x, y, t, guidance_scale, clip_sample, cfg_channels)  # (B*S, C, H, W)
     return rearrange(out, "(b s) c h w -> b s c h w", b=batch)  # (B, S, C, H, W)
 
 
@@ -187,9 +189,9 @@ def shifted_reconstruction(teacher, x0: torch.Tensor, t_from: torch.Tensor, labe
     batch, steps = x0.shape[:2]
     x0 = rearrange(x0, "b s c h w -> (b s) c h w")  # (B*S, C, H, W)
     t = rearrange(srl_timesteps(t_from, shift, table), "b s -> (b s)")  # (B*S,)
-    a = alpha_bar(make_scheduler(), t).to(x0.dtype).view(-1, 1, 1, 1)  # (B*S, 1, 1, 1)
+    schedule = VPSchedule()  # SRL's timesteps are DiT's (distillation refuses SRL on a flow store)
     noise = torch.randn(x0.shape, generator=generator).to(x0)  # (B*S, C, H, W)
-    x = q_sample(x0, a, noise)  # (B*S, C, H, W)
-    target = guided_x0(teacher, x, t, labels.repeat_interleave(steps), guidance_scale, clip_sample,
+    x = schedule.q_sample(x0, t, noise)  # (B*S, C, H, W)
+    target = guided_x0(teacher, schedule, x, t, labels.repeat_interleave(steps), guidance_scale, clip_sample,
                        cfg_channels)  # (B*S, C, H, W)
     return rearrange(target, "(b s) c h w -> b s c h w", b=batch)  # (B, S, C, H, W)

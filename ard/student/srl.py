@@ -28,7 +28,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from ard.diffusion import CfgChannels, alpha_bar, guided_x0, make_scheduler, q_sample
+from ard.diffusion import CfgChannels, guided_x0
+from ard.schedules import VPSchedule
 
 SRLWeights = Literal["uniform", "snr"]  # per-step weights of the SRL loss (`snr_weights`)
 
@@ -36,8 +37,7 @@ SRLWeights = Literal["uniform", "snr"]  # per-step weights of the SRL loss (`snr
 def snr_weights(t_from: torch.Tensor) -> torch.Tensor:
     """w_s = SNR(tau_s) / mean_s SNR(tau_s), SNR = alpha_bar / (1 - alpha_bar), for the input timesteps t_from
     (..., S) of the S student steps (integers >= 0). Returns (..., S) float64, mean 1 over the last dimension."""
-    a = alpha_bar(make_scheduler(), t_from)  # (..., S) float64
-    snr = a / (1 - a)  # (..., S)
+    snr = VPSchedule().snr(t_from)  # (..., S) float64
     return snr / snr.mean(dim=-1, keepdim=True)
 
 
@@ -65,17 +65,16 @@ def retention(teacher, x0: torch.Tensor, labels: torch.Tensor, timesteps: Sequen
     scale = centred.square().sum()  # ()
     if not scale > 1e-12 * x0.double().square().sum():
         raise ValueError("retention needs samples that differ within their class (no sample-specific content)")
-    scheduler = make_scheduler()
+    schedule = VPSchedule()
     out = []
     for tau in timesteps:
         targets = []
         for start in range(0, len(x0), batch_size):
             x, y = x0[start:start + batch_size], labels[start:start + batch_size]  # (b, C, H, W), (b,)
             t = torch.full((len(x),), int(tau), dtype=torch.long, device=x.device)  # (b,)
-            a = alpha_bar(scheduler, t).to(x.dtype).view(-1, 1, 1, 1)  # (b, 1, 1, 1)
             noise = torch.randn(x.shape, generator=generator).to(x)  # (b, C, H, W)
-            targets.append(guided_x0(teacher, q_sample(x, a, noise), t, y, guidance_scale, clip_sample,
-                                     cfg_channels))  # (b, C, H, W)
+            targets.append(guided_x0(teacher, schedule, schedule.q_sample(x, t, noise), t, y, guidance_scale,
+                                     clip_sample, cfg_channels))  # (b, C, H, W)
         target = class_centred(torch.cat(targets).double(), labels)  # (N, C, H, W)
         out.append(float((target * centred).sum() / scale))
     return out
