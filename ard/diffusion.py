@@ -287,7 +287,7 @@ def solve(model, solver: dict, noise: torch.Tensor, labels: torch.Tensor, save_i
           return_x0: bool = False, progress: bool = False) -> Trajectory:
     """The teacher's K-step trajectory with a store's solver settings (its manifest's `solver` field, in today's
     terms: `recorded_solver`): DDIM (`ddim_sample`) or flow Euler (`flow_sample`)."""
-    if solver["name"] == "flow_euler":
+    if solver.get("name") == "flow_euler":
         return flow_sample(model, noise, labels, solver["num_steps"], solver["guidance_scale"], solver["shift"],
                            save_indices, return_x0, solver["clip_sample"], progress)
     return ddim_sample(model, noise, labels, solver["num_steps"], solver["guidance_scale"],
@@ -297,7 +297,7 @@ def solve(model, solver: dict, noise: torch.Tensor, labels: torch.Tensor, save_i
 
 def solver_grid(solver: dict) -> list:
     """The K + 1 time labels of a solver's grid (the last CLEAN): DDIM timesteps, or 1000 sigma for flow."""
-    if solver["name"] == "flow_euler":
+    if solver.get("name") == "flow_euler":
         schedule = FlowSchedule(solver["shift"])
         return schedule.labels(schedule.grid_sigmas(solver["num_steps"]))
     return ddim_grid(solver["num_steps"], solver["timestep_spacing"])

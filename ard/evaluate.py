@@ -348,7 +348,7 @@ def build_rows(teacher, solver: dict, students: dict[str, str], undistilled_step
     `undistilled_steps` (at the students' boundaries), the students; every sampler fed through `conditions`."""
     k, w = solver["num_steps"], solver["guidance_scale"]
     cfg_passes = 1 if w == 1.0 else 2
-    name = f"teacher ({'Euler' if solver['name'] == 'flow_euler' else 'DDIM'}, w={w:g})"
+    name = f"teacher ({'Euler' if solver.get('name') == 'flow_euler' else 'DDIM'}, w={w:g})"
     loaded = {row: student_sampler(directory, device, noise_correction) for row, directory in students.items()}
     boundaries = {row: timesteps for row, (_, timesteps) in loaded.items()}
     rows = [RowSpec(name, k * cfg_passes, conditioned(teacher_sampler(teacher, solver), conditions),

@@ -257,7 +257,7 @@ def schedule_from_settings(settings: dict | None) -> Schedule:
 
 def schedule_of(solver: dict) -> Schedule:
     """The schedule of a store's teacher (its manifest's `solver` field: "ddim" or "flow_euler")."""
-    if solver["name"] == "flow_euler":
+    if solver.get("name") == "flow_euler":
         return FlowSchedule(solver["shift"])
     return VPSchedule(solver.get("num_train_timesteps", 1000), solver.get("beta_start", 1e-4),
                       solver.get("beta_end", 0.02))

@@ -1,5 +1,5 @@
 """Prompt adherence and FID against real digits of a digits teacher, at several guidance scales (DDIM, K steps,
-leading spacing). Prints JSON.
+leading spacing; or, `--schedule flow`, a flow teacher's Euler on sigma_k = 1 - k / K). Prints JSON.
 
 Adherence is class agreement: the share of its samples the shipped digit classifier assigns to the digit they were
 asked for: the class label of a class-conditional DiT, the digit of the caption of a text teacher (the captions of
@@ -8,6 +8,7 @@ digits (all 1797) uses the same classifier's features, as `ard-eval`.
 
     python scripts/bench_teacher.py [--teacher ard/assets/digits_teacher] [--num-samples 1000] [--guidance 1.5 2 3]
         [--grid docs/teacher_samples.png]   (a grid of the first guidance scale's samples: one column per class)
+        [--schedule flow]                   (a rectified-flow teacher: configs/digits_flow/teacher.yaml)
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import torch
 from ard.backbones import SERVED, TEXT, backbone_of
 from ard.data.captions import TEMPLATES, CaptionConditions
 from ard.data.digits import to_uint8
-from ard.diffusion import ddim_sample, trajectory_inputs
+from ard.diffusion import flow_solver_identity, solve, solver_identity, trajectory_inputs
 from ard.metrics import DigitFeatures, digits_images, fid_between
 from ard.metrics.classifier import load_digit_classifier
 from ard.teacher import DIGITS_TEACHER, load_teacher
@@ -42,14 +43,15 @@ def conditions(teacher, labels: torch.Tensor):
 
 
 def class_agreement(teacher, classifier, num_samples: int, guidance: float, steps: int, seed: int,
-                    grid: str | None = None) -> dict:
+                    grid: str | None = None, schedule: str = "vp") -> dict:
     noise, _ = trajectory_inputs(seed, range(num_samples), (1, 8, 8), 10)
     labels = torch.arange(num_samples) % 10  # balanced: num_samples / 10 per class
     condition = conditions(teacher, labels)
+    solver = (solver_identity(steps, "leading", guidance, True, "all", "fp32") if schedule == "vp"
+              else flow_solver_identity(steps, 1.0, guidance, True, "fp32"))
     start = time.perf_counter()
-    final = torch.cat([ddim_sample(teacher, noise[a:a + 500], condition[a:a + 500], steps, guidance,
-                                   save_indices=[steps], clip_sample=True).states[:, -1]
-                       for a in range(0, num_samples, 500)])  # (N, 1, 8, 8)
+    final = torch.cat([solve(teacher, solver, noise[a:a + 500], condition[a:a + 500],
+                             save_indices=[steps]).states[:, -1] for a in range(0, num_samples, 500)])  # (N, 1, 8, 8)
     seconds = time.perf_counter() - start
     if grid:
         save_png(image_grid(final[:100], nrow=10), grid)  # 10 rows of the classes 0..9
@@ -57,7 +59,7 @@ def class_agreement(teacher, classifier, num_samples: int, guidance: float, step
         predicted = classifier(to_uint8(final)).argmax(dim=1)  # (N,)
     per_class = [float((predicted[labels == c] == c).float().mean()) for c in range(10)]
     fid = fid_between(to_uint8(final), digits_images("all"), DigitFeatures())
-    return {"guidance_scale": guidance, "steps": steps, "num_samples": num_samples,
+    return {"guidance_scale": guidance, "steps": steps, "solver": solver["name"], "num_samples": num_samples,
             "class_agreement": float((predicted == labels).float().mean()), "per_class": per_class,
             "fid_vs_real": fid, "sec_per_image": seconds / num_samples}
 
@@ -70,11 +72,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--grid", help="PNG of the first guidance scale's first 100 samples")
+    parser.add_argument("--schedule", choices=["vp", "flow"], default="vp",
+                        help="the teacher's training schedule: vp (DDIM) or flow (Euler, shift 1)")
     args = parser.parse_args()
     teacher = load_teacher(args.teacher, families=(*SERVED, *TEXT))
     classifier, config = load_digit_classifier()
     parser_grid = [args.grid] + [None] * (len(args.guidance) - 1)
-    rows = [class_agreement(teacher, classifier, args.num_samples, w, args.steps, args.seed, g)
+    rows = [class_agreement(teacher, classifier, args.num_samples, w, args.steps, args.seed, g, args.schedule)
             for w, g in zip(args.guidance, parser_grid)]
     teacher_path = Path(args.teacher).resolve()  # committed results name files relative to the repository
     shown = os.path.relpath(teacher_path, ROOT) if teacher_path.is_relative_to(ROOT) else args.teacher
