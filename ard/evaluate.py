@@ -16,10 +16,11 @@ mean squared distance to the teacher's final sample (per pixel, in [-1, 1] units
 at S steps samples at exactly the students' boundary timesteps (their ard_sampling.json; without an S-step
 student, the grid indices s * K / S the trajectory store serves them from).
 
-A text store (a PixArt teacher's: ard/store/text.py) makes the evaluation set's labels prompt indices: every row
-samples each noise with the same prompt's stored encoding (`Conditions`), and where the store's prompts are the
-digits' captions (ard/data/captions.py) each row also reports its prompt adherence: the share of its samples the
-digit classifier assigns to the digit their caption names.
+A text store (a PixArt or SD3 teacher's: ard/store/text.py) makes the evaluation set's labels prompt indices: every
+row samples each noise with the same prompt's stored encoding (`Conditions`; SD3's with its pooled embedding, which
+the store must hold), and where the store's prompts are the digits' captions (ard/data/captions.py) each row also
+reports its prompt adherence: the share of its samples the digit classifier assigns to the digit their caption
+names. SD3's latents are decoded with its VAE's scale and shift (`latent_scale` 1.5305, `latent_shift` 0.0609).
 
 Images enter the metrics as uint8 exactly like the ADM evaluator (round((x + 1) * 127.5), clipped).
 FIDs carry a bootstrap standard deviation (resampling the generated set) and the report states each
@@ -57,7 +58,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from ard.atomic import atomic_directory, write_text_atomic
-from ard.checks import (NUM_TRAIN_TIMESTEPS, AtLeastOne, AtLeastTwo, NonNegative, NonNegativeInt, Positive,
+from ard.checks import (NUM_TRAIN_TIMESTEPS, AtLeastOne, AtLeastTwo, Finite, NonNegative, NonNegativeInt, Positive,
                         check_finite_samples, check_knobs, check_writable)
 from ard.cli import one_line
 from ard.data.digits import to_uint8
@@ -73,7 +74,7 @@ from ard.metrics.reference import check_npz_images
 from ard.metrics.table import metrics_table
 from ard.student import sample
 from ard.student.export import exported_noise_correction, load_exported
-from ard.backbones import SERVED, TEXT
+from ard.backbones import SERVED, TEXT, backbone_of
 from ard.backbones.dit import Numerics, num_classes
 from ard.data.captions import caption_digit, digit_captions
 from ard.teacher import DIGITS_TEACHER, check_teacher, load_teacher, teacher_identity
@@ -158,12 +159,13 @@ def make_extractor(name: str) -> FeatureExtractor:
     return DigitFeatures() if name == "digits" else InceptionFeatures(name)
 
 
-def make_decoder(vae: str | None, latent_scale: float, batch_size: int, device: torch.device) -> Decoder:
+def make_decoder(vae: str | None, latent_scale: float, batch_size: int, device: torch.device,
+                 latent_shift: float = 0.0) -> Decoder:
     """Model outputs -> uint8 images as the metrics take them (ADM rounding); latents go through the VAE."""
     if vae is None:
         return to_uint8
     autoencoder = load_vae(vae).to(device)
-    return lambda x: to_uint8(decode_latents(autoencoder, x.to(device), latent_scale, batch_size).cpu())
+    return lambda x: to_uint8(decode_latents(autoencoder, x.to(device), latent_scale, batch_size, latent_shift).cpu())
 
 
 @dataclass
@@ -179,13 +181,14 @@ class Conditions:
 
     @classmethod
     def of(cls, teacher, manifest: dict | None, store: str | None) -> "Conditions":
-        from ard.store.format import conditioning_files
-        from ard.store.text import encoding_seconds, store_conditioner
+        from ard.store.format import MANIFEST, conditioning_files
+        from ard.store.text import check_pooled, encoding_seconds, store_conditioner
 
         condition = store_conditioner(store, manifest) if manifest is not None else None
         if condition is None:
             return cls(num_classes(teacher), lambda labels: labels, {})
         cond = manifest["conditioning"]
+        check_pooled(cond, backbone_of(teacher).text_dims(teacher)[1], str(Path(store) / MANIFEST))
         stored = [json.loads(line) for line in (Path(store) / cond["prompts"]["file"]).read_text().splitlines()]
         captions = [{"id": p.id, "text": p.text} for p in digit_captions()]
         classes = np.array([caption_digit(i) for i in range(len(captions))]) if stored == captions else None
@@ -512,6 +515,7 @@ def evaluate(
     extractor: str = "digits",
     vae: str | None = None,
     latent_scale: Positive = LATENT_SCALE,
+    latent_shift: Finite = 0.0,
     bootstrap: AtLeastTwo = 10,
     batch_size: AtLeastOne = 500,
     device: str | None = None,
@@ -557,7 +561,8 @@ def evaluate(
         extractor: "digits" (the shipped digit classifier) or the path of torch-fidelity's FID Inception
             weights (weights-inception-2015-12-05-6726825d.pth; needs the `gpu` extra).
         vae: diffusers AutoencoderKL directory that decodes latent samples to images (latent teachers).
-        latent_scale: the teacher's latents are latent_scale times the VAE's.
+        latent_scale: the teacher's latents are latent_scale times the VAE's (minus latent_shift).
+        latent_shift: the VAE's shift (SD3's: 0.0609, its config's shift_factor; with latent_scale 1.5305).
         bootstrap: resamples for the FID standard deviations (at least 2: a spread).
         batch_size: images per sampling (and decoding, feature) batch.
         device: where sampling and features run (default: cuda when available, else cpu).
@@ -589,7 +594,7 @@ def evaluate(
     if teacher_model.config.in_channels not in (1, 3) and vae is None:
         raise ValueError(f"the teacher makes {teacher_model.config.in_channels}-channel latents: pass vae "
                          "(a diffusers AutoencoderKL directory)")
-    decode = make_decoder(vae, latent_scale, batch_size, dev)
+    decode = make_decoder(vae, latent_scale, batch_size, dev, latent_shift)
     specs = build_rows(teacher_model, solver, students or {}, undistilled_steps, noise_correction, dev, conditions)
     config = teacher_model.config
     size = tuple(decode(torch.zeros(1, config.in_channels, config.sample_size, config.sample_size,
@@ -616,7 +621,8 @@ def evaluate(
     settings = {"teacher": teacher, "teacher_identity": identity, "store": store, "solver": solver,
                 "teacher_steps": solver["num_steps"], "guidance_scale": solver["guidance_scale"],
                 "spacing": solver.get("timestep_spacing"), "num_samples": num_samples, "seed": seed,
-                "reference": reference, "extractor": features.identity, "vae": vae, "precision": solver["precision"],
+                "reference": reference, "extractor": features.identity, "vae": vae,
+                "latent_scale": latent_scale, "latent_shift": latent_shift, "precision": solver["precision"],
                 "device": str(dev), "students": students or {},
                 "conditioning": "class" if conditions.prompts is None else "text",
                 "text_encoder_sec_per_prompt": conditions.encoder_seconds}

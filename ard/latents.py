@@ -1,7 +1,9 @@
-"""Latent teachers (DiT on ImageNet-256): decode the student's latents to images with a diffusers VAE.
+"""Latent teachers (DiT on ImageNet-256, PixArt, SD3): decode the student's latents to images with a diffusers VAE.
 
 DiT's latents are `scale * z` with z the AutoencoderKL's latent (sd-vae-ft-ema / -mse, scale 0.18215);
-decoding divides by the scale (DiT sample.py: `vae.decode(samples / 0.18215).sample`).
+decoding divides by the scale (DiT sample.py: `vae.decode(samples / 0.18215).sample`). SD3's 16-channel VAE also
+shifts them: latents are `scale * (z - shift)` (scaling_factor 1.5305, shift_factor 0.0609 in its config.json), and
+decoding is `vae.decode(latents / scale + shift)`, as diffusers' StableDiffusion3Pipeline does; shift 0 is DiT's.
 """
 from __future__ import annotations
 
@@ -27,10 +29,11 @@ def load_vae(path: str | Path):
 
 
 @torch.no_grad()
-def decode_latents(vae, latents: torch.Tensor, scale: float = LATENT_SCALE, batch_size: int = 32) -> torch.Tensor:
-    """Latents (n, C, h, w) -> images (n, 3, H, W) in [-1, 1] (fp32), decoded in batches."""
+def decode_latents(vae, latents: torch.Tensor, scale: float = LATENT_SCALE, batch_size: int = 32,
+                   shift: float = 0.0) -> torch.Tensor:
+    """Latents (n, C, h, w) = scale * (z - shift) -> images (n, 3, H, W) in [-1, 1] (fp32), decoded in batches."""
     dtype = next(vae.parameters()).dtype
-    images = [vae.decode(chunk.to(dtype) / scale).sample.float().clamp(-1, 1)  # (b, 3, H, W)
+    images = [vae.decode(chunk.to(dtype) / scale + shift).sample.float().clamp(-1, 1)  # (b, 3, H, W)
               for chunk in latents.split(batch_size)]
     return torch.cat(images)  # (n, 3, H, W)
 
@@ -50,8 +53,9 @@ def center_crop(image, size: int = 256) -> np.ndarray:
 
 
 @torch.no_grad()
-def encode_images(vae, images: torch.Tensor, scale: float = LATENT_SCALE, generator: torch.Generator | None = None):
-    """Images (n, 3, H, W) in [-1, 1] -> latents scale * z (n, C, h, w), z drawn from the VAE's posterior
+def encode_images(vae, images: torch.Tensor, scale: float = LATENT_SCALE, generator: torch.Generator | None = None,
+                  shift: float = 0.0):
+    """Images (n, 3, H, W) in [-1, 1] -> latents scale * (z - shift) (n, C, h, w), z drawn from the VAE's posterior
     (DiT's train.py: `vae.encode(x).latent_dist.sample().mul_(0.18215)`)."""
     dtype = next(vae.parameters()).dtype
-    return vae.encode(images.to(dtype)).latent_dist.sample(generator).float() * scale
+    return (vae.encode(images.to(dtype)).latent_dist.sample(generator).float() - shift) * scale  # (n, C, h, w)

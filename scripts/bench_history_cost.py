@@ -59,8 +59,7 @@ def prompt(teacher, text_tokens: int, device: str | None = None, generator: torc
            ) -> TextCondition:
     """One random encoded prompt of `text_tokens` valid tokens as `teacher` reads it (PixArt's caption_channels or
     SD3's joint_attention_dim wide; SD3's with its pooled embedding)."""
-    config = teacher.config
-    width, pooled = config.get("caption_channels") or config.joint_attention_dim, config.get("pooled_projection_dim")
+    width, pooled = backbone_of(teacher).text_dims(teacher)
     return TextCondition(torch.randn(1, text_tokens, width, device=device, generator=generator),
                          torch.ones(1, text_tokens, dtype=torch.bool, device=device),
                          pooled=None if pooled is None else torch.randn(1, pooled, device=device, generator=generator))

@@ -5,7 +5,8 @@
 
 The folder holds one subfolder per class (ImageNet's layout: the sorted subfolder names are classes 0..K-1) with
 .jpg / .jpeg / .png images. Each image is centre-cropped to --size as ADM / DiT do, scaled to [-1, 1] and encoded
-by the VAE (a posterior sample, seeded by --seed and the batch, as DiT's training draws one) times 0.18215.
+by the VAE (a posterior sample, seeded by --seed and the batch, as DiT's training draws one) times 0.18215 (SD3's VAE:
+minus --shift 0.0609, times --scale 1.5305).
 Writes <out>/latents.npy (N, C, h, w) float16 and <out>/labels.npy (N,) int64 into a directory that appears whole.
 """
 from __future__ import annotations
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--scale", type=float, default=LATENT_SCALE)
+    parser.add_argument("--shift", type=float, default=0.0, help="latents = scale * (VAE latents - shift)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
             images = torch.from_numpy(chunk).permute(0, 3, 1, 2).to(args.device)  # (b, 3, H, W) uint8
             images = images.float() / 127.5 - 1  # (b, 3, H, W) in [-1, 1]
             g = torch.Generator(args.device).manual_seed(args.seed * 1_000_003 + start)
-            z = encode_images(vae, images, args.scale, g).cpu().numpy()  # (b, C, h, w)
+            z = encode_images(vae, images, args.scale, g, args.shift).cpu().numpy()  # (b, C, h, w)
             if latents is None:  # memory-mapped: ImageNet's 1.28M latents do not need to fit in memory
                 latents = np.lib.format.open_memmap(tmp / LATENTS, mode="w+", dtype=np.float16,
                                                     shape=(len(files), *z.shape[1:]))

@@ -11,8 +11,9 @@ evaluator's layout, arr_0 (N, H, W, 3), with the labels as arr_1):
     python scripts/sample_student.py sample --checkpoint runs/imagenet256/ard/checkpoints/last.ckpt \
         --num-samples 50000 --vae pretrained/sd-vae-ft-ema --npz --out samples/imagenet256_ard
 
-A text-to-image student (a PixArt teacher's) samples the prompts of its text store: --labels are then prompt
-indices of --store (each prompt's stored encoding; CFG is not used by students):
+A text-to-image student (a PixArt or SD3 teacher's) samples the prompts of its text store: --labels are then prompt
+indices of --store (each prompt's stored encoding, SD3's with its pooled embedding; CFG is not used by students;
+SD3's latents: --vae <snapshot>/vae --latent-scale 1.5305 --latent-shift 0.0609):
 
     python scripts/sample_student.py sample --student runs/digits_t2i/ard/student_ema \
         --store runs/digits_t2i/trajectories --labels 0 4 8 12 16 20 24 28 32 36 --per-label 8 --out samples/t2i
@@ -90,7 +91,8 @@ def run_sample(args) -> None:
             x = sample(student, noise.to(device), condition(y.to(device)), timesteps,
                        args.noise_correction or trained_corrected)[:, -1].float()  # (b, C, H, W)
             check_finite_samples(x, f"student samples {idx[0]}..{idx[-1]} (nothing written)")
-            images = decode_latents(vae, x, args.latent_scale) if vae is not None else x  # (b, 3|1, H', W')
+            images = (decode_latents(vae, x, args.latent_scale, shift=args.latent_shift) if vae is not None
+                      else x)  # (b, 3|1, H', W')
         out.append(to_uint8(images.cpu()))
         all_labels.append(y)
     images = torch.cat(out)  # (N, C, H, W) uint8
@@ -148,7 +150,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grid", type=int, default=100, help="samples shown in grid.png")
     p.add_argument("--nrow", type=int, default=10, help="grid columns with --num-samples")
     p.add_argument("--vae", help="diffusers AutoencoderKL directory (latent students)")
-    p.add_argument("--latent-scale", type=float, default=LATENT_SCALE, help="latents = scale * VAE latents")
+    p.add_argument("--latent-scale", type=float, default=LATENT_SCALE,
+                   help="latents = scale * (VAE latents - shift) (SD3's VAE: 1.5305)")
+    p.add_argument("--latent-shift", type=float, default=0.0, help="(SD3's VAE: 0.0609)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")

@@ -172,6 +172,7 @@ def test_teacher_of_a_family_not_served(tmp_path, capsys, command):
     ("guidance_scale", "-1", "greater than or equal to 0"),
     ("guidance_scale", "1e400", "finite number"),
     ("latent_scale", "0", "greater than 0"),
+    ("latent_shift", "1e400", "finite number"),
 ])
 def test_evaluate_numeric_option_out_of_range(tmp_path, capsys, teacher, option, value, allowed):
     expect_one_line(capsys, lambda: eval_main(eval_args(tmp_path, teacher, f"--{option}", value)),

@@ -34,11 +34,12 @@ PRINTED = {  # every preset, with the command that resolves it
 }
 
 
-def tiny_vae(path: Path) -> Path:
+def tiny_vae(path: Path, latent_channels: int = 4) -> Path:
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 4,
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels,
+                  down_block_types=("DownEncoderBlock2D",) * 4,
                   up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(4,) * 4, layers_per_block=1,
                   norm_num_groups=2, sample_size=256).save_pretrained(path)
     return path

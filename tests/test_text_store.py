@@ -10,7 +10,7 @@ import torch
 from ard.conditioning import Prompt
 from ard.store.schema import TextConditioning
 from ard.store.text import FOLDER, PARTIAL, TextSidecar, encode_prompts
-from ard.text_encoders import HashEncoder
+from ard.text_encoders import Encoded, HashEncoder
 
 PROMPTS = [Prompt(str(i), f"a handwritten {word}") for i, word in
            enumerate(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine at the very end"])]
@@ -18,9 +18,9 @@ PROMPTS = [Prompt(str(i), f"a handwritten {word}") for i, word in
 
 def test_a_masked_encoders_tokens_do_not_depend_on_the_batch():
     encoder = HashEncoder(dim=8)
-    alone, mask = encoder.encode(["a handwritten one"])
-    batch, batch_mask = encoder.encode(["a handwritten one", "a much longer handwritten prompt here"])
-    assert mask.sum() == 4 and torch.equal(batch[0][batch_mask[0]], alone[0][mask[0]])
+    alone, mask, pooled = encoder.encode(["a handwritten one"])
+    batch, batch_mask, _ = encoder.encode(["a handwritten one", "a much longer handwritten prompt here"])
+    assert mask.sum() == 4 and torch.equal(batch[0][batch_mask[0]], alone[0][mask[0]]) and pooled is None
     with pytest.raises(ValueError, match="a prompt of 17 tokens; the hash encoder takes at most 16"):
         encoder.encode([" ".join(["w"] * 16)])
 
@@ -39,7 +39,7 @@ def test_encoded_prompts_read_back_as_encoded_valid_tokens_only(tmp_path, dtype)
     sidecar = TextSidecar(tmp_path, section)
     labels = torch.tensor([7, 0, 9, 10])  # 10: the null prompt
     got = sidecar.condition(labels)
-    want, mask = encoder.encode([PROMPTS[7].text, PROMPTS[0].text, PROMPTS[9].text, ""])
+    want, mask, _ = encoder.encode([PROMPTS[7].text, PROMPTS[0].text, PROMPTS[9].text, ""])
     assert torch.equal(got.mask, mask)
     tolerance = 0 if dtype == "float32" else 1e-2
     torch.testing.assert_close(got.embeddings, want, rtol=tolerance, atol=tolerance)
@@ -60,8 +60,34 @@ def test_encoded_prompts_read_back_as_encoded_valid_tokens_only(tmp_path, dtype)
         TextSidecar(tmp_path, section)
 
 
-def test_an_interrupted_encoding_resumes_to_the_same_bytes(tmp_path, monkeypatch):
-    encoder = HashEncoder(dim=8)
+class Pooling(HashEncoder):
+    """A hash encoder that also pools each prompt (the mean of its tokens), as SD3's encoder gives pooled embeddings."""
+
+    def __init__(self):
+        super().__init__(dim=8)
+        self.pooled_dim = 8
+
+    def encode(self, texts):
+        emb, mask, _ = super().encode(texts)  # (B, T, D), (B, T)
+        return Encoded(emb, mask, (emb * mask[..., None]).sum(dim=1) / mask.sum(dim=1, keepdim=True))  # ..., (B, D)
+
+
+def test_pooled_embeddings_are_stored_once_per_prompt(tmp_path):
+    encoder = Pooling()
+    section = encode_prompts(tmp_path, PROMPTS, encoder, dtype="float32", chunk_size=3)
+    TextConditioning.model_validate(section)
+    assert section["pooled"]["file"] == "conditioning/pooled.npy" and section["pooled"]["shape"] == [11, 8]
+    got = TextSidecar(tmp_path, section).condition(torch.tensor([7, 10]))  # 10: the null prompt
+    want = encoder.encode([PROMPTS[7].text, ""]).pooled  # (2, 8)
+    assert torch.equal(got.pooled, want) and torch.equal(got.null.pooled, want[1:])
+    with pytest.raises(ValueError, match=r"pooled.shape=\[10, 8\]: 10 prompts and the null prompt need 11 rows"):
+        TextConditioning.model_validate({**section, "pooled": {**section["pooled"], "shape": [10, 8]}})
+    assert "pooled" not in encode_prompts(tmp_path / "hash", PROMPTS, HashEncoder(dim=8))  # no pooled: no file
+
+
+@pytest.mark.parametrize("kind", [HashEncoder, Pooling])
+def test_an_interrupted_encoding_resumes_to_the_same_bytes(tmp_path, monkeypatch, kind):
+    encoder = kind() if kind is Pooling else kind(dim=8)
     whole = encode_prompts(tmp_path / "whole", PROMPTS, encoder, chunk_size=3)
     calls = []
 
@@ -69,19 +95,19 @@ def test_an_interrupted_encoding_resumes_to_the_same_bytes(tmp_path, monkeypatch
         calls.append(texts)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return HashEncoder.encode(encoder, texts)
+        return kind.encode(encoder, texts)
 
     monkeypatch.setattr(encoder, "encode", dies_on_third_chunk)
     with pytest.raises(KeyboardInterrupt):
         encode_prompts(tmp_path / "resumed", PROMPTS, encoder, chunk_size=3)
     assert len(list((tmp_path / "resumed" / FOLDER / PARTIAL).glob("*.npz"))) == 2  # two chunks kept
     calls.clear()
-    monkeypatch.setattr(encoder, "encode", lambda texts: calls.append(texts) or HashEncoder.encode(encoder, texts))
+    monkeypatch.setattr(encoder, "encode", lambda texts: calls.append(texts) or kind.encode(encoder, texts))
     resumed = encode_prompts(tmp_path / "resumed", PROMPTS, encoder, chunk_size=3)
     assert len(calls) == 2  # the two chunks missing, not the whole file again
     assert resumed == {**whole, "encoder": whole["encoder"]}
     names = ["prompts.jsonl", "lengths.npy"] + [f"embeddings/shard-{j:06d}.npy" for j in range(4)]
-    for name in names:
+    for name in names + (["pooled.npy"] if kind is Pooling else []):
         assert (tmp_path / "whole" / FOLDER / name).read_bytes() == (tmp_path / "resumed" / FOLDER / name).read_bytes()
 
 
@@ -102,8 +128,9 @@ class Unmasked(HashEncoder):
         self.masked = False
 
     def encode(self, texts):
-        emb, _ = super().encode(texts)  # (B, T, D)
-        return torch.nn.functional.pad(emb, (0, 0, 0, 6 - emb.shape[1])), torch.ones(len(texts), 6, dtype=torch.bool)
+        emb = super().encode(texts).embeddings  # (B, T, D)
+        return Encoded(torch.nn.functional.pad(emb, (0, 0, 0, 6 - emb.shape[1])),  # (B, 6, D)
+                       torch.ones(len(texts), 6, dtype=torch.bool))
 
 
 def test_an_unmasked_encoder_stores_every_token(tmp_path):
@@ -112,9 +139,10 @@ def test_an_unmasked_encoder_stores_every_token(tmp_path):
     assert section["encoder"]["masked"] is False and lengths.tolist() == [6, 6, 6]
 
 
-def make_tiny_t5(directory, texts: list[str], width: int = 16):
+def make_tiny_t5(directory, texts: list[str], width: int = 16, tokenizer_directory=None):
     """A tiny random T5 encoder with a word-level tokenizer of the words of `texts`, made on the spot (no
-    download), saved as a local directory the way a T5 checkpoint is: tokenizer files and model.safetensors."""
+    download), saved as a local directory the way a T5 checkpoint is: tokenizer files and model.safetensors (the
+    tokenizer in `tokenizer_directory` where given: an SD3 snapshot's tokenizer_3 beside its text_encoder_3)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
@@ -124,7 +152,7 @@ def make_tiny_t5(directory, texts: list[str], width: int = 16):
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(directory)
+                            unk_token="<unk>").save_pretrained(tokenizer_directory or directory)
     torch.manual_seed(0)
     T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=width, d_kv=4, d_ff=32, num_layers=2, num_heads=4)
                    ).save_pretrained(directory, safe_serialization=True)
@@ -143,8 +171,8 @@ def test_a_t5_encoders_valid_tokens_do_not_depend_on_padding(tmp_path, tiny_t5):
     from ard.text_encoders import load_text_encoder
 
     encoder = load_text_encoder("t5", 16, str(tiny_t5), max_tokens=8)
-    alone, mask = encoder.encode(["a handwritten one"])
-    batch, batch_mask = encoder.encode(["a handwritten one", PROMPTS[9].text])
+    alone, mask, _ = encoder.encode(["a handwritten one"])
+    batch, batch_mask, _ = encoder.encode(["a handwritten one", PROMPTS[9].text])
     assert mask.sum() == 4 and batch_mask[1].sum() == 8  # the words and the end token
     torch.testing.assert_close(batch[0][batch_mask[0]], alone[0][mask[0]], rtol=1e-5, atol=1e-6)
     section = encode_prompts(tmp_path, PROMPTS, encoder, dtype="float32", chunk_size=4)
@@ -152,7 +180,7 @@ def test_a_t5_encoders_valid_tokens_do_not_depend_on_padding(tmp_path, tiny_t5):
     got = TextSidecar(tmp_path, section).condition(torch.tensor([1, 9]))
     assert torch.equal(got.mask, batch_mask)
     torch.testing.assert_close(got.embeddings[got.mask], batch[batch_mask], rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="a 16-wide T5; the teacher reads 32-wide text tokens"):
+    with pytest.raises(ValueError, match="16-wide text tokens; the teacher reads 32-wide ones"):
         load_text_encoder("t5", 32, str(tiny_t5))
     with pytest.raises(ValueError, match="text_encoder='t5' needs text_encoder_path"):
         load_text_encoder("t5", 16)

@@ -8,8 +8,8 @@ and its null condition for CFG. Nothing outside this package names a diffusers m
     dit_official.py   facebookresearch/DiT checkpoints <-> diffusers' DiT layout
     pixart.py         PixArt-alpha / Sigma (PixArtTransformer2DModel): text-conditioned, history on attn1 only
     sd3.py            Stable Diffusion 3 / 3.5 (SD3Transformer2DModel): MMDiT, history on the joint image-text
-                      attention (image keys only from earlier steps), a flow model (the adapter only: its schedule
-                      is not served yet)
+                      attention (image keys only from earlier steps), a flow model conditioned on text tokens and
+                      pooled text embeddings
     text.py           the condition of text-to-image families: encoded prompts (TextCondition)
     files.py          diffusers model directories: config.json, weights, the family a config names
 """
@@ -25,13 +25,12 @@ from ard.backbones.pixart import PixArt
 from ard.backbones.sd3 import SD3
 
 BACKBONES: dict[str, Backbone] = {adapter.family: adapter for adapter in (DiT(), PixArt(), SD3())}
-# The families that the store, distillation and evaluation serve end to end (load_teacher's default); the text
-# families are served by precompute and distillation so far (their evaluation is still to come), PixArt's: SD3's
-# flow schedule is not served by any stage yet (its adapter and the student are).
+# The families that the store, distillation and evaluation serve end to end (load_teacher's default), and those
+# conditioned on text, which precompute, distillation, the GAN stage and evaluation serve on stores of encoded
+# prompts (ard/store/text.py; SD3's with their pooled embeddings): a text family's teacher is loaded where a stage
+# works on a text store.
 SERVED = ("dit",)
-TEXT = ("pixart",)  # families conditioned on text: stores of encoded prompts (ard/store/text.py)
-# SD3 ("sd3") is served by the student (joint history attention) only so far: its stores need the pooled text
-# embeddings in the sidecar and its dense T5 tokens, so precompute, distillation and evaluation refuse it (one line).
+TEXT = ("pixart", "sd3")  # families conditioned on text: stores of encoded prompts (ard/store/text.py)
 Family = Literal["dit", "pixart"]  # the families a teacher can be trained in (ard.modules.teacher_training)
 
 

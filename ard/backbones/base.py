@@ -37,6 +37,8 @@ class Backbone(ABC):
     # HISTORY_PROCESSORS): "self", over the image tokens (diffusers' AttnProcessor2_0 layout), or "joint", over a
     # step's image and text tokens together (JointAttnProcessor2_0's: SD3's MMDiT blocks).
     history_kind: ClassVar[Literal["self", "joint"]] = "self"
+    # The schedules (ard.schedules.ScheduleKind) its teachers are sampled on: a flow-matching family (SD3) only "flow"
+    schedules: ClassVar[tuple[str, ...]] = ("vp", "flow")
 
     # ------------------------------------------------------------------ building, loading, identity
     @abstractmethod
@@ -138,3 +140,8 @@ class Backbone(ABC):
     @abstractmethod
     def check_condition(self, model: nn.Module, condition: torch.Tensor, allow_null: bool = False) -> None:
         """One-line ValueError when a condition cannot be served by this model."""
+
+    def text_dims(self, model: nn.Module) -> tuple[int, int | None]:
+        """A text family's widths: of the text tokens the model reads and of its pooled text embedding (None: it
+        reads none), what its prompts' encoder must make (ard.text_encoders.load_text_encoder)."""
+        raise ValueError(f"a {self.family!r} model is conditioned on class labels, not on text")

@@ -176,6 +176,9 @@ class PixArt(Backbone):
     def cat(self, conditions: list[TextCondition]) -> TextCondition:
         return TextCondition.cat(conditions)
 
+    def text_dims(self, model: PixArtTransformer2DModel) -> tuple[int, None]:
+        return model.config.caption_channels, None  # T5 tokens, no pooled embedding
+
     def check_condition(self, model: PixArtTransformer2DModel, condition: TextCondition,
                         allow_null: bool = False) -> None:
         """Text tokens of the model's caption width, one validity mask per token, a valid token in every row."""

@@ -16,7 +16,8 @@ What differs from DiT and PixArt:
 - no text mask: every text token, padding included, is attended to (the pipeline encodes prompts to a fixed
   length), so a condition with masked tokens is refused;
 - a flow model: it predicts a velocity (out_channels = in_channels, no learned sigma) at model time sigma * 1000
-  (a float); the adapter passes the rows' t (R,) to the model as given, the schedule is not its business;
+  (a float); the adapter passes the rows' t (R,) to the model as given, and its teachers are sampled on the flow
+  schedule only (`schedules`: precompute refuses another);
 - positions are cropped from a pos_embed_max_size grid, so one checkpoint serves every latent side up to it:
   `sample_size` (the states' side) is the named size's, not the checkpoint's.
 The null condition of CFG is the null prompt's encoding (tokens and pooled), carried by the condition
@@ -106,6 +107,7 @@ class SD3(Backbone):
     model_class = SD3Transformer2DModel
     sizes = SD3_SIZES
     history_kind = "joint"
+    schedules = ("flow",)  # rectified flow: velocity at model time 1000 sigma
 
     # ------------------------------------------------------------------ building, loading, identity
     def build(self, size: str = "tiny", tie_embedders: bool = True, **overrides) -> SD3Transformer2DModel:
@@ -212,6 +214,9 @@ class SD3(Backbone):
 
     def cat(self, conditions: list[TextCondition]) -> TextCondition:
         return TextCondition.cat(conditions)
+
+    def text_dims(self, model: SD3Transformer2DModel) -> tuple[int, int]:
+        return model.config.joint_attention_dim, model.config.pooled_projection_dim  # CLIP + T5 tokens, pooled CLIPs
 
     def check_condition(self, model: SD3Transformer2DModel, condition: TextCondition,
                         allow_null: bool = False) -> None:

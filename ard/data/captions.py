@@ -38,7 +38,8 @@ class CaptionConditions:
     the rows where `drop` (CFG training), on the digits' device."""
 
     def __init__(self, encoder: TextEncoder):
-        self.embeddings, self.mask = encoder.encode([p.text for p in digit_captions()] + [""])  # (P+1, T, D), (P+1, T)
+        encoded = encoder.encode([p.text for p in digit_captions()] + [""])
+        self.embeddings, self.mask = encoded.embeddings, encoded.mask  # (P+1, T, D), (P+1, T)
         self.null_row = len(NAMES) * len(TEMPLATES)
 
     def __call__(self, digits: torch.Tensor, templates: torch.Tensor | None = None,

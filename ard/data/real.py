@@ -6,8 +6,9 @@ A source is named by one string:
                                    digits teacher was trained on "train"; "val" is held out from both);
     DIR                            precomputed latents: DIR/latents.npy (N, C, H, W) float16/float32 in the
                                    student's space (VAE latents times 0.18215 for DiT) and DIR/labels.npy (N,)
-                                   integers, memory-mapped (scripts/encode_real_latents.py writes them from an
-                                   image folder, centre-cropped to 256 and VAE-encoded).
+                                   integers (classes, or a text store's prompt indices), memory-mapped
+                                   (scripts/encode_real_latents.py writes them from an image folder, centre-cropped
+                                   to 256 and VAE-encoded).
 Draws are with replacement, from a generator the caller seeds (so they are reproducible on resume).
 """
 from __future__ import annotations

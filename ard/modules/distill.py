@@ -34,8 +34,8 @@ import lightning as L
 import numpy as np
 import torch
 
-from ard.checks import (AtLeastOne, Beta, Indices, NonNegative, NonNegativeInt, Positive, Weights, check_fields,
-                        check_finite_weights, check_knobs, stop_on_non_finite)
+from ard.checks import (AtLeastOne, Beta, Finite, Indices, NonNegative, NonNegativeInt, Positive, Weights,
+                        check_fields, check_finite_weights, check_knobs, stop_on_non_finite)
 from ard.diffusion import recorded_solver, solver_grid
 from ard.schedules import schedule_of
 from ard.student import ARDStudent, HeadKind, HistoryStart, MaskKind, OutputKind, StepMSELoss, sample
@@ -47,6 +47,7 @@ from ard.student.recipe import Recipe, student_inputs, substep_paths
 from ard.backbones import SERVED, TEXT, backbone_of
 from ard.backbones.dit import Numerics, num_classes
 from ard.teacher import DIGITS_TEACHER, check_teacher, load_teacher, teacher_identity
+from ard.store.text import check_pooled
 from ard.viz import image_grid, log_image, save_png
 
 # The student's knobs are declared once, in ARDStudent.__init__; this module forwards them and takes
@@ -63,7 +64,8 @@ class SampleGrid:
     classes: Indices | None = None  # rows, one class each; None: every class
     seed: int = 0  # seed of the grid's noise: the same noise every time, so that grids are comparable
     vae: str | None = None  # diffusers AutoencoderKL directory decoding latent states (latent teachers)
-    latent_scale: Positive = 0.18215  # latents = scale * VAE latents (sd-vae-ft-ema)
+    latent_scale: Positive = 0.18215  # latents = scale * (VAE latents - shift) (sd-vae-ft-ema; SD3's VAE: 1.5305)
+    latent_shift: Finite = 0.0  # (SD3's VAE: 0.0609, its config's shift_factor; 0 for the SD and SDXL VAEs)
 
     def __post_init__(self):
         check_fields(self, "samples.")
@@ -135,7 +137,7 @@ class ARDDistillation(L.LightningModule):
             weight_decay: AdamW weight decay (ARD: 0).
             betas: AdamW betas.
             samples: the sample grid of every validation (SampleGrid: per_class, classes, seed, vae,
-                latent_scale).
+                latent_scale, latent_shift).
             gradient_checkpointing: recompute each transformer block's activations in the backward pass
                 (diffusers' gradient checkpointing): the same loss and gradients in less memory, for one more
                 forward pass of compute.
@@ -198,11 +200,14 @@ class ARDDistillation(L.LightningModule):
         if not all(hasattr(datamodule, a) for a in ("check_compatible", "timesteps", "student_steps")):
             raise ValueError(f"{type(self).__name__} needs a trajectory store as data "
                              f"(ard.data.trajectories.TrajectoryDataModule); got {type(datamodule).__name__}")
+        manifest = str(Path(datamodule.path) / "manifest.json")
         if self.text:
             self.num_classes = datamodule.manifest["num_classes"]  # its prompts (the teacher identity is checked)
             self.prompt_condition = datamodule.prompt_condition  # (the data module converts the batches' labels)
+            student = self.student
+            check_pooled(datamodule.manifest["conditioning"], student.backbone.text_dims(student.transformer)[1],
+                         manifest)
         datamodule.check_compatible(self.state_shape, self.num_classes)
-        manifest = str(Path(datamodule.path) / "manifest.json")
         # the student must start from the store's teacher: weights, config and numerics
         check_teacher(datamodule.manifest["teacher"], self.teacher_identity, manifest,
                       f"model.teacher={self.hparams.teacher}")
@@ -272,13 +277,15 @@ class ARDDistillation(L.LightningModule):
 
     @staticmethod
     def _with_new_defaults(checkpoint: dict) -> dict:
-        """Knobs added since a checkpoint was written (recipe fields, noise_correction) at their defaults, which
-        train what that checkpoint's run trained."""
+        """Knobs added since a checkpoint was written (recipe and sample-grid fields, noise_correction) at their
+        defaults, which train what that checkpoint's run trained."""
         hparams = dict(checkpoint.get("hyper_parameters", {}))
         if not hparams:
             return checkpoint
         if isinstance(hparams.get("recipe"), dict):
             hparams["recipe"] = {**asdict(Recipe()), **hparams["recipe"]}
+        if isinstance(hparams.get("samples"), dict):
+            hparams["samples"] = {**asdict(SampleGrid()), **hparams["samples"]}
         hparams.setdefault("noise_correction", False)
         return {**checkpoint, "hyper_parameters": hparams}
 
@@ -383,7 +390,8 @@ class ARDDistillation(L.LightningModule):
 
         if "vae" not in self._frozen:
             self._frozen["vae"] = load_vae(self.samples.vae)
-        return decode_latents(self._frozen["vae"].to(self.device), x, self.samples.latent_scale)  # (n, 3, H', W')
+        return decode_latents(self._frozen["vae"].to(self.device), x, self.samples.latent_scale,
+                              shift=self.samples.latent_shift)  # (n, 3, H', W')
 
     # ------------------------------------------------------------------ teacher, export
     def frozen_teacher(self):

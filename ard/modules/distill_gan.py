@@ -13,6 +13,9 @@ wrapped by DDP) is trained against real samples (ard.data.real). One iteration, 
     -> a student step on L_reg + lambda L_gan, lambda = gan.weight * the adaptive weight (0 during the warm-up)
     -> a discriminator step on real against the (detached) fake.
 
+On a text store (PixArt, SD3) the real samples' labels are prompt indices of the store, conditioned on their stored
+encodings as the batches are (ard.data.real: e.g. real latents of captioned images whose captions are the prompts).
+
 One clock: Lightning's `global_step` counts iterations (the discriminator's optimiser is stepped through the
 strategy, not through Lightning's step counter), so `trainer.max_steps`, ModelCheckpoint's intervals, the
 warm-up, the recipe's ramp and logging all count iterations. DDP needs `strategy: ddp_find_unused_parameters_true`
@@ -126,7 +129,8 @@ class ARDGANDistillation(ARDDistillation):
             self.untoggle_optimizer(opt_g)
         # the discriminator
         real, real_labels = (v.to(self.device) for v in self.real["train"].draw(len(labels), g))
-        d_loss, logits_real, logits_fake = self.discriminator.discriminator_loss(teacher, real, real_labels, fake,
+        d_loss, logits_real, logits_fake = self.discriminator.discriminator_loss(teacher, real,
+                                                                                 self.condition(real_labels), fake,
                                                                                  labels, g)
         self._optimiser_step(opt_d, d_loss.mean(), counted=False)
         self.log_dict({"gan/d_loss": d_loss.mean(), "gan/weight": weight}, prog_bar=True, on_step=True, sync_dist=True)
@@ -134,7 +138,8 @@ class ARDGANDistillation(ARDDistillation):
                       on_step=True, sync_dist=True)
         if "holdout" in self.real and iteration % self.trainer.log_every_n_steps == 0:
             held, held_labels = (v.to(self.device) for v in self.real["holdout"].draw(len(labels), g))
-            self.log("gan/logits_holdout", self.discriminator.holdout_logit(teacher, held, held_labels, g),
+            self.log("gan/logits_holdout",
+                     self.discriminator.holdout_logit(teacher, held, self.condition(held_labels), g),
                      on_step=True, sync_dist=True)
         return loss.detach()
 

@@ -9,10 +9,10 @@ shard is always computed as the same micro-batches of `micro_batch_size` consecu
 number of processes; float results depend on batch composition, so this fixes them (on the same hardware
 and software) for any DDP world size and any sequence of interruptions.
 
-Text teachers (PixArt): the prompts (`prompts`, a JSON Lines file or a .txt of one prompt per line) are encoded once
-into the store's conditioning sidecar (ard/store/text.py; resumable) before the manifest exists, and trajectory i's
-label is the index of its prompt; the manifest (version 2) records the encoder, the prompts' and embeddings' sha256 and
-the null prompt.
+Text teachers (PixArt, SD3): the prompts (`prompts`, a JSON Lines file or a .txt of one prompt per line) are encoded
+once into the store's conditioning sidecar (ard/store/text.py; resumable; SD3's with their pooled embeddings) before
+the manifest exists, and trajectory i's label is the index of its prompt; the manifest (version 2) records the
+encoder, the prompts', embeddings' (and pooled embeddings') sha256 and the null prompt.
 
 One writer per store: global rank 0 locks the store directory (`ard.runlock`) in `prepare_data`, before the
 writer's setup checks or creates the manifest, and a callback the module adds releases it when the run ends,
@@ -45,7 +45,8 @@ class PrecomputeTrajectories(L.LightningModule):
                  clip_sample: bool = False, save_indices: Indices | None = None, with_x0: bool = False,
                  seed: NonNegativeInt = 0, micro_batch_size: AtLeastOne = 256, numerics: Numerics | None = None,
                  cfg_channels: CfgChannels = "all", prompts: str | None = None, text_encoder: TextEncoderKind = "hash",
-                 text_encoder_path: str | None = None, text_max_tokens: AtLeastOne = 120, null_prompt: str = "",
+                 text_encoder_path: str | list[str] | None = None, text_max_tokens: AtLeastOne = 120,
+                 null_prompt: str = "",
                  schedule: ScheduleKind = "vp", shift: Positive = 1.0):
         """
         Args:
@@ -70,14 +71,17 @@ class PrecomputeTrajectories(L.LightningModule):
             prompts: text teachers only: the prompt file (JSON Lines {"id", "text"}, or .txt: one prompt per line;
                 ard.conditioning.read_prompts); trajectory i's label indexes it.
             text_encoder: text teachers only: the prompts' encoder (ard.text_encoders; "hash": the deterministic
-                stand-in, as wide as the teacher's caption_channels; "t5": from text_encoder_path).
-            text_encoder_path: "t5": a local directory with its tokenizer and safetensors weights.
+                stand-in, as wide as the teacher's caption_channels; "t5": from text_encoder_path; "sd3": SD3's
+                CLIP-L, CLIP-G and T5 from text_encoder_path, with the pooled embeddings an SD3 teacher reads).
+            text_encoder_path: "t5": a local directory with its tokenizer and safetensors weights; "sd3": an SD3
+                pipeline snapshot (text_encoder, text_encoder_2, text_encoder_3 and their tokenizers), or a list of
+                three directories (CLIP-L, CLIP-G, T5, each with its tokenizer).
             text_max_tokens: the encoder's maximum prompt length (longer prompts are refused, never cut;
-                PixArt-alpha: 120, Sigma: 300).
+                PixArt-alpha: 120, Sigma: 300; "sd3": T5's token count, the SD3 pipeline's 256).
             null_prompt: text teachers only: the null (negative) prompt of CFG.
             schedule: the teacher's training schedule (ard/schedules.py): "vp" (epsilon prediction, DDIM on
                 DiT's linear betas) or "flow" (velocity prediction, rectified flow: Euler on the grid
-                sigma_k = shift(1 - k / K), recorded in the manifest's grid.sigmas).
+                sigma_k = shift(1 - k / K), recorded in the manifest's grid.sigmas; SD3 teachers: flow only).
             shift: "flow" only: the grid's time shift (1: uniform in sigma; SD3: 3.0).
         """
         check_knobs(PrecomputeTrajectories.__init__, {k: v for k, v in locals().items() if k != "self"}, "model.")
@@ -96,7 +100,11 @@ class PrecomputeTrajectories(L.LightningModule):
                              f"(the final sample); got {save_indices}")
         self.teacher = load_teacher(teacher, teacher_size, numerics, families=(*SERVED, *TEXT))
         self.teacher.requires_grad_(False)
-        self.family = backbone_of(self.teacher).family
+        adapter = backbone_of(self.teacher)
+        self.family = adapter.family
+        if schedule not in adapter.schedules:
+            raise ValueError(f"model.schedule={schedule!r}: a {self.family!r} teacher is sampled on the "
+                             f"{' or '.join(map(repr, adapter.schedules))} schedule only")
         self.identity = teacher_identity(self.teacher)
         cfg = self.teacher.config
         self.state_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)  # (C, H, W)
@@ -108,7 +116,8 @@ class PrecomputeTrajectories(L.LightningModule):
                 "is conditioned on text and needs a prompt file" if prompts is None else
                 "is conditioned on class labels and takes no prompts"))
         if prompts is not None:
-            self.encoder = load_text_encoder(text_encoder, cfg.caption_channels, text_encoder_path, text_max_tokens)
+            width, pooled = adapter.text_dims(self.teacher)  # what the encoder must make
+            self.encoder = load_text_encoder(text_encoder, width, text_encoder_path, text_max_tokens, pooled)
             self.prompts = read_prompts(prompts, self.encoder.max_tokens, self.encoder.count_tokens)
 
     def conditioning(self) -> dict | None:

@@ -407,13 +407,15 @@ def stored_bytes(sidecars: dict[int, dict] | list[dict]) -> int:
 
 # ---------------------------------------------------------------------------------------------- verify
 def conditioning_files(manifest: dict) -> dict[str, dict]:
-    """The conditioning sidecars of a text store ({"prompts" | "lengths" | "embeddings.shards[j]": their manifest
-    entry: file, sha256, bytes}); none for a class-conditional store."""
+    """The conditioning sidecars of a text store ({"prompts" | "lengths" | "pooled" | "embeddings.shards[j]": their
+    manifest entry: file, sha256, bytes; "pooled" where the store holds pooled embeddings}); none for a
+    class-conditional store."""
     cond = manifest.get("conditioning") or {}
     if cond.get("kind") != "text":
         return {}
     shards = {f"embeddings.shards[{j}]": entry for j, entry in enumerate(cond["embeddings"]["shards"])}
-    return {"prompts": cond["prompts"], "lengths": cond["lengths"], **shards}
+    pooled = {} if cond.get("pooled") is None else {"pooled": cond["pooled"]}
+    return {"prompts": cond["prompts"], "lengths": cond["lengths"], **pooled, **shards}
 
 
 def check_conditioning_file(root: str | Path, name: str, entry: dict, deep: bool) -> None:
@@ -426,6 +428,13 @@ def check_conditioning_file(root: str | Path, name: str, entry: dict, deep: bool
                          f"{entry['bytes']} (truncated or corrupt)")
     if deep and sha256_file(path) != entry["sha256"]:
         raise StoreError(f"{path}: sha256 does not match {MANIFEST} field 'conditioning.{name}.sha256' (corrupt)")
+
+
+def check_conditioning_files(root: str | Path, manifest: dict) -> None:
+    """Every conditioning sidecar of a text store is there with the size the manifest records (opening a store or
+    its encoded prompts: O(files); `verify` reads their bytes)."""
+    for name, entry in conditioning_files(manifest).items():
+        check_conditioning_file(root, name, entry, deep=False)
 
 
 def verify_shard(root: str | Path, manifest: dict, shard: int) -> None:
@@ -518,8 +527,7 @@ class TrajectoryStore:
             first = min(set(range(m["num_shards"])) - set(done))
             raise StoreError(f"{shard_dir(self.root, first)}: missing (store incomplete, {len(done)} of "
                              f"{m['num_shards']} shards: re-run the precompute command)")
-        for name, entry in conditioning_files(m).items():
-            check_conditioning_file(self.root, name, entry, deep=False)
+        check_conditioning_files(self.root, m)
         self.dtype: StoreDtype = m["state"]["dtype"]
         self.has_x0 = m["state"]["x0"]
         self.num_trajectories = m["num_trajectories"]

@@ -8,9 +8,10 @@ ard.teacher.check_teacher). docs/store.md describes every field.
 
 Versions: 1 is the class-conditional store with the DDIM teacher grid of today. Version 2 adds what the
 text-to-image and flow-matching teachers need, and only version 2 may hold it:
-    conditioning   "class" (labels are classes) or "text": the encoder's identity and the two conditioning
-                   sidecars (the prompts, one JSON object per line, and their embeddings, stored once per prompt);
-                   a trajectory's label is then its prompt's index
+    conditioning   "class" (labels are classes) or "text": the encoder's identity and the conditioning sidecars
+                   (the prompts, one JSON object per line, their embeddings, stored once per prompt, and, for
+                   encoders that make them, their pooled embeddings); a trajectory's label is then its prompt's
+                   index
     solver         "flow_euler" (velocity prediction, Euler steps on an explicit sigma grid) beside "ddim"
     grid.sigmas    the flow grid: strictly decreasing, in (0, 1], ending at 0 (the clean state)
     teacher.family which diffusers transformer family made the store ("dit", "pixart", "sd3")
@@ -153,6 +154,10 @@ class Prompts(Sidecar):
     count: Count  # prompts (lines); labels index them
 
 
+class Pooled(Sidecar):
+    shape: Annotated[list[Count], Field(min_length=2, max_length=2)]  # [prompts + 1, P], in embeddings.dtype
+
+
 class Encoder(Strict):
     name: str = Field(min_length=1)  # e.g. "t5-v1_1-xxl"
     path: str | None = None  # where it was loaded from (informational)
@@ -172,6 +177,7 @@ class TextConditioning(Strict):
     prompts: Prompts
     embeddings: Embeddings  # the prompts' tokens one after the other, in shards (ard/store/text.py)
     lengths: Sidecar  # (prompts + 1,) int64 tokens of each prompt, the null prompt's last
+    pooled: Pooled | None = None  # (prompts + 1, P) pooled embeddings (SD3's), the null prompt's last; None: none
     null_prompt: str = ""  # the null (negative) prompt of CFG, encoded after the prompts (label prompts.count)
 
     @model_validator(mode="after")
@@ -187,6 +193,9 @@ class TextConditioning(Strict):
         if tokens > (self.prompts.count + 1) * self.encoder.max_tokens:
             raise ValueError(f"embeddings.shape={self.embeddings.shape}: more tokens than {self.prompts.count} "
                              f"prompts and the null prompt of at most encoder.max_tokens={self.encoder.max_tokens}")
+        if self.pooled is not None and self.pooled.shape[0] != self.prompts.count + 1:
+            raise ValueError(f"pooled.shape={self.pooled.shape}: {self.prompts.count} prompts and the null prompt "
+                             f"need {self.prompts.count + 1} rows")
         return self
 
 
