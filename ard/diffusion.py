@@ -201,6 +201,33 @@ def _save_indices(num_steps: int, save_indices: Sequence[int] | None) -> list[in
     return save
 
 
+def _walk(noise: torch.Tensor, grid: list, save: list[int], step, return_x0: bool, progress: str | None
+          ) -> Trajectory:
+    """The K steps x_i -> x_{i+1} = step(i, x_i) (which returns (x0-prediction, next state)) from `noise` over a
+    grid of K + 1 labels, keeping the states (and x0-predictions) at the saved indices; a tqdm bar named `progress`."""
+    num_steps = len(grid) - 1
+    x = noise  # (B, C, H, W)
+    states, x0s = {}, {}
+    steps = range(num_steps)
+    if progress:
+        from tqdm import tqdm
+
+        steps = tqdm(steps, desc=progress, leave=False)
+    for i in steps:
+        if i in save:
+            states[i] = x
+        x0, x = step(i, x)  # (B, C, H, W) each
+        if i in save:
+            x0s[i] = x0
+    states[num_steps] = x0s[num_steps] = x
+    return Trajectory(
+        states=torch.stack([states[i] for i in save], dim=1),  # (B, n, C, H, W)
+        grid_indices=save,
+        timesteps=[grid[i] for i in save],
+        x0=torch.stack([x0s[i] for i in save], dim=1) if return_x0 else None,
+    )
+
+
 @torch.no_grad()
 def ddim_sample(model, noise: torch.Tensor, labels: torch.Tensor, num_steps: int = 24,
                 guidance_scale: float = 1.5, spacing: TimestepSpacing = "leading",
@@ -214,37 +241,20 @@ def ddim_sample(model, noise: torch.Tensor, labels: torch.Tensor, num_steps: int
     """
     backbone_of(model).check_condition(model, labels)
     grid = ddim_grid(num_steps, spacing)
-    save = _save_indices(num_steps, save_indices)
     scheduler = make_scheduler(spacing, clip_sample=clip_sample)
     scheduler.set_timesteps(num_steps)
     ab = alpha_bar(scheduler, torch.tensor(grid, device=noise.device)) if spacing == "linspace" else None  # (K+1,)
-    x = noise  # (B, C, H, W)
-    states, x0s = {}, {}
-    steps = range(num_steps)
-    if progress:
-        from tqdm import tqdm
 
-        steps = tqdm(steps, desc="DDIM", leave=False)
-    for i in steps:
-        if i in save:
-            states[i] = x
+    def step(i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = torch.full((x.shape[0],), grid[i], device=x.device, dtype=torch.long)  # (B,)
         eps = guided_prediction(model, x, t, labels, guidance_scale, cfg_channels)  # (B, C, H, W)
         if spacing == "linspace":  # uneven steps: the DDIM equation between this grid timestep and the next
-            x0, x = predict_x0(x, eps, ab[i].expand(x.shape[0]), clip_sample), ddim_jump(
+            return predict_x0(x, eps, ab[i].expand(x.shape[0]), clip_sample), ddim_jump(
                 x, eps, ab[i].expand(x.shape[0]), ab[i + 1].expand(x.shape[0]), clip_sample)  # (B, C, H, W) each
-        else:
-            out = scheduler.step(eps, grid[i], x, eta=0.0)
-            x0, x = out.pred_original_sample, out.prev_sample  # (B, C, H, W) each
-        if i in save:
-            x0s[i] = x0
-    states[num_steps] = x0s[num_steps] = x
-    return Trajectory(
-        states=torch.stack([states[i] for i in save], dim=1),  # (B, n, C, H, W)
-        grid_indices=save,
-        timesteps=[grid[i] for i in save],
-        x0=torch.stack([x0s[i] for i in save], dim=1) if return_x0 else None,
-    )
+        out = scheduler.step(eps, grid[i], x, eta=0.0)
+        return out.pred_original_sample, out.prev_sample  # (B, C, H, W) each
+
+    return _walk(noise, grid, _save_indices(num_steps, save_indices), step, return_x0, "DDIM" if progress else None)
 
 
 @torch.no_grad()
@@ -258,29 +268,14 @@ def flow_sample(model, noise: torch.Tensor, labels: torch.Tensor, num_steps: int
     backbone_of(model).check_condition(model, labels)
     schedule = FlowSchedule(shift)
     grid = schedule.labels(schedule.grid_sigmas(num_steps))  # K + 1 labels, the last CLEAN
-    save = _save_indices(num_steps, save_indices)
-    x = noise  # (B, C, H, W)
-    states, x0s = {}, {}
-    steps = range(num_steps)
-    if progress:
-        from tqdm import tqdm
 
-        steps = tqdm(steps, desc="Euler", leave=False)
-    for i in steps:
-        if i in save:
-            states[i] = x
+    def step(i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = torch.full((x.shape[0],), grid[i], device=x.device, dtype=torch.float64)  # (B,)
         v = guided_prediction(model, x, t, labels, guidance_scale)  # (B, C, H, W)
-        x, x0 = schedule.jump(x, v, t, torch.full_like(t, grid[i + 1]), "velocity", clip_sample)  # (B, C, H, W) each
-        if i in save:
-            x0s[i] = x0
-    states[num_steps] = x0s[num_steps] = x
-    return Trajectory(
-        states=torch.stack([states[i] for i in save], dim=1),  # (B, n, C, H, W)
-        grid_indices=save,
-        timesteps=[grid[i] for i in save],
-        x0=torch.stack([x0s[i] for i in save], dim=1) if return_x0 else None,
-    )
+        nxt, x0 = schedule.jump(x, v, t, torch.full_like(t, grid[i + 1]), "velocity", clip_sample)  # (B, C, H, W)
+        return x0, nxt
+
+    return _walk(noise, grid, _save_indices(num_steps, save_indices), step, return_x0, "Euler" if progress else None)
 
 
 def solve(model, solver: dict, noise: torch.Tensor, labels: torch.Tensor, save_indices: Sequence[int] | None = None,
