@@ -299,3 +299,61 @@ def test_the_paper_grid_gives_boundaries_uniform_in_t_and_its_presets_agree(monk
     args = script["predict_args"](["-c", "configs/digits/trajectories.yaml", "-c", overlay, "--out", "s",
                                    "--num-trajectories", "8"])
     assert args[:5] == ["predict", "-c", "configs/digits/trajectories.yaml", "-c", overlay]
+
+
+@pytest.mark.parametrize("grid", ["cfg15", "flow", "w64", "w32"])
+def test_the_control_grids_sample_their_teacher_at_one_guidance(grid, monkeypatch, capsys):
+    """The two controls (epsilon vs flow teacher, model size) compare teachers at one CFG scale: each grid's store
+    resolves to CFG 1.5 and to the grid's teacher, and its students distil that teacher (their architecture)."""
+    from ard.backbones.dit import DIT_SIZES
+
+    entry = registry.GRIDS[grid]
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit):
+        ard_main(["predict", "-c", "configs/digits/trajectories.yaml", "-c", entry.trajectories, "--print_config"])
+    store = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    assert store["guidance_scale"] == 1.5
+    with pytest.raises(SystemExit):
+        ard_main(["fit", "-c", "configs/digits/ard.yaml", *(["-c", entry.fit] if entry.fit else []), "--print_config"])
+    student = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    where = {(ROOT / path).resolve() for path in (store["teacher"], student["teacher"],
+                                                  entry.teacher or "ard/assets/digits_teacher")}
+    assert len(where) == 1 and next(iter(where)).is_dir()
+    assert (store["schedule"] == "flow") == (grid == "flow") == (student["output"] == "velocity")
+    if grid.startswith("w"):  # the size control's teachers: the shipped teacher's geometry at another width
+        config = json.loads((ROOT / entry.teacher / "config.json").read_text())
+        width = config["num_attention_heads"] * config["attention_head_dim"]
+        assert width == int(grid[1:]) and config["num_layers"] == DIT_SIZES["digits"]["num_layers"]
+
+
+def _teacher_report(mse: dict[str, list[float]], **settings) -> dict:
+    """A benchmark report of one teacher at S = 2: per variant, one same-noise MSE per seed (FID vs teacher 100x)."""
+    runs = [{"model": f"{v}-seed{i}", "steps": 2, "mse_vs_teacher": m, "fid_vs_teacher": 100 * m}
+            for v, ms in mse.items() for i, m in enumerate(ms)]
+    teacher = [{"model": "teacher (DDIM, w=1.5)", "steps": s, "fid": 9.0, "fid_vs_teacher": f, "mse_vs_teacher": f / 100}
+               for s, f in ((24, 0.0), (2, 50.0))]
+    return {"settings": {"teacher": "t", "solver": {"name": "ddim"}, "teacher_steps": 24, "guidance_scale": 1.5,
+                         "max_steps": 600, "num_trajectories": 64, "seeds": [0, 1], "num_samples": 8, "ema": "e",
+                         **settings},
+            "noise_floor": {"teacher": 2.0, "real": 9.8}, "aggregated": teacher, "runs": teacher + runs}
+
+
+def test_a_control_pairs_ard_and_the_baseline_by_seed_and_refuses_unequal_budgets(tmp_path, monkeypatch, capsys):
+    from ard.bench import controls
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "a.json").write_text(json.dumps(_teacher_report({"baseline": [0.02, 0.04], "ard-N1": [0.01, 0.04]})))
+    (inputs / "b.json").write_text(json.dumps(_teacher_report({"baseline": [0.01, 0.01], "ard-N1": [0.02, 0.01]})))
+    monkeypatch.setitem(controls.CONTROLS, "c", controls.Control("?", (("A", "a"), ("B", "b"))))
+    report = controls.write_control("c", inputs, tmp_path / "out", "baseline", "ard-N1")
+    a, b = report["rows"]
+    assert (a["teacher"], a["steps"], a["seeds"]) == ("A", 2, [0, 1])
+    assert a["ratio_mse_vs_teacher"]["mean"] == pytest.approx(0.75)  # 0.5 and 1.0, not 0.05 / 0.06
+    assert b["ratio_mse_vs_teacher"]["mean"] == pytest.approx(1.5) and b["ratio_fid_vs_teacher"]["sd"] > 0
+    assert a["undistilled"] == {"fid_vs_teacher": 50.0, "mse_vs_teacher": 0.5}
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"c.json", "c.md", "c.png"}
+    assert "| B | 2 |" in (tmp_path / "out" / "c.md").read_text()
+    (inputs / "b.json").write_text(json.dumps(_teacher_report({"baseline": [0.01], "ard-N1": [0.01]}, max_steps=1200)))
+    with pytest.raises(SystemExit, match="c: its teachers' reports differ in max_steps"):
+        controls.build_control("c", inputs, "baseline", "ard-N1")

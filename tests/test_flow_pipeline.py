@@ -120,3 +120,27 @@ def test_the_flow_digits_presets_run_teacher_trajectories_and_students(tmp_path,
                f"--out={tmp_path / 'eval'}", f"--cache_dir={tmp_path / 'cache'}", "--grid_samples=2", "--wandb=false"])
     rows = json.loads((tmp_path / "eval" / "report.json").read_text())["rows"]
     assert [r["model"] for r in rows] == ["teacher (Euler, w=2)"] * 2 + ["baseline", "ard"]
+
+
+def test_the_shipped_flow_teacher_draws_the_digit_it_is_asked_for():
+    """ard/assets/digits_flow_teacher (configs/digits_flow/teacher.yaml; docs/results/teacher_flow_agreement.json):
+    the digits DiT's architecture trained with rectified flow, whose 24-step Euler samples at the flow presets'
+    guidance the digit classifier assigns to the asked class."""
+    import yaml
+
+    from ard.data.digits import to_uint8
+    from ard.metrics.classifier import load_digit_classifier
+    from ard.teacher import load_teacher
+    from ard.bench import ROOT
+
+    asset = ROOT / "ard/assets/digits_flow_teacher"
+    trained = yaml.safe_load((asset / "training_config.yaml").read_text())["model"]["init_args"]
+    assert trained["schedule"] == "flow" and trained["size"] == "digits"
+    guidance = yaml.safe_load((ROOT / "configs/digits_flow/trajectories.yaml").read_text())["model"]["init_args"]
+    teacher = load_teacher(str(asset))
+    noise, labels = trajectory_inputs(7, range(40), (1, 8, 8), 10)
+    with torch.no_grad():
+        images = flow_sample(teacher, noise, labels, 24, guidance["guidance_scale"], 1.0, [24],
+                             clip_sample=True).states[:, -1]
+        predicted = load_digit_classifier()[0](to_uint8(images)).argmax(dim=1)
+    assert (predicted == labels).float().mean() >= 0.9

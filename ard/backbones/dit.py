@@ -44,6 +44,11 @@ DIT_SIZES: dict[str, dict] = {
                     in_channels=4, out_channels=8, sample_size=32, num_embeds_ada_norm=1000),
     "digits": dict(num_layers=6, num_attention_heads=4, attention_head_dim=32, patch_size=2,
                    in_channels=1, out_channels=1, sample_size=8, num_embeds_ada_norm=10),
+    # narrower digits teachers of the same depth and heads, for the model-size control (configs/digits_size/)
+    "digits-w64": dict(num_layers=6, num_attention_heads=4, attention_head_dim=16, patch_size=2,
+                       in_channels=1, out_channels=1, sample_size=8, num_embeds_ada_norm=10),
+    "digits-w32": dict(num_layers=6, num_attention_heads=4, attention_head_dim=8, patch_size=2,
+                       in_channels=1, out_channels=1, sample_size=8, num_embeds_ada_norm=10),
 }
 
 # The DiT config.json fields ard reads (and builds the model from): each an integer >= 1; absent: diffusers' default.

@@ -61,12 +61,20 @@ class TeacherGrid:
 # uniform in t: T (S - s) / S, grid index 24 s / S (S = 4: 999 / 749 / 500 / 250), then the clean state; the students
 # train with configs/digits/paper.yaml (the variants state the parametrisation).
 # "t2i": the text-to-image default (configs/digits_t2i/: the captioned PixArt teacher, K = 24 leading).
+# The controls, all at CFG 1.5 (the flow teacher is far off the data at 2.0): "cfg15" the shipped epsilon teacher,
+# "flow" the rectified-flow teacher of the same architecture (configs/digits_flow/, Euler on sigma_k = 1 - k / 24),
+# "w64" / "w32" the epsilon teachers of width 64 / 32 (configs/digits_size/; "cfg15" is their width 128).
 GRIDS: dict[str, TeacherGrid] = {
     "leading24": TeacherGrid(),
     "paper25": TeacherGrid("configs/digits/paper_trajectories.yaml", lambda s: [24 * i // s for i in range(s)] + [25],
                            fit="configs/digits/paper.yaml"),
     "t2i": TeacherGrid("configs/digits_t2i/trajectories.yaml", fit="configs/digits_t2i/ard.yaml",
                        teacher="ard/assets/digits_t2i_teacher"),
+    "cfg15": TeacherGrid("configs/digits/trajectories_cfg15.yaml"),
+    "flow": TeacherGrid("configs/digits_flow/trajectories.yaml", fit="configs/digits_flow/ard.yaml",
+                        teacher="ard/assets/digits_flow_teacher"),
+    **{f"w{w}": TeacherGrid(f"configs/digits_size/trajectories_w{w}.yaml", fit=f"configs/digits_size/ard_w{w}.yaml",
+                            teacher=f"ard/assets/digits_teacher_w{w}") for w in (64, 32)},
 }
 # A variant is a model, optionally followed by "+" and a recipe: "ard-N2+rollout".
 VARIANTS: dict[str, list[str]] = {m + ("+" + r if r else ""): MODELS[m] + RECIPES[r] for m in MODELS for r in RECIPES}
