@@ -82,8 +82,8 @@ def main() -> None:
             for w, g in zip(args.guidance, parser_grid)]
     teacher_path = Path(args.teacher).resolve()  # committed results name files relative to the repository
     shown = os.path.relpath(teacher_path, ROOT) if teacher_path.is_relative_to(ROOT) else args.teacher
-    print(json.dumps({"teacher": shown, "classifier_val_accuracy": config.get("val_accuracy"),
-                      "results": rows}, indent=1))
+    print(json.dumps({"teacher": shown, "schedule": args.schedule,
+                      "classifier_val_accuracy": config.get("val_accuracy"), "results": rows}, indent=1))
 
 
 if __name__ == "__main__":
