@@ -103,17 +103,18 @@ def _cell(stat: dict, fmt: str) -> str:
 
 def control_markdown(report: dict) -> str:
     s = report["settings"]
-    lines = [f"# {report['name']}", "", report["question"], "",
+    lines = [report["question"], "",
              f"Students: `{report['baseline']}` (N = 0) and `{report['ard']}`, {s['max_steps']} iterations, seeds "
              f"{', '.join(map(str, s['seeds']))}, {s['num_trajectories']} trajectories per store, the teacher's CFG "
              f"{s['guidance_scale']}, {s['ema']}; every student evaluated on {s['num_samples']} held-out noises "
              "against its own teacher's samples from the same noises. Cells: mean ± sd over seeds; the ratio is ARD "
              "over the baseline of the same seed (below 1: history helps).", "",
-             "## The teachers", ""]
+             "The teachers (24 steps, the evaluation's samples; FID of two independent teacher sample sets as the "
+             "floor of FID vs teacher):", ""]
     lines += table(["teacher", "solver", "FID vs real", "teacher vs teacher floor", "path"],
                    [[label, t["solver"], f"{t['fid_vs_real']:.2f}", f"{t['teacher_floor']:.2f}", f"`{t['teacher']}`"]
                     for label, t in report["teachers"].items()])
-    lines += ["", "## Degradation against the teacher", ""]
+    lines += ["", "Each student's degradation against its own teacher, and the undistilled teacher at S steps:", ""]
     lines += table(["teacher", "S", "undistilled FID vs teacher / MSE", "baseline FID vs teacher", "baseline MSE",
                     "ARD FID vs teacher", "ARD MSE", "ratio FID vs teacher", "ratio MSE"],
                    [[r["teacher"], str(r["steps"]),
