@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--teacher-grid", default="leading24", choices=list(GRIDS),
                         help="the training store's teacher grid and the students' boundaries (ard.bench.registry."
                              "GRIDS; paper25: DiT's 25-step grid, boundaries uniform in t as the paper's setting; "
-                             "t2i: the captioned PixArt teacher of configs/digits_t2i/)")
+                             "t2i: the captioned PixArt teacher of configs/digits_t2i/; cfg15, flow, w64, w32: the "
+                             "controls' teachers at CFG 1.5, scripts/bench_controls.py)")
     parser.add_argument("--num-trajectories", type=int, default=8192)
     parser.add_argument("--max-steps", type=int, default=600, help="training iterations per student")
     parser.add_argument("--num-samples", type=int, default=2000, help="evaluation set size")

@@ -1,4 +1,5 @@
-"""The digits benchmark tool behind scripts/bench_digits.py, scripts/pilot_gan.py and scripts/bench_recipes.py.
+"""The digits benchmark tool behind scripts/bench_digits.py, scripts/bench_controls.py, scripts/pilot_gan.py and
+scripts/bench_recipes.py.
 
     registry     the experiments: students, training recipes, GAN stages, the GAN pilot's knobs
     runs         one precompute or `ard fit` in a subprocess (resumable) and its training time
@@ -10,6 +11,7 @@
     render       a report file's Markdown: a benchmark report, the GAN pilot
     plots        a benchmark report's figures
     overview     Markdown over several committed reports: the recipe grid, the docs' results summary
+    controls     a control report over several teachers' reports: ARD's seed-paired ratio to the baseline per teacher
     docs         refreshing the docs' sections from the committed reports (the only writer of docs)
     recipe_cost  the cost of one training iteration of each recipe
 
