@@ -330,8 +330,8 @@ def _teacher_report(mse: dict[str, list[float]], **settings) -> dict:
     """A benchmark report of one teacher at S = 2: per variant, one same-noise MSE per seed (FID vs teacher 100x)."""
     runs = [{"model": f"{v}-seed{i}", "steps": 2, "mse_vs_teacher": m, "fid_vs_teacher": 100 * m}
             for v, ms in mse.items() for i, m in enumerate(ms)]
-    teacher = [{"model": "teacher (DDIM, w=1.5)", "steps": s, "fid": 9.0, "fid_vs_teacher": f, "mse_vs_teacher": f / 100}
-               for s, f in ((24, 0.0), (2, 50.0))]
+    teacher = [{"model": "teacher (DDIM, w=1.5)", "steps": s, "fid": 9.0, "fid_vs_teacher": f,
+                "mse_vs_teacher": f / 100} for s, f in ((24, 0.0), (2, 50.0))]
     return {"settings": {"teacher": "t", "solver": {"name": "ddim"}, "teacher_steps": 24, "guidance_scale": 1.5,
                          "max_steps": 600, "num_trajectories": 64, "seeds": [0, 1], "num_samples": 8, "ema": "e",
                          **settings},
