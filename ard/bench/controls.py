@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from ard.atomic import write_atomic, write_text_atomic
+from ard.bench.aggregate import k_step_teacher
+from ard.bench.plots import _pyplot
 from ard.bench.reports import load_report, report_path
 from ard.bench.render import table
 
@@ -59,7 +61,7 @@ def control_rows(report: dict, teacher: str, baseline: str, ard: str) -> list[di
         seeds = sorted(set(base) & set(hist))
         if not seeds:
             continue
-        undistilled = next(r for r in report["aggregated"] if r["model"].startswith("teacher") and r["steps"] == s)
+        undistilled = k_step_teacher(report["aggregated"], s)  # the teacher's row at S steps: undistilled
         row = {"teacher": teacher, "steps": s, "seeds": seeds,
                "undistilled": {m: undistilled[m] for m in DEGRADATION}}
         for m in DEGRADATION:
@@ -73,8 +75,7 @@ def control_rows(report: dict, teacher: str, baseline: str, ard: str) -> list[di
 def _teacher_summary(report: dict) -> dict:
     """The teacher's own figures in its report: FID against real digits at K steps, the teacher-vs-teacher floor."""
     settings = report["settings"]
-    k_step = next(r for r in report["aggregated"] if r["model"].startswith("teacher")
-                  and r["steps"] == settings["teacher_steps"])
+    k_step = k_step_teacher(report["aggregated"], settings["teacher_steps"])
     return {"teacher": settings["teacher"], "solver": settings["solver"]["name"],
             "guidance_scale": settings["guidance_scale"], "fid_vs_real": k_step["fid"],
             "teacher_floor": report["noise_floor"]["teacher"], "real_floor": report["noise_floor"]["real"]}
@@ -128,11 +129,7 @@ def control_markdown(report: dict) -> str:
 
 def plot_control(report: dict, path: Path) -> None:
     """Per S, the baseline's same-noise MSE (left) and ARD's ratio to it (right) against the teacher, seed sd bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     labels = list(report["teachers"])
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for s in sorted({r["steps"] for r in report["rows"]}):
