@@ -15,7 +15,7 @@ from ard.bench.aggregate import gan_verdict, verdict
 from ard.bench.probes import HEALTH, health
 from ard.bench.overview import recipe_grid
 from ard.bench.render import pilot_markdown, report_markdown
-from ard.bench.reports import EVAL_KEYS, build_report, load_report, merge_committed
+from ard.bench.reports import EVAL_KEYS, best_regression, build_report, load_report, merge_committed
 from ard.bench.runs import ema_setting, fit, stage_args
 from ard.cli import main as ard_main
 
@@ -42,20 +42,45 @@ def test_health_averages_the_last_iterations(tmp_path):
     assert health(tmp_path / "none") == {}
 
 
-def test_gan_verdict_compares_with_the_continued_student_and_the_teacher():
+def test_gan_verdict_compares_with_the_continued_student_and_the_best_regression():
     agg = [TEACHER,
-           {"model": "ard-gan", "steps": 2, "fid": 24.0, "precision": 0.90},
-           {"model": "ard-continued", "steps": 2, "fid": 32.0, "precision": 0.80},
-           {"model": "baseline-gan", "steps": 2, "fid": 34.0, "precision": 0.80},
-           {"model": "baseline-continued", "steps": 2, "fid": 36.0, "precision": 0.80},
-           {"model": "ard-gan", "steps": 4, "fid": 20.0, "precision": 0.90}]  # no continued student at S = 4: no row
-    checks = {(c["model"], c["steps"]): c for c in gan_verdict(agg, teacher_steps=24)}
-    assert set(checks) == {("ard-gan", 2), ("baseline-gan", 2)}
-    ard, base = checks["ard-gan", 2], checks["baseline-gan", 2]
-    assert ard["fid_reduction"] == pytest.approx(0.25) and ard["reduction_ok"]
-    assert ard["at_or_below_teacher"] and ard["precision_ok"]
+           {"model": "ard-gan", "steps": 2, "fid": 24.0, "fid_vs_teacher": 9.0, "recall": 0.58},
+           {"model": "ard-continued", "steps": 2, "fid": 32.0, "recall": 0.62, "recall_spread": 0.05},
+           {"model": "baseline-gan", "steps": 2, "fid": 34.0, "fid_vs_teacher": 12.0, "recall": 0.50},
+           {"model": "baseline-continued", "steps": 2, "fid": 36.0, "recall": 0.60, "recall_spread": 0.05},
+           {"model": "ard-N1+rollout-gan", "steps": 4, "fid": 20.0, "fid_vs_teacher": 5.0, "recall": 0.6},
+           {"model": "ard-N1+rollout-continued", "steps": 4, "fid": 30.0, "recall": 0.6, "recall_spread": 0.0},
+           {"model": "ard-gan", "steps": 4, "fid": 20.0, "recall": 0.6}]  # no continued student: no row
+    best = {"2": {"fid": 31.0, "model": "ard-N2", "report": "digits_recipes_s2"}}
+    checks = {(c["model"], c["steps"]): c for c in gan_verdict(agg, teacher_steps=24, best_regression=best)}
+    assert set(checks) == {("ard-gan", 2), ("baseline-gan", 2), ("ard-N1+rollout-gan", 4)}
+    ard, base, rollout = checks["ard-gan", 2], checks["baseline-gan", 2], checks["ard-N1+rollout-gan", 4]
+    assert ard["fid_reduction"] == pytest.approx(0.25) and ard["reduction_ok"] and ard["recall_ok"]
+    assert ard["below_best_regression"] == pytest.approx(1 - 24 / 31) and ard["below_best_ok"]
     assert base["fid_reduction"] == pytest.approx(1 - 34 / 36) and not base["reduction_ok"]
-    assert not base["at_or_below_teacher"] and not base["precision_ok"]
+    assert not base["recall_ok"] and not base["below_best_ok"]  # 0.50 < 0.60 - 0.05; 34 above 31
+    assert rollout["continued"] == "ard-N1+rollout-continued" and rollout["reduction_ok"]
+    assert "below_best_regression" not in rollout  # no bar at S = 4
+
+
+def test_best_regression_is_the_lowest_fid_of_reports_evaluated_the_same_way(tmp_path):
+    """Second stages, teachers, noise-corrected rows and reports evaluated otherwise are not candidates."""
+    settings = {"teacher_identity": "t", "guidance_scale": 2.0, "teacher_steps": 24, "num_samples": 2000, "seed": 1,
+                "reference": "digits", "extractor": "x"}
+
+    def rows(fid: float) -> list[dict]:
+        return [{"model": m, "steps": s, "fid": f} for m, s, f in [("ard-N2", 2, fid), ("ard-gan", 2, 1.0),
+                                                                   ("teacher (DDIM, w=2)", 2, 2.0), ("ard [nc]", 2, 3.0),
+                                                                   ("baseline", 4, fid + 5)]]
+    (tmp_path / "same.json").write_text(json.dumps({"settings": settings, "aggregated": rows(19.0)}))
+    (tmp_path / "other.json").write_text(json.dumps({"settings": {**settings, "num_samples": 500},
+                                                     "aggregated": rows(5.0)}))
+    own = [{**r, "model": r["model"] + "-seed0", "nfe": r["steps"], "fid_sd": 0.1, "fid_vs_teacher": 0.0,
+            "fid_vs_teacher_sd": 0.1, **{m: 0.0 for m in ("mse_vs_teacher", "is", "precision", "recall",
+                                                             "sec_per_image")}} for r in rows(20.0)]
+    best = best_regression(tmp_path, own, settings)
+    assert best == {"2": {"fid": 19.0, "model": "ard-N2", "report": "same"},
+                    "4": {"fid": 24.0, "model": "baseline", "report": "same"}}
 
 
 def committed(tmp_path, runs, **settings):
@@ -131,14 +156,16 @@ def test_stage_arguments():
         "--trainer.max_steps=600", "--trainer.logger=false"]
     gan = stage_args("ard-gan", run_dir, 3, 200, init, ("--model.init_args.gan.warmup=5",))
     assert gan[:3] == ["-c", registry.GAN_PRESET, "--trainer.max_steps=200"]  # after the preset: it sets its own
-    assert gan[-2:] == ["--model.init_args.gan.seed=3", "--model.init_args.gan.warmup=5"]
+    seed = gan.index("--model.init_args.gan.seed=3")
+    assert gan[seed + 1] == "--model.init_args.gan.warmup=5"
     assert f"--model.init_args.init_student={init}" in gan and not any(a.startswith("--model.class_path") for a in gan)
-    continued = stage_args("ard-continued", run_dir, 3, 200, init, ("--model.init_args.gan.warmup=5",))
+    continued = stage_args("ard-N1+rollout-continued", run_dir, 3, 200, init, ("--model.init_args.gan.warmup=5",))
     assert continued[:5] == ["-c", registry.GAN_PRESET, "--trainer.max_steps=200",
                              "--model.class_path=ard.modules.distill.ARDDistillation",
                              "--trainer.gradient_clip_val=1.0"]
     assert not any(a.startswith("--model.init_args.gan.") for a in continued)
     assert any(a.startswith("--trainer.logger=") and str(run_dir) in a for a in continued)  # the CSV log
+    assert registry.GAN_VARIANTS["ard-N1+rollout-continued"] == ("ard-N1+rollout", False)
 
 
 def test_overrides_are_those_of_the_fit_cli(monkeypatch, capsys):

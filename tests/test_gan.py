@@ -19,6 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from ard.bench.recipe_cost import cpu_matched_iterations
 from ard.cli import main as ard_main
 from ard.data.real import RealSamples
 from ard.data.trajectories import TrajectoryDataModule
@@ -243,6 +244,21 @@ def test_gan_during_warmup_equals_regression_only_training(tmp_path, teacher_dir
     assert files[0].keys() == files[1].keys()
     for name in files[1]:
         assert torch.equal(files[0][name], files[1][name]), name  # the EMA students
+
+
+def test_the_continued_student_gets_the_gan_stages_cpu_time(tmp_path, teacher_dir, store, regression):
+    """One iteration of each second stage is timed from the exported student; the continued student's length is the
+    GAN stage's iterations times their CPU ratio (a GAN iteration costs more: a discriminator step besides), and a
+    re-run reuses the record instead of timing again."""
+    overlay = tmp_path / "tiny.yaml"
+    overlay.write_text(yaml.safe_dump({"model": {"init_args": {"teacher": str(teacher_dir)}},
+                                       "data": {"init_args": {"val_count": VAL}}}))
+    out = tmp_path / "match.json"
+    match = cpu_matched_iterations(out, store, S, "ard-N2", regression / "student_ema", 10, (), str(overlay),
+                                   warmup=1, iterations=3)
+    assert match["cpu_ratio"] == pytest.approx(match["gan_cpu_s"] / match["continued_cpu_s"])
+    assert match["cpu_ratio"] > 1 and match["continued_steps"] == round(10 * match["cpu_ratio"])
+    assert cpu_matched_iterations(out, store, S, "ard-N2", regression / "student_ema", 10, (), str(overlay)) == match
 
 
 def test_the_regression_module_holds_no_gan_state(teacher_dir):

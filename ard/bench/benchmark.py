@@ -3,6 +3,7 @@ each S evaluated over all its students with the teacher rows, the probes added t
 report written; and the refresh of a committed report's teacher rows with today's evaluator."""
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -10,25 +11,42 @@ from pathlib import Path
 
 from ard.bench.probes import exposure, health, history_gate
 from ard.bench.registry import GAN_PRESET, GAN_VARIANTS, GRIDS, NC, RENAMED_SINCE_PLAIN_DEFAULT
-from ard.bench.reports import load_report, merge_committed, report_stem, repo_relative, write_report
+from ard.bench.reports import (best_regression, load_report, merge_committed, report_stem, repo_relative,
+                               write_report)
 from ard.bench.runs import ema_setting, fit, precompute, train_seconds
 
 Job = tuple[str, int, int]  # (variant, S, seed)
 
 
 def train(work: Path, store: Path, jobs: list[Job], gan_jobs: list[Job], max_steps: int, gan_steps: int,
-          gan_args: tuple[str, ...], workers: int, grid: str = "leading24") -> dict[Job, Path]:
+          gan_args: tuple[str, ...], workers: int, grid: str = "leading24") -> tuple[dict[Job, Path], list[dict]]:
     """Every regression student, then every second stage from the regression student of its S and seed (which
-    `jobs` must hold); `workers` runs at a time, one thread each. Returns job -> exported EMA student."""
+    `jobs` must hold); `workers` runs at a time, one thread each. A GAN stage trains `gan_steps` iterations, the
+    student continued without it as many as use the same CPU time (recipe_cost.cpu_matched_iterations, timed once
+    per regression variant and S from its first seed's student). Returns job -> exported EMA student, and the CPU
+    matches."""
+    from ard.bench.recipe_cost import cpu_matched_iterations
+
     missing = sorted({GAN_VARIANTS[v][0] for v, s, seed in gan_jobs if (GAN_VARIANTS[v][0], s, seed) not in jobs})
     if missing:
         raise SystemExit(f"--gan-variants need the regression variants {missing} in --variants")
     with ThreadPoolExecutor(workers) as pool:
         students = dict(zip(jobs, pool.map(lambda j: fit(work, store, *j, max_steps, 1, grid=grid), jobs)))
-        students |= dict(zip(gan_jobs, pool.map(
-            lambda j: fit(work, store, *j, gan_steps, 1, students[(GAN_VARIANTS[j[0]][0], *j[1:])], gan_args, grid),
-            gan_jobs)))
-    return students
+        matches = {}
+        for v, s, seed in gan_jobs:
+            reg = GAN_VARIANTS[v][0]
+            if not GAN_VARIANTS[v][1] and (reg, s) not in matches:
+                first = students[next(j for j in jobs if j[:2] == (reg, s))]
+                key = hashlib.sha256(json.dumps([gan_steps, *gan_args]).encode()).hexdigest()[:12]
+                matches[reg, s] = cpu_matched_iterations(work / "cpu_match" / f"{reg}-S{s}-{key}.json", store, s,
+                                                         reg, first, gan_steps, gan_args, GRIDS[grid].fit)
+
+        def second(job: Job) -> Path:
+            reg, adversarial = GAN_VARIANTS[job[0]]
+            iterations = gan_steps if adversarial else matches[reg, job[1]]["continued_steps"]
+            return fit(work, store, *job, iterations, 1, students[(reg, *job[1:])], gan_args, grid)
+        students |= dict(zip(gan_jobs, pool.map(second, gan_jobs)))
+    return students, list(matches.values())
 
 
 def probe(row: dict, named: dict[str, str], store: Path, steps: int, nc: bool) -> None:
@@ -37,6 +55,7 @@ def probe(row: dict, named: dict[str, str], store: Path, steps: int, nc: bool) -
     student = Path(named[row["model"]])
     row["history_gate"] = history_gate(student)
     row["train_seconds"] = train_seconds(student)
+    row["cpu_seconds"] = train_seconds(student, "cpu_seconds")
     core, seed = row["model"].rsplit("-seed", 1)
     variant = core.removesuffix(NC)
     if variant in GAN_VARIANTS:  # the second stage's time against the regression stage it starts from
@@ -93,7 +112,7 @@ def benchmark(*, work: Path, results: str, name: str, steps: list[int], variants
     jobs = [(v, s, seed) for s in steps for v in variants for seed in seeds]
     jobs += [(v, knob_steps, seed) for v in knob_variants for seed in seeds]
     gan_jobs = [(v, s, seed) for s in steps for v in gan_variants for seed in seeds]
-    students = train(work, store, jobs, gan_jobs, max_steps, gan_steps, tuple(gan_args), workers, grid)
+    students, matches = train(work, store, jobs, gan_jobs, max_steps, gan_steps, tuple(gan_args), workers, grid)
     if train_only:
         return
     rows, floors, evaluated = evaluate_all(work, store, students, num_samples, noise_correction, grid)
@@ -101,7 +120,8 @@ def benchmark(*, work: Path, results: str, name: str, steps: list[int], variants
                 "seeds": seeds, "grid": grid, "ema": ema_setting(grid),
                 "invocation_seconds": time.time() - start}  # finished runs are reused
     if gan_variants:
-        settings |= {"gan_preset": GAN_PRESET, "gan_steps": gan_steps, "gan_args": gan_args}
+        settings |= {"gan_preset": GAN_PRESET, "gan_steps": gan_steps, "gan_args": gan_args, "cpu_match": matches,
+                     "best_regression": best_regression(results, rows, settings)}
     if merge:
         rows, settings = merge_committed(rows, settings, results, name)
     write_report(rows, floors, settings, results, name)

@@ -84,19 +84,15 @@ NC = " [nc]"  # name suffix of a student's rows sampled with noise correction (A
 
 GAN_PRESET = "configs/digits/ard_gan.yaml"  # the GAN stage (ard.modules.distill_gan.ARDGANDistillation)
 # ARD + GAN (sec. 4): name -> (the regression variant whose student of the same S and seed it fine-tunes with
-# GAN_PRESET, with the GAN or not); "-continued": that student trained equally long (same batch and lr) without
-# the GAN, the comparison the GAN stage must beat
-GAN_VARIANTS: dict[str, tuple[str, bool]] = {
-    "baseline-gan": ("baseline", True),
-    "ard-gan": ("ard", True),
-    "baseline-continued": ("baseline", False),
-    "ard-continued": ("ard", False),
-}
+# GAN_PRESET, with the GAN or not), for every regression variant: "<variant>-gan", and "<variant>-continued", that
+# student trained as long in CPU time (same batch and lr) without the GAN, the comparison the GAN stage must beat
+GAN_VARIANTS: dict[str, tuple[str, bool]] = {f"{v}-{stage}": (v, stage == "gan") for v in VARIANTS
+                                             for stage in ("gan", "continued")}
 
 
 def second_stage(regression: str, adversarial: bool) -> str:
     """The GAN_VARIANTS name of the second stage of `regression` with the GAN or without it (`-continued`)."""
-    return next(v for v, (reg, adv) in GAN_VARIANTS.items() if reg == regression and adv == adversarial)
+    return f"{regression}-{'gan' if adversarial else 'continued'}"
 
 
 # One iteration of the GAN stage as bench_recipes times it: the regression module's preset (its batch and lr, so

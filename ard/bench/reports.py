@@ -11,6 +11,7 @@ from ard.atomic import write_text_atomic
 from ard.bench import ROOT
 from ard.bench.aggregate import aggregate, gan_verdict, k_step_teacher, verdict
 from ard.bench.plots import plot_exposure, plot_fid
+from ard.bench.registry import GAN_VARIANTS, NC
 from ard.bench.overview import recipe_grid
 from ard.bench.render import report_markdown
 
@@ -47,7 +48,7 @@ def build_report(rows: list[dict], floors: dict, settings: dict) -> dict:
     agg = aggregate(rows)
     return {"settings": settings, "noise_floor": floors, "aggregated": agg,
             "verdict": verdict(agg, settings["teacher_steps"]),
-            "gan_verdict": gan_verdict(agg, settings["teacher_steps"]), "runs": rows}
+            "gan_verdict": gan_verdict(agg, settings["teacher_steps"], settings.get("best_regression")), "runs": rows}
 
 
 def write_report(rows: list[dict], floors: dict, settings: dict, results: str | Path, name: str) -> dict:
@@ -87,6 +88,27 @@ def merge_committed(rows: list[dict], settings: dict, results: str | Path, name:
     students = {**old["settings"]["students"], **settings["students"]}
     return rows + kept, {**settings, "seeds": seeds, "students": students,
                          "merged_rows": sorted(r["model"] for r in kept)}
+
+
+def best_regression(results: str | Path, rows: list[dict], settings: dict) -> dict:
+    """Per S of `rows` (this evaluation's), the regression student (no second stage, no teacher, sampled without
+    noise correction) with the lowest mean FID against real data among `rows` and the committed reports in
+    `results` evaluated the same way (the teacher, guidance, evaluation set and feature extractor of `settings`):
+    str(S) -> {"fid", "model", "report"}; the bar a GAN stage must clear (aggregate.gan_verdict)."""
+    same = ("teacher_identity", "guidance_scale", "teacher_steps", "num_samples", "seed", "reference", "extractor")
+    candidates = [("this report", r) for r in aggregate(rows)]
+    for path in sorted((ROOT / results).glob("*.json")):
+        report = json.loads(path.read_text())
+        if "aggregated" in report and all(report["settings"].get(k) == settings.get(k) for k in same):
+            candidates += [(path.stem, r) for r in report["aggregated"]]
+    best = {}
+    for s in sorted({r["steps"] for r in rows} - {settings["teacher_steps"]}):
+        regression = [(name, r) for name, r in candidates if r["steps"] == s and not r["model"].startswith("teacher")
+                      and r["model"] not in GAN_VARIANTS and not r["model"].endswith(NC)]
+        if regression:
+            name, r = min(regression, key=lambda c: c[1]["fid"])
+            best[str(s)] = {"fid": r["fid"], "model": r["model"], "report": name}
+    return best
 
 
 def write_grid(results: str | Path, names: list[str], name: str) -> str:

@@ -34,14 +34,18 @@ def ema_setting(grid: str = "leading24") -> str:
     return f"{ema['class_path']}({args})"
 
 
-def run(cmd: list[str], log: Path, threads: int) -> None:
-    """Run `cmd` from the repository root with `threads` threads, its output to `log`; raise if it fails."""
+def run(cmd: list[str], log: Path, threads: int) -> float:
+    """Run `cmd` from the repository root with `threads` threads, its output to `log`; raise if it fails. Returns the
+    CPU seconds (user + system) the command and the processes it waited for used."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "WANDB_SILENT": "true"}
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}); see {log}")
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    returncode = os.waitstatus_to_exitcode(status)
+    if returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {returncode}); see {log}")
+    return usage.ru_utime + usage.ru_stime
 
 
 def precompute(store: Path, num_trajectories: int, log: Path, grid: str = "leading24") -> None:
@@ -59,22 +63,27 @@ def precompute(store: Path, num_trajectories: int, log: Path, grid: str = "leadi
             log, 2)
 
 
+def second_stage_args(adversarial: bool, init: Path | None, seed: int, gan_args: tuple[str, ...]) -> list[str]:
+    """The overrides that turn configs/digits/ard.yaml into a second stage from `init` (an exported student): the
+    GAN stage of GAN_PRESET (`gan_args` adds overrides) or, without the GAN, the regression module with the
+    preset's batch and lr (its GAN group is dropped)."""
+    stage = ["-c", GAN_PRESET]
+    if not adversarial:
+        stage += ["--model.class_path=ard.modules.distill.ARDDistillation", "--trainer.gradient_clip_val=1.0"]
+    stage += [f"--model.init_args.init_student={init}"]
+    return stage + ([f"--model.init_args.gan.seed={seed}", *gan_args] if adversarial else [])
+
+
 def stage_args(variant: str, run_dir: Path, seed: int, max_steps: int, init: Path | None,
                gan_args: tuple[str, ...]) -> list[str]:
     """The `ard fit` overrides of a student's stage: a regression student from the teacher's weights, or a second
-    stage from `init` (an exported student) with GAN_PRESET: the GAN stage (its CSV log holds the discriminator's
-    health; `gan_args` adds overrides), or the continued comparison, the regression module with the preset's batch
-    and lr. Every stage trains `max_steps` iterations (the GAN stage counts iterations, not optimiser steps)."""
+    stage (second_stage_args; the GAN stage's CSV log holds the discriminator's health). Every stage trains
+    `max_steps` iterations (the GAN stage counts iterations, not optimiser steps)."""
     steps = [f"--trainer.max_steps={max_steps}"]  # after the preset, which sets its own
     if variant not in GAN_VARIANTS:
         return steps + ["--trainer.logger=false"]
-    adversarial = GAN_VARIANTS[variant][1]
-    stage = ["-c", GAN_PRESET, *steps]
-    if not adversarial:  # the preset's batch and lr carry over to the regression module, its GAN group is dropped
-        stage += ["--model.class_path=ard.modules.distill.ARDDistillation", "--trainer.gradient_clip_val=1.0"]
-    stage += [f"--model.init_args.init_student={init}", f"--trainer.logger={CSV_LOGGER % run_dir}",
-              "--trainer.log_every_n_steps=10"]
-    return stage + ([f"--model.init_args.gan.seed={seed}", *gan_args] if adversarial else [])
+    stage = second_stage_args(GAN_VARIANTS[variant][1], init, seed, gan_args)
+    return stage[:2] + steps + stage[2:] + [f"--trainer.logger={CSV_LOGGER % run_dir}", "--trainer.log_every_n_steps=10"]
 
 
 def fit(work: Path, store: Path, variant: str, steps: int, seed: int, max_steps: int, threads: int,
@@ -98,7 +107,7 @@ def fit(work: Path, store: Path, variant: str, steps: int, seed: int, max_steps:
         data = [f"--data.init_args.boundaries={teacher.boundaries(steps)}"] if teacher.boundaries else []
         overlay = ["-c", teacher.fit] if teacher.fit else []  # before the run's own settings, which win
         start = time.time()
-        run([sys.executable, "-m", "ard.cli", "fit", "-c", "configs/digits/ard.yaml", *overlay,
+        cpu = run([sys.executable, "-m", "ard.cli", "fit", "-c", "configs/digits/ard.yaml", *overlay,
              *stage_args(variant, run_dir, seed, max_steps, init, gan_args),
              f"--data.init_args.path={store}", f"--data.init_args.student_steps={steps}",
              f"--model.init_args.num_steps={steps}", f"--seed_everything={seed}", f"--data.init_args.seed={seed}",
@@ -106,13 +115,14 @@ def fit(work: Path, store: Path, variant: str, steps: int, seed: int, max_steps:
              "--trainer.enable_progress_bar=false", *data, *VARIANTS[GAN_VARIANTS.get(variant, (variant,))[0]]],
             run_dir.with_suffix(".log"), threads)
         seconds = time.time() - start
-        write_text_atomic(done, json.dumps({"seconds": seconds, "threads": threads, "iterations": max_steps,
-                                            "ema": ema}))
+        write_text_atomic(done, json.dumps({"seconds": seconds, "cpu_seconds": cpu, "threads": threads,
+                                            "iterations": max_steps, "ema": ema}))
         print(f"trained {run_dir.name} in {seconds:.0f} s", flush=True)
     return run_dir / "student_ema"
 
 
-def train_seconds(student_dir: Path) -> float | None:
-    """Wall seconds the student's `ard fit` took (one thread, the machine's load as it was; None: unknown)."""
+def train_seconds(student_dir: Path, key: str = "seconds") -> float | None:
+    """Wall seconds the student's `ard fit` took (one thread, the machine's load as it was), or with `key`
+    "cpu_seconds" the CPU seconds it used (None: unknown; runs recorded before CPU time was)."""
     path = student_dir.parent / "train_seconds.json"
-    return json.loads(path.read_text())["seconds"] if path.exists() else None
+    return json.loads(path.read_text()).get(key) if path.exists() else None
