@@ -19,6 +19,9 @@ from ard.bench.runs import second_stage_args
 from ard.cli import ARDCLI
 
 
+ADVERSARIAL = "--model.init_args.gan.warmup=0"  # a GAN stage's iterations timed past its warm-up
+
+
 class IterationTimer(L.Callback):
     """Wall and process CPU seconds of every training iteration (batch start to batch end)."""
 
@@ -68,7 +71,9 @@ def cpu_matched_iterations(out: Path, store: Path, steps: int, variant: str, ini
     """How many iterations the student continued without the GAN must train to use the CPU time of `gan_steps`
     GAN-stage iterations: one iteration of each second stage of the regression `variant` ("ard-N1+rollout") from
     its exported student `init`, S = `steps`, timed on this machine with one thread (median CPU seconds), their ratio
-    times `gan_steps`. `overlay`: the teacher's fit preset. Kept in `out` (JSON), which a re-run reuses."""
+    times `gan_steps`. The GAN iterations are timed adversarial (warm-up 0): the warm-up's are cheaper (no generator
+    GAN loss), so the continued student gets slightly more than the stage's CPU time, never less. `overlay`: the
+    teacher's fit preset. Kept in `out` (JSON), which a re-run reuses."""
     if out.exists():
         return json.loads(out.read_text())
     model, _, recipe = variant.partition("+")
@@ -77,7 +82,7 @@ def cpu_matched_iterations(out: Path, store: Path, steps: int, variant: str, ini
     torch.set_num_threads(1)
     try:
         cost = {name: time_recipe(str(store), steps, model, recipe, warmup, iterations,
-                                  stage=(*first, *second_stage_args(adversarial, init, 0, gan_args)))
+                                  stage=(*first, *second_stage_args(adversarial, init, 0, (*gan_args, ADVERSARIAL))))
                 for name, adversarial in (("gan", True), ("continued", False))}
     finally:
         torch.set_num_threads(threads)

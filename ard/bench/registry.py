@@ -111,4 +111,9 @@ PILOT_KNOBS: dict[str, list[str]] = {
     "weight1-independent-uniform": knobs("gan", weight=1, renoise="independent", noise_levels="uniform"),
     "augment-independent-uniform": knobs("gan", augment="translation_cutout", renoise="independent",
                                          noise_levels="uniform"),
+    # the screen from well-trained students (S = 2, 1200 iterations, the presets' recipe): the adaptive weight's
+    # factor and regression gradient, and a warm-up long enough for the discriminator to see before the student does
+    "weight0.1": knobs("gan", weight=0.1),
+    "last-step": knobs("gan", adaptive_grad="last_step"),
+    "warmup100": knobs("gan", warmup=100),
 }

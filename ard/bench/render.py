@@ -191,14 +191,17 @@ def _notes(agg: list[dict]) -> list[str]:
 
 
 def pilot_markdown(result: dict) -> str:
-    """The GAN pilot (the dict of <results>/gan_pilot.json) as Markdown: <results>/gan_pilot.md."""
+    """A GAN pilot (the dict of <results>/<stem>.json, ard.bench.pilot) as Markdown: <results>/<stem>.md."""
     st = result["settings"]
-    return (f"S = {st['steps']}, seed {st['seed']}, {st['num_trajectories']} trajectories: the regression ARD student "
-            f"after {st['reg_steps']} iterations (batch 64), then {st['gan_steps']} more iterations (batch 48, "
-            f"lr 1e-4) without the GAN (`ard-continued`) or with it (warm-up {st['warmup']}), one per knob setting; "
-            f"{st['num_samples']} samples each, ± the bootstrap sd. Every student is its run's EMA (decay 0.999, as "
-            "the preset): in runs this short it stays close to where the run started (0.999^120 = 0.89), so the "
-            "differences are damped. Health: means over the last "
-            f"{st['health_window']} iterations (logits on real training digits, on fakes, on the 359 held-out digits). "
-            "Time: seconds per iteration over the regression stage's, wall time on a machine shared with other jobs."
-            "\n\n" + metrics_table([{**r, **r.get("health", {})} for r in result["rows"]], PILOT_COLUMNS) + "\n")
+    variant = st.get("variant", "ard")  # absent: the first pilot, of the teacher-forced ARD student (N = 6)
+    ema = (f"Every student is its run's EMA ({st['ema']})." if "ema" in st else
+           "Every student is its run's EMA (decay 0.999, as the preset): in runs this short it stays close to where "
+           "the run started (0.999^120 = 0.89), so the differences are damped.")
+    return (f"S = {st['steps']}, seed {st['seed']}, {st['num_trajectories']} trajectories: the regression student "
+            f"`{variant}` after {st['reg_steps']} iterations (batch 64), then {st['gan_steps']} more iterations "
+            f"(batch 48, lr 1e-4) without the GAN (`{variant}-continued`) or with it (warm-up {st['warmup']}), one "
+            f"per knob setting; {st['num_samples']} samples each, ± the bootstrap sd. {ema} Health: means over the "
+            f"last {st['health_window']} iterations (logits on real training digits, on fakes, on the 359 held-out "
+            "digits). Time: seconds per iteration over the regression stage's, wall time on a machine shared with "
+            "other jobs.\n\n" + metrics_table([{**r, **r.get("health", {})} for r in result["rows"]], PILOT_COLUMNS)
+            + "\n")
