@@ -170,6 +170,32 @@ def test_discriminator_losses_equal_those_before_it_became_an_object(teacher_dir
         torch.set_num_threads(threads)
 
 
+def test_r1_adds_the_squared_input_gradient_of_the_real_logits(teacher_dir):
+    """With gan.r1 > 0 the discriminator loss is the plain one plus r1 / 2 ||d sum(logits_real) / d real||^2 per real
+    sample (the same draws, the same heads), and the penalty's double backward reaches the heads, not the teacher."""
+    teacher = load_teacher(str(teacher_dir)).requires_grad_(False)  # frozen, as the module holds it
+    gen = torch.Generator().manual_seed(1)
+    real, fake = torch.randn(8, 1, 8, 8, generator=gen), torch.randn(8, 1, 8, 8, generator=gen)
+    labels = torch.arange(8)
+    losses = {}
+    for r1 in (0.0, 2.0):
+        torch.manual_seed(0)
+        disc = module_for(teacher_dir, r1=r1).discriminator
+        losses[r1] = disc.discriminator_loss(teacher, real, labels, fake, labels, draw_generator(0, 0, 0))[0]
+    torch.manual_seed(0)
+    fresh = module_for(teacher_dir).discriminator  # the heads before any forward (spectral norm's power iteration)
+    g = draw_generator(0, 0, 0)  # the loss's draws, in its order: the fakes' timesteps, the reals', then re-noising
+    fresh.timesteps(8, g)
+    t_real, x = fresh.timesteps(8, g), real.clone().requires_grad_(True)
+    grad, = torch.autograd.grad(fresh.logits(teacher, x, t_real, labels, g).sum(), x)
+    penalty = grad.square().flatten(1).sum(1)
+    assert penalty.min() > 0
+    torch.testing.assert_close(losses[2.0] - losses[0.0], penalty, rtol=1e-4, atol=1e-6)
+    losses[2.0].mean().backward()
+    assert all(p.grad is not None for p in disc.parameters() if p.requires_grad)
+    assert not any(p.grad is not None for p in teacher.parameters())
+
+
 class GradRecorder(L.Callback):
     """Per optimiser step: which parameters of the module hold a gradient, and for which optimiser."""
 

@@ -116,4 +116,5 @@ PILOT_KNOBS: dict[str, list[str]] = {
     "weight0.1": knobs("gan", weight=0.1),
     "last-step": knobs("gan", adaptive_grad="last_step"),
     "warmup100": knobs("gan", warmup=100),
+    "r1": knobs("gan", r1=0.1),  # R1 on real digits (gamma small: 8x8 inputs)
 }

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ard.checks import Indices, NonNegativeInt, Positive, check_choice, check_fields
+from ard.checks import Indices, NonNegative, NonNegativeInt, Positive, check_choice, check_fields
 from ard.data.real import RealSamples
 from ard.modules.distill import ARDDistillation, Regression
 from ard.student.gan import (AdaptiveGrad, AugmentKind, FakeKind, GanLossKind, NoiseLevels, RenoiseKind,
@@ -52,6 +52,8 @@ class GanStage:
     renoise: RenoiseKind = "independent"  # real and fake shown clean ("none"), or re-noised: "same" t or not
     noise_levels: NoiseLevels = "uniform"  # re-noising timesteps: "uniform" (DMD2) or "high" (LADD's logit-normal)
     augment: AugmentKind = "none"  # "translation_cutout": DiffAugment on real and fake, against memorisation
+    r1: NonNegative = 0.0  # gamma of the R1 penalty gamma / 2 ||grad_x D(x)||^2 on real samples (0: none, the
+    # re-implementation's); a double backward through the frozen teacher per discriminator step
     real: str = "digits:train"  # real samples (ard.data.real.RealSamples): "digits:train" or a latents directory
     holdout: str | None = "digits:val"  # real samples never shown to the heads, whose logits detect memorisation
     lr: Positive = 1e-3  # discriminator AdamW learning rate (the re-implementation: 1e-3; the student's is `lr`)
@@ -72,7 +74,7 @@ class ARDGANDistillation(ARDDistillation):
         """
         Args:
             gan: the GAN stage's knobs (GanStage: weight, warmup, loss, blocks, fake, renoise, noise_levels,
-                augment, real, holdout, lr, grad_clip, seed).
+                augment, r1, real, holdout, lr, grad_clip, seed).
             **kwargs: the regression module's arguments (ARDDistillation); `init_student` is the stage-1 student.
         """
         super().__init__(**kwargs)
@@ -80,7 +82,8 @@ class ARDGANDistillation(ARDDistillation):
         teacher = self.student.transformer.config  # the student is a copy of the teacher: the same blocks
         self.discriminator = TeacherDiscriminator(teacher.num_attention_heads * teacher.attention_head_dim,
                                                   teacher.num_layers, self.gan.blocks, self.gan.loss,
-                                                  self.gan.renoise, self.gan.noise_levels, self.gan.augment)
+                                                  self.gan.renoise, self.gan.noise_levels, self.gan.augment,
+                                                  self.gan.r1)
         self.automatic_optimization = False  # a student and a discriminator step per iteration
         self.real: dict[str, RealSamples] = {}  # "train" / "holdout" real samples (loaded in setup)
 

@@ -20,6 +20,7 @@ timestep t before the teacher sees them, x_t = sqrt(a_t) x + sqrt(1 - a_t) eps; 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Literal
 
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils.parametrizations import spectral_norm
 
 from ard.backbones import backbone_of
@@ -94,7 +96,7 @@ class TeacherDiscriminator(nn.Module):
     fixed order, so that a resumed run draws exactly the same."""
 
     def __init__(self, width: int, num_layers: int, blocks: list[int] | None, loss: GanLossKind,
-                 renoise: RenoiseKind, noise_levels: NoiseLevels, augment: AugmentKind):
+                 renoise: RenoiseKind, noise_levels: NoiseLevels, augment: AugmentKind, r1: float = 0.0):
         super().__init__()
         blocks = list(range(num_layers)) if blocks is None else sorted(set(blocks))
         if not blocks or not all(0 <= b < num_layers for b in blocks):
@@ -102,7 +104,7 @@ class TeacherDiscriminator(nn.Module):
         self.blocks = blocks
         self.heads = nn.ModuleList(DiscriminatorHead(width) for _ in blocks)
         self.loss = GAN_LOSSES[loss]()
-        self.renoise, self.noise_levels, self.augment = renoise, noise_levels, augment
+        self.renoise, self.noise_levels, self.augment, self.r1 = renoise, noise_levels, augment, r1
         self.schedule: Schedule = VPSchedule()  # the teacher's: where the re-noising labels sit (distillation sets it)
 
     def forward(self, features: list[torch.Tensor], conditioning: torch.Tensor) -> torch.Tensor:
@@ -133,12 +135,23 @@ class TeacherDiscriminator(nn.Module):
     def discriminator_loss(self, teacher, real: torch.Tensor, real_labels: torch.Tensor, fake: torch.Tensor,
                            labels: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The heads' loss (B,) on real (B, C, H, W) against fake (B, C, H, W) samples (both constants: the
-        teacher's features need no gradient), and the logits of each (B, n*L)."""
+        teacher's features need no gradient, except for the R1 penalty), and the logits of each (B, n*L). With
+        r1 > 0 the loss adds the R1 penalty (Mescheder et al. 2018, eq. 9) r1 / 2 ||d sum(logits) / d real||^2 per
+        real sample, the gradient taken through the frozen teacher to the real input before augmentation and
+        re-noising."""
         t_fake = self.timesteps(len(labels), g)  # (B,)
         t_real = t_fake if self.renoise == "same" else self.timesteps(len(labels), g)  # (B,)
-        logits_real = self.logits(teacher, real, t_real, real_labels, g, grad_features=False)  # (B, n*L)
+        penalised = self.r1 > 0 and torch.is_grad_enabled()
+        real = real.detach().requires_grad_(penalised)  # (B, C, H, W)
+        # the penalty's double backward: only the math attention kernel has one
+        with sdpa_kernel(SDPBackend.MATH) if penalised else contextlib.nullcontext():
+            logits_real = self.logits(teacher, real, t_real, real_labels, g, grad_features=penalised)  # (B, n*L)
         logits_fake = self.logits(teacher, fake.detach(), t_fake, labels, g, grad_features=False)  # (B, n*L)
-        return self.loss.discriminator(logits_real, logits_fake), logits_real, logits_fake
+        loss = self.loss.discriminator(logits_real, logits_fake)  # (B,)
+        if penalised:
+            grad, = torch.autograd.grad(logits_real.sum(), real, create_graph=True)  # (B, C, H, W)
+            loss = loss + self.r1 / 2 * grad.square().flatten(1).sum(1)  # (B,)
+        return loss, logits_real.detach(), logits_fake
 
     @torch.no_grad()
     def holdout_logit(self, teacher, real: torch.Tensor, labels: torch.Tensor, g: torch.Generator) -> torch.Tensor:
