@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gan-variants", nargs="*", default=[], choices=list(GAN_VARIANTS),
                         help="GAN stages (and their continued-regression comparisons) at every --steps")
     parser.add_argument("--gan-steps", type=int, default=600, help="iterations of each GAN stage")
-    parser.add_argument("--gan-args", nargs="*", default=[], help="extra overrides of every GAN stage")
+    parser.add_argument("--gan-args", nargs="*", action="extend", default=[],
+                        help="extra overrides of every GAN stage (repeatable: --gan-args=--a=1 --gan-args=--b=2)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--teacher-grid", default="leading24", choices=list(GRIDS),
                         help="the training store's teacher grid and the students' boundaries (ard.bench.registry."

@@ -217,8 +217,9 @@ def test_committed_reports_regenerate(name):
 
 
 def test_committed_pilot_and_grid_regenerate():
-    pilot = json.loads((RESULTS / "gan_pilot.json").read_text())
-    assert pilot_markdown(pilot) == (RESULTS / "gan_pilot.md").read_text()
+    for name in ("gan_pilot", "gan_screen"):
+        pilot = json.loads((RESULTS / f"{name}.json").read_text())
+        assert pilot_markdown(pilot) == (RESULTS / f"{name}.md").read_text()
     grid = (RESULTS / "digits_recipes_grid.md").read_text()
     names = re.findall(r"\([a-z]\) `([\w-]+)`", grid.splitlines()[0])
     assert recipe_grid({n: load_report(RESULTS, n) for n in names}) == grid
