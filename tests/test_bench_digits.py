@@ -22,7 +22,8 @@ from ard.cli import main as ard_main
 TEACHER = {"model": "teacher (DDIM, w=2)", "steps": 24, "fid": 31.4, "is": 9.6, "precision": 0.85, "recall": 0.67}
 RESULTS = ROOT / "docs" / "results"
 BENCHMARK_REPORTS = ("digits-benchmark", "digits-benchmark-long", "digits-recipes", "digits-recipes-rollout",
-                     "digits-recipes-s2", "digits-recipes-if", "digits-gan", "digits-t2i")
+                     "digits-recipes-s2", "digits-recipes-if", "digits-gan", "digits-t2i",
+                     "digits-gan-long")
 
 
 def test_health_averages_the_last_iterations(tmp_path):
