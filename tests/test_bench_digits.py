@@ -70,9 +70,9 @@ def test_best_regression_is_the_lowest_fid_of_reports_evaluated_the_same_way(tmp
                 "reference": "digits", "extractor": "x"}
 
     def rows(fid: float) -> list[dict]:
-        return [{"model": m, "steps": s, "fid": f} for m, s, f in [("ard-N2", 2, fid), ("ard-gan", 2, 1.0),
-                                                                   ("teacher (DDIM, w=2)", 2, 2.0), ("ard [nc]", 2, 3.0),
-                                                                   ("baseline", 4, fid + 5)]]
+        kept = [("ard-N2", 2, fid), ("ard-gan", 2, 1.0), ("teacher (DDIM, w=2)", 2, 2.0), ("ard [nc]", 2, 3.0),
+                ("baseline", 4, fid + 5)]
+        return [{"model": m, "steps": s, "fid": f} for m, s, f in kept]
     (tmp_path / "same.json").write_text(json.dumps({"settings": settings, "aggregated": rows(19.0)}))
     (tmp_path / "other.json").write_text(json.dumps({"settings": {**settings, "num_samples": 500},
                                                      "aggregated": rows(5.0)}))

@@ -33,11 +33,11 @@ def train(work: Path, store: Path, jobs: list[Job], gan_jobs: list[Job], max_ste
     with ThreadPoolExecutor(workers) as pool:
         students = dict(zip(jobs, pool.map(lambda j: fit(work, store, *j, max_steps, 1, grid=grid), jobs)))
         matches = {}
+        key = hashlib.sha256(json.dumps([gan_steps, *gan_args]).encode()).hexdigest()[:12]  # the match's cache key
         for v, s, seed in gan_jobs:
             reg = GAN_VARIANTS[v][0]
             if not GAN_VARIANTS[v][1] and (reg, s) not in matches:
                 first = students[next(j for j in jobs if j[:2] == (reg, s))]
-                key = hashlib.sha256(json.dumps([gan_steps, *gan_args]).encode()).hexdigest()[:12]
                 matches[reg, s] = cpu_matched_iterations(work / "cpu_match" / f"{reg}-S{s}-{key}.json", store, s,
                                                          reg, first, gan_steps, gan_args, GRIDS[grid].fit)
 

@@ -53,8 +53,9 @@ def pilot(*, work: Path, results: str, steps: int, seed: int, num_trajectories: 
                 row["health"] = health(Path(named[r["model"]]).parent, health_window)
                 row["overrides"] = PILOT_KNOBS[r["model"]]
         out_rows.append(row)
-    settings = {"variant": variant, "ema": ema_setting(), "steps": steps, "seed": seed, "num_trajectories": num_trajectories, "reg_steps": reg_steps,
-                "gan_steps": gan_steps, "warmup": warmup, "num_samples": num_samples, "health_window": health_window,
+    settings = {"variant": variant, "ema": ema_setting(), "steps": steps, "seed": seed,
+                "num_trajectories": num_trajectories, "reg_steps": reg_steps, "gan_steps": gan_steps, "warmup": warmup,
+                "num_samples": num_samples, "health_window": health_window,
                 "gan_preset": GAN_PRESET, "threads_per_run": 1, "workers": workers,
                 "load_average_at_end": os.getloadavg(), "invocation_seconds": time.time() - start}
     result = {"settings": settings, "rows": out_rows}

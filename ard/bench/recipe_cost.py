@@ -52,7 +52,8 @@ def time_recipe(store: str, steps: int, model: str, recipe: str, warmup: int, it
     `stage`: overrides right after the preset, before the student's and recipe's knobs, which win (a second stage's
     preset, runs.second_stage_args)."""
     with tempfile.TemporaryDirectory() as root:
-        cli = TimedCLI(args=["fit", "-c", str(ROOT / "configs/digits/ard.yaml"), *stage, f"--data.init_args.path={store}",
+        cli = TimedCLI(args=["fit", "-c", str(ROOT / "configs/digits/ard.yaml"), *stage,
+                             f"--data.init_args.path={store}",
                              f"--data.init_args.student_steps={steps}", f"--model.init_args.num_steps={steps}",
                              "--model.init_args.samples.per_class=0", f"--trainer.default_root_dir={root}",
                              f"--trainer.max_steps={warmup + iterations}", "--trainer.logger=false",

@@ -41,7 +41,12 @@ def run(cmd: list[str], log: Path, threads: int) -> float:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:  # interrupted: leave no orphan writing into the run directory
+            proc.kill()
+            proc.wait()
+            raise
     returncode = os.waitstatus_to_exitcode(status)
     if returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed (exit {returncode}); see {log}")
@@ -83,7 +88,8 @@ def stage_args(variant: str, run_dir: Path, seed: int, max_steps: int, init: Pat
     if variant not in GAN_VARIANTS:
         return steps + ["--trainer.logger=false"]
     stage = second_stage_args(GAN_VARIANTS[variant][1], init, seed, gan_args)
-    return stage[:2] + steps + stage[2:] + [f"--trainer.logger={CSV_LOGGER % run_dir}", "--trainer.log_every_n_steps=10"]
+    preset, overrides = stage[:2], stage[2:]  # max_steps after the preset, which sets its own
+    return [*preset, *steps, *overrides, f"--trainer.logger={CSV_LOGGER % run_dir}", "--trainer.log_every_n_steps=10"]
 
 
 def fit(work: Path, store: Path, variant: str, steps: int, seed: int, max_steps: int, threads: int,
