@@ -9,7 +9,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import yaml
+
 from ard.atomic import write_text_atomic
+from ard.bench import ROOT
 from ard.bench.probes import health
 from ard.bench.registry import GAN_PRESET, PILOT_KNOBS, second_stage
 from ard.bench.render import pilot_markdown
@@ -17,6 +20,11 @@ from ard.bench.reports import report_path
 from ard.bench.runs import ema_setting, fit, precompute, train_seconds
 
 KEPT = ("fid", "fid_sd", "fid_vs_teacher", "fid_vs_teacher_sd", "mse_vs_teacher", "precision", "recall")
+
+
+def gan_block() -> dict:
+    """The GAN block (model.init_args.gan) of GAN_PRESET as it is now: what every knob setting overrides."""
+    return yaml.safe_load((ROOT / GAN_PRESET).read_text())["model"]["init_args"]["gan"]
 
 
 def pilot(*, work: Path, results: str, steps: int, seed: int, num_trajectories: int, reg_steps: int, gan_steps: int,
@@ -56,7 +64,7 @@ def pilot(*, work: Path, results: str, steps: int, seed: int, num_trajectories: 
     settings = {"variant": variant, "ema": ema_setting(), "steps": steps, "seed": seed,
                 "num_trajectories": num_trajectories, "reg_steps": reg_steps, "gan_steps": gan_steps, "warmup": warmup,
                 "num_samples": num_samples, "health_window": health_window,
-                "gan_preset": GAN_PRESET, "threads_per_run": 1, "workers": workers,
+                "gan_preset": GAN_PRESET, "gan_block": gan_block(), "threads_per_run": 1, "workers": workers,
                 "load_average_at_end": os.getloadavg(), "invocation_seconds": time.time() - start}
     result = {"settings": settings, "rows": out_rows}
     write_text_atomic(report_path(results, name), json.dumps(result, indent=1) + "\n")

@@ -111,10 +111,13 @@ PILOT_KNOBS: dict[str, list[str]] = {
     "weight1-independent-uniform": knobs("gan", weight=1, renoise="independent", noise_levels="uniform"),
     "augment-independent-uniform": knobs("gan", augment="translation_cutout", renoise="independent",
                                          noise_levels="uniform"),
-    # the screen from well-trained students (S = 2, 1200 iterations, the presets' recipe): the adaptive weight's
-    # factor and regression gradient, and a warm-up long enough for the discriminator to see before the student does
+    # the screens from well-trained students (S = 2, 1200 iterations, the presets' recipe): the adaptive weight's
+    # factor and regression gradient, a warm-up long enough for the discriminator to see before the student does, R1;
+    # each is an override of the preset as it is when the screen runs (the report records its GAN block)
+    "preset": [],  # the preset as it is
     "weight0.1": knobs("gan", weight=0.1),
     "last-step": knobs("gan", adaptive_grad="last_step"),
     "warmup100": knobs("gan", warmup=100),
     "r1": knobs("gan", r1=0.1),  # R1 on real digits (gamma small: 8x8 inputs)
+    "r1-1": knobs("gan", r1=1.0),
 }

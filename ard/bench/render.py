@@ -197,10 +197,13 @@ def pilot_markdown(result: dict) -> str:
     ema = (f"Every student is its run's EMA ({st['ema']})." if "ema" in st else
            "Every student is its run's EMA (decay 0.999, as the preset): in runs this short it stays close to where "
            "the run started (0.999^120 = 0.89), so the differences are damped.")
+    gan = st.get("gan_block")  # absent: reports from before the screens recorded the preset's GAN block
+    preset = (f" (overrides of {st['gan_preset']}'s GAN block: "
+              + ", ".join(f"{k} {v}" for k, v in gan.items()) + ")") if gan else ""
     return (f"S = {st['steps']}, seed {st['seed']}, {st['num_trajectories']} trajectories: the regression student "
             f"`{variant}` after {st['reg_steps']} iterations (batch 64), then {st['gan_steps']} more iterations "
             f"(batch 48, lr 1e-4) without the GAN (`{variant}-continued`) or with it (warm-up {st['warmup']}), one "
-            f"per knob setting; {st['num_samples']} samples each, ± the bootstrap sd. {ema} Health: means over the "
+            f"per knob setting{preset}; {st['num_samples']} samples each, ± the bootstrap sd. {ema} Health: means over the "
             f"last {st['health_window']} iterations (logits on real training digits, on fakes, on the 359 held-out "
             "digits). Time: seconds per iteration over the regression stage's, wall time on a machine shared with "
             "other jobs.\n\n" + metrics_table([{**r, **r.get("health", {})} for r in result["rows"]], PILOT_COLUMNS)
