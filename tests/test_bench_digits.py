@@ -105,6 +105,23 @@ def test_merge_keeps_committed_rows_not_evaluated_now(tmp_path):
     assert merge_committed(new, settings, results, "y") == (new, settings)  # nothing committed: unchanged
 
 
+def test_merge_of_another_s_keeps_its_undistilled_teacher_cpu_matches_and_regression_bar(tmp_path):
+    match = {"variant": "ard", "continued_steps": 600}
+    gan = {"gan_preset": "p.yaml", "gan_steps": 200, "gan_args": ["--a=1"]}
+    old = [TEACHER, {"model": "teacher (DDIM, w=2)", "steps": 2, "fid": 90.0}, {"model": "ard-seed0", "steps": 2}]
+    results, settings = committed(tmp_path, old, **gan, cpu_match=[match | {"steps": 2}],
+                                  best_regression={"2": {"fid": 18.0}})
+    new = [dict(TEACHER), {"model": "teacher (DDIM, w=2)", "steps": 4, "fid": 40.0}, {"model": "ard-seed0", "steps": 4}]
+    now = settings | gan | {"cpu_match": [match | {"steps": 4}], "best_regression": {"4": {"fid": 11.0}}}
+    rows, merged = merge_committed(new, now, results, "x")
+    assert sorted((r["model"], r["steps"]) for r in rows if r["model"].startswith("teacher")) == [
+        ("teacher (DDIM, w=2)", 2), ("teacher (DDIM, w=2)", 4), ("teacher (DDIM, w=2)", 24)]
+    assert [m["steps"] for m in merged["cpu_match"]] == [2, 4]
+    assert merged["best_regression"] == {"2": {"fid": 18.0}, "4": {"fid": 11.0}}
+    with pytest.raises(SystemExit, match="gan_args"):
+        merge_committed(new, now | {"gan_args": ["--a=2"]}, results, "x")
+
+
 def test_merge_refuses_another_evaluation(tmp_path):
     results, settings = committed(tmp_path, [TEACHER], num_samples=1000)
     with pytest.raises(SystemExit, match="num_samples"):

@@ -116,6 +116,7 @@ PILOT_KNOBS: dict[str, list[str]] = {
     # each is an override of the preset as it is when the screen runs (the report records its GAN block)
     "preset": [],  # the preset as it is
     "weight0.1": knobs("gan", weight=0.1),
+    "weight0.3": knobs("gan", weight=0.3),
     "last-step": knobs("gan", adaptive_grad="last_step"),
     "warmup100": knobs("gan", warmup=100),
     "r1": knobs("gan", r1=0.1),  # R1 on real digits (gamma small: 8x8 inputs)

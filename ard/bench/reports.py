@@ -18,6 +18,7 @@ from ard.bench.render import report_markdown
 # Evaluation settings that must be equal for rows of a committed report to be merged with new ones (--merge)
 EVAL_KEYS = ("teacher", "teacher_identity", "solver", "num_samples", "seed", "reference", "extractor", "max_steps",
              "num_trajectories", "ema")
+GAN_KEYS = ("gan_preset", "gan_steps", "gan_args")  # ... and of their second stages, where both reports have them
 
 
 def report_stem(name: str) -> str:
@@ -82,12 +83,21 @@ def merge_committed(rows: list[dict], settings: dict, results: str | Path, name:
     if any(abs(old_teacher[m] - new_teacher[m]) > 1e-3 for m in ("fid", "is", "precision", "recall")):
         raise SystemExit(f"--merge: the teacher's row of {path} differs from this evaluation's (FID vs real "
                          f"{old_teacher['fid']:.4f} against {new_teacher['fid']:.4f}): not the same evaluation set")
+    stages = [k for k in GAN_KEYS if k in old["settings"] and k in settings and old["settings"][k] != settings[k]]
+    if stages:
+        raise SystemExit(f"--merge: {path}'s second stages were trained with other settings ({', '.join(stages)}); "
+                         "use another --name")
     fresh = {(r["model"], r["steps"]) for r in rows}
-    kept = [r for r in old["runs"] if not r["model"].startswith("teacher") and (r["model"], r["steps"]) not in fresh]
+    kept = [r for r in old["runs"] if (r["model"], r["steps"]) not in fresh]  # the undistilled teacher at other S too
     seeds = sorted(set(settings["seeds"]) | set(old["settings"]["seeds"]))
     students = {**old["settings"]["students"], **settings["students"]}
-    return rows + kept, {**settings, "seeds": seeds, "students": students,
-                         "merged_rows": sorted(r["model"] for r in kept)}
+    merged = {**settings, "seeds": seeds, "students": students, "merged_rows": sorted(r["model"] for r in kept)}
+    if "cpu_match" in settings:  # the CPU matches and regression bars of the S and variants not evaluated now
+        now = {(m["variant"], m["steps"]) for m in settings["cpu_match"]}
+        merged["cpu_match"] = [m for m in old["settings"].get("cpu_match", []) if (m["variant"], m["steps"]) not in now
+                               ] + settings["cpu_match"]
+        merged["best_regression"] = {**old["settings"].get("best_regression", {}), **settings["best_regression"]}
+    return rows + kept, merged
 
 
 def best_regression(results: str | Path, rows: list[dict], settings: dict) -> dict:
