@@ -235,7 +235,7 @@ def test_committed_reports_regenerate(name):
 
 
 def test_committed_pilot_and_grid_regenerate():
-    for name in ("gan_pilot", "gan_screen", "gan_screen_s4"):
+    for name in ("gan_pilot", "gan_screen", "gan_screen_s4", "gan_screen_s4_seed1", "gan_screen_s4_seed2"):
         pilot = json.loads((RESULTS / f"{name}.json").read_text())
         assert pilot_markdown(pilot) == (RESULTS / f"{name}.md").read_text()
     grid = (RESULTS / "digits_recipes_grid.md").read_text()
