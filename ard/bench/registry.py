@@ -111,9 +111,9 @@ PILOT_KNOBS: dict[str, list[str]] = {
     "weight1-independent-uniform": knobs("gan", weight=1, renoise="independent", noise_levels="uniform"),
     "augment-independent-uniform": knobs("gan", augment="translation_cutout", renoise="independent",
                                          noise_levels="uniform"),
-    # the screens from well-trained students (S = 2, 1200 iterations, the presets' recipe): the adaptive weight's
-    # factor and regression gradient, a warm-up long enough for the discriminator to see before the student does, R1;
-    # each is an override of the preset as it is when the screen runs (the report records its GAN block)
+    # the screens from well-trained students (S = 2 and 4, 1200 iterations, the presets' recipe): the adaptive
+    # weight's factor and regression gradient, a warm-up long enough for the discriminator to see before the student
+    # does, R1; each overrides the preset as it is when the screen runs (the report records its GAN block)
     "preset": [],  # the preset as it is
     "weight0.1": knobs("gan", weight=0.1),
     "weight0.3": knobs("gan", weight=0.3),

@@ -203,8 +203,8 @@ def pilot_markdown(result: dict) -> str:
     return (f"S = {st['steps']}, seed {st['seed']}, {st['num_trajectories']} trajectories: the regression student "
             f"`{variant}` after {st['reg_steps']} iterations (batch 64), then {st['gan_steps']} more iterations "
             f"(batch 48, lr 1e-4) without the GAN (`{variant}-continued`) or with it (warm-up {st['warmup']}), one "
-            f"per knob setting{preset}; {st['num_samples']} samples each, ± the bootstrap sd. {ema} Health: means over the "
-            f"last {st['health_window']} iterations (logits on real training digits, on fakes, on the 359 held-out "
-            "digits). Time: seconds per iteration over the regression stage's, wall time on a machine shared with "
+            f"per knob setting{preset}; {st['num_samples']} samples each, ± the bootstrap sd. {ema} Health: means "
+            f"over the last {st['health_window']} iterations (logits on real training digits, on fakes, on the 359 "
+            "held-out digits). Time: seconds per iteration over the regression stage's, wall time on a machine shared with "
             "other jobs.\n\n" + metrics_table([{**r, **r.get("health", {})} for r in result["rows"]], PILOT_COLUMNS)
             + "\n")
