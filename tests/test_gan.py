@@ -414,7 +414,7 @@ def test_digits_gan_presets_resolve(capsys):
     gan = print_config(capsys, "digits/ard.yaml", "digits/ard_gan.yaml")
     base = print_config(capsys, "digits/ard.yaml", "digits/ard_gan.yaml", "digits/baseline_gan.yaml")
     assert gan["model.class_path"] == "ard.modules.distill_gan.ARDGANDistillation"
-    assert gan["model.init_args.gan.weight"] == 0.3 and gan["trainer.gradient_clip_val"] is None  # as benchmarked
+    assert gan["model.init_args.gan.weight"] == 0.3 and gan["trainer.gradient_clip_val"] is None  # as screened at S = 4
     assert gan["model.init_args.init_student"] == "runs/digits/ard/student_ema" and gan["trainer.max_steps"] == 200
     assert ard["model.class_path"] == "ard.modules.distill.ARDDistillation" and not any("gan" in k for k in ard)
     assert {k: v for k, v in gan.items() if k.startswith("model.init_args.recipe")} == {

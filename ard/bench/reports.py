@@ -92,10 +92,11 @@ def merge_committed(rows: list[dict], settings: dict, results: str | Path, name:
     seeds = sorted(set(settings["seeds"]) | set(old["settings"]["seeds"]))
     students = {**old["settings"]["students"], **settings["students"]}
     merged = {**settings, "seeds": seeds, "students": students, "merged_rows": sorted(r["model"] for r in kept)}
-    if "cpu_match" in settings:  # the CPU matches and regression bars of the S and variants not evaluated now
+    if "cpu_match" in settings:  # the CPU matches of the (variant, S) not timed now
         now = {(m["variant"], m["steps"]) for m in settings["cpu_match"]}
         merged["cpu_match"] = [m for m in old["settings"].get("cpu_match", []) if (m["variant"], m["steps"]) not in now
                                ] + settings["cpu_match"]
+    if "best_regression" in settings:  # the regression bars of the S not evaluated now
         merged["best_regression"] = {**old["settings"].get("best_regression", {}), **settings["best_regression"]}
     return rows + kept, merged
 
