@@ -206,5 +206,5 @@ def pilot_markdown(result: dict) -> str:
             f"per knob setting{preset}; {st['num_samples']} samples each, ± the bootstrap sd. {ema} Health: means "
             f"over the last {st['health_window']} iterations (logits on real training digits, on fakes, on the 359 "
             "held-out digits). Time: seconds per iteration over the regression stage's, wall time on a machine "
-            "shared with other jobs.\n\n" + metrics_table([{**r, **r.get("health", {})} for r in result["rows"]], PILOT_COLUMNS)
-            + "\n")
+            "shared with other jobs.\n\n"
+            + metrics_table([{**r, **r.get("health", {})} for r in result["rows"]], PILOT_COLUMNS) + "\n")
