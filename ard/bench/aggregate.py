@@ -7,7 +7,7 @@ import re
 
 import numpy as np
 
-from ard.bench.registry import GAN_VARIANTS, NC, second_stage
+from ard.bench.registry import BASELINES, GAN_VARIANTS, NC, second_stage
 
 METRICS = ("fid", "fid_vs_teacher", "mse_vs_teacher", "is", "precision", "recall", "sec_per_image")
 OPTIONAL_METRICS = ("prompt_adherence",)  # aggregated where every seed's row has it (ard.evaluate: captions of digits)
@@ -68,8 +68,9 @@ def verdict(agg: list[dict], teacher_steps: int) -> list[dict]:
                 continue
             core = r["model"].removesuffix(NC)  # compared with the baseline trained and sampled the same way
             regression, adversarial = GAN_VARIANTS.get(core, (core, None))
-            recipe = regression.partition("+")[2]  # against the baseline of the same recipe (and second stage)
-            base_core = "baseline" + ("+" + recipe if recipe else "")
+            # against the baseline of the same parametrisation (older reports' models: "baseline"), recipe and stage
+            model, _, recipe = regression.partition("+")
+            base_core = BASELINES.get(model, "baseline") + ("+" + recipe if recipe else "")
             if adversarial is not None:
                 base_core = second_stage(base_core, adversarial)
             base_name = base_core + (NC if r["model"].endswith(NC) else "")

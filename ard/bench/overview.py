@@ -124,6 +124,7 @@ def _summary_cells(report: dict, check: dict) -> list[str]:
     base, ard = agg[check["baseline"], check["steps"]], agg[check["model"], check["steps"]]
     stage, recipe = GAN_VARIANTS.get(check["baseline"]), check["baseline"].partition("+")[2]
     label = ("GAN stage" if stage[1] else "continued without the GAN") if stage else RECIPE_LABELS.get(recipe, recipe)
+    label += ", next state per step" if check["baseline"].startswith("baseline-direct") else ""
     iterations = f"{report['settings']['max_steps']}" + (f" + {report['settings']['gan_steps']}" if stage else "")
     seeds = f"{base['seeds']}" + (f" / {ard['seeds']}" if ard["seeds"] != base["seeds"] else "")
     ratio = check["fid_vs_teacher"]["ratio"]

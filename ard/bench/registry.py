@@ -13,6 +13,7 @@ def knobs(group: str = "", **values) -> list[str]:
     return [f"{prefix}{k}={v}" for k, v in values.items()]
 
 
+DIRECT = knobs(output="next_state", heads="per_step")  # the paper's parametrisation: the next state, a head per step
 # Students: name -> overrides of the student's knobs (ard.student.ARDStudent).
 MODELS: dict[str, list[str]] = {
     "baseline": knobs(history_blocks=0),
@@ -23,13 +24,15 @@ MODELS: dict[str, list[str]] = {
     "ard-closed": knobs(history_start="closed"),
     "ard-closed-gatelr": knobs(history_start="closed", history_gate_lr=0.05),
     "ard-M3": knobs(mask="noise_and_current"),
-    "ard-N6-direct": knobs(history_blocks=6, output="next_state", heads="per_step"),  # the paper's proportion, all 6
-    "baseline-direct": knobs(history_blocks=0, output="next_state", heads="per_step"),
-    "ard-direct": knobs(output="next_state", heads="per_step"),  # history in the preset's 1 block
+    "ard-N6-direct": knobs(history_blocks=6) + DIRECT,  # the paper's proportion, all 6
+    "baseline-direct": knobs(history_blocks=0) + DIRECT,
+    "ard-direct": DIRECT,  # history in the preset's 1 block
     # trained (and so sampled) with Imagine Flash's first-step noise correction, against the " [nc]" rows of
     # ard-N1, which apply it at inference only
     "ard-N1-nc-trained": knobs(history_blocks=1, noise_correction=True),
 }
+# Each student's baseline: N = 0 with the student's output and heads (the verdicts add the recipe and second stage)
+BASELINES: dict[str, str] = {m: "baseline-direct" if DIRECT[0] in o else "baseline" for m, o in MODELS.items()}
 SRL_IF_S4 = "[295,295,295,205]"  # ard.student.srl.retention_timesteps at top retention 0.4, boundaries 943/697/451/205
 # Training recipes (ard/student/recipe.py): suffix -> overrides; "" is teacher forcing on the stored trajectory.
 RECIPES: dict[str, list[str]] = {
