@@ -131,17 +131,19 @@ def test_merge_refuses_another_evaluation(tmp_path):
         merge_committed([TEACHER | {"fid": 30.0}], settings, results, "x")
 
 
-def test_verdict_compares_a_second_stage_with_the_baselines_same_stage():
+def test_verdict_compares_with_the_baseline_of_the_same_parametrisation_and_stage():
     def row(model, fid_vs_teacher):
         return {"model": model, "steps": 2, "fid": 40.0, "fid_vs_teacher": fid_vs_teacher, "fid_bootstrap_sd": 1.0,
                 "fid_vs_teacher_bootstrap_sd": 1.0}
 
     agg = [TEACHER | {"fid_bootstrap_sd": 1.0, "fid_vs_teacher": 0.0, "fid_vs_teacher_bootstrap_sd": 1.0},
            row("baseline", 10.0), row("ard", 9.0), row("baseline-gan", 30.0), row("ard-gan", 6.0),
-           row("baseline-continued", 20.0), row("ard-continued", 8.0), row("ard+rollout", 5.0)]
+           row("baseline-continued", 20.0), row("ard-continued", 8.0), row("ard+rollout", 5.0),
+           row("baseline-direct", 4.0), row("ard-direct", 2.0), row("ard-N6-direct", 3.0)]
     checks = {c["model"]: c for c in verdict(agg, teacher_steps=24)}
-    assert {m: c["baseline"] for m, c in checks.items()} == {
-        "ard": "baseline", "ard-gan": "baseline-gan", "ard-continued": "baseline-continued"}  # no baseline+rollout row
+    assert {m: c["baseline"] for m, c in checks.items()} == {  # no baseline+rollout row; direct with direct
+        "ard": "baseline", "ard-gan": "baseline-gan", "ard-continued": "baseline-continued",
+        "ard-direct": "baseline-direct", "ard-N6-direct": "baseline-direct"}
     assert checks["ard-gan"]["fid_vs_teacher"]["ratio"] == pytest.approx(0.2)
     assert checks["ard-gan"]["fid_vs_teacher"]["meets_target"]
     assert checks["ard-continued"]["fid_vs_teacher"]["ratio"] == pytest.approx(0.4)
