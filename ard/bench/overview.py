@@ -66,7 +66,7 @@ def _grid_cell(r: dict | None, report: int | None) -> str:
             f"({r['seeds']}, {chr(97 + report)})")
 
 
-RECIPE_LABELS = {"": "teacher forcing", "backward": "backward distillation"}
+RECIPE_LABELS = {"": "teacher forcing", "backward": "backward distillation", "rollout+srl-if": "rollout + SRL"}
 
 
 def headline(report: dict) -> dict | None:
