@@ -23,8 +23,7 @@ TEACHER = {"model": "teacher (DDIM, w=2)", "steps": 24, "fid": 31.4, "is": 9.6, 
 RESULTS = ROOT / "docs" / "results"
 BENCHMARK_REPORTS = ("digits-benchmark", "digits-benchmark-long", "digits-recipes", "digits-recipes-rollout",
                      "digits-recipes-s2", "digits-recipes-if", "digits-gan", "digits-t2i",
-                     "digits-gan-long", "digits-paper", "digits-nc",
-                     "digits-srl-if")
+                     "digits-gan-long", "digits-paper", "digits-nc", "digits-srl-if")
 
 
 def test_health_averages_the_last_iterations(tmp_path):

@@ -67,6 +67,7 @@ def _grid_cell(r: dict | None, report: int | None) -> str:
 
 
 RECIPE_LABELS = {"": "teacher forcing", "backward": "backward distillation", "rollout+srl-if": "rollout + SRL"}
+PARAMETRISATION_LABELS = {"baseline-direct": ", next state per step"}  # baseline -> what the recipe label adds
 
 
 def headline(report: dict) -> dict | None:
@@ -122,9 +123,9 @@ def _summary_cells(report: dict, check: dict) -> list[str]:
     ARD student's where they differ), both students' FID vs teacher / MSE, the ratio of their degradations."""
     agg = {(r["model"], r["steps"]): r for r in report["aggregated"]}
     base, ard = agg[check["baseline"], check["steps"]], agg[check["model"], check["steps"]]
-    stage, recipe = GAN_VARIANTS.get(check["baseline"]), check["baseline"].partition("+")[2]
+    stage, (baseline, _, recipe) = GAN_VARIANTS.get(check["baseline"]), check["baseline"].partition("+")
     label = ("GAN stage" if stage[1] else "continued without the GAN") if stage else RECIPE_LABELS.get(recipe, recipe)
-    label += ", next state per step" if check["baseline"].startswith("baseline-direct") else ""
+    label += PARAMETRISATION_LABELS.get(baseline, "")
     iterations = f"{report['settings']['max_steps']}" + (f" + {report['settings']['gan_steps']}" if stage else "")
     seeds = f"{base['seeds']}" + (f" / {ard['seeds']}" if ard["seeds"] != base["seeds"] else "")
     ratio = check["fid_vs_teacher"]["ratio"]

@@ -32,7 +32,7 @@ MODELS: dict[str, list[str]] = {
     "ard-N1-nc-trained": knobs(history_blocks=1, noise_correction=True),
 }
 # Each student's baseline: N = 0 with the student's output and heads (the verdicts add the recipe and second stage)
-BASELINES: dict[str, str] = {m: "baseline-direct" if DIRECT[0] in o else "baseline" for m, o in MODELS.items()}
+BASELINES: dict[str, str] = {m: "baseline-direct" if set(DIRECT) <= set(o) else "baseline" for m, o in MODELS.items()}
 SRL_IF_S4 = "[295,295,295,205]"  # ard.student.srl.retention_timesteps at top retention 0.4, boundaries 943/697/451/205
 # Training recipes (ard/student/recipe.py): suffix -> overrides; "" is teacher forcing on the stored trajectory.
 RECIPES: dict[str, list[str]] = {
